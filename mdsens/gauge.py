@@ -1,0 +1,71 @@
+"""Projectors onto the complement of a particle system's known zero modes.
+
+The Hessian of a translation-invariant energy has ``d`` zero modes (uniform
+shifts), a free cluster also has rotations, and each rattler (a particle with
+too few contacts to be held) contributes ``d`` more. mdsens fixes the gauge by
+giving derivatives no component along these modes: the center of mass of the
+held particles stays put, rattlers stay put, a free cluster does not rotate.
+Each function returns ``P``: an orthogonal (symmetric, idempotent) projector on
+``(N, d)`` arrays, the ``gauge`` that :mod:`mdsens.implicit` expects.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def translations(rattler: Array) -> Callable[[Array], Array]:
+    """Remove uniform shifts of the held particles and every rattler coordinate.
+
+    ``rattler``: (N,) bool. The null space is spanned by ``e_{i,k}`` for each
+    rattler ``i`` and by ``1_held ⊗ e_k``; these are mutually orthogonal, so
+    ``P v`` zeroes the rattler rows and subtracts the held particles' mean.
+    """
+    held = (~rattler).astype(jnp.result_type(float))[:, None]
+    count = jnp.maximum(jnp.sum(held), 1.0)
+
+    def project(v: Array) -> Array:
+        mean = jnp.sum(held * v, axis=0) / count
+        return held * (v - mean)
+
+    return project
+
+
+def rigid_body(x: Array, rattler: Array) -> Callable[[Array], Array]:
+    """Remove translations and rotations of the held particles (free space).
+
+    Rotations are the infinitesimal generators ``(x_i − x̄) A`` for the
+    ``d(d−1)/2`` antisymmetric ``A``; with the translations they are
+    orthonormalised (QR) over the held particles. ``x``: (N, d) positions at
+    the minimum (treated as data: the gauge itself is not differentiated).
+    """
+    n, d = x.shape
+    held = (~rattler).astype(x.dtype)[:, None]
+    count = jnp.maximum(jnp.sum(held), 1.0)
+    centered = held * (x - jnp.sum(held * x, axis=0) / count)
+    modes = []
+    for k in range(d):
+        modes.append(held * jnp.zeros((n, d), x.dtype).at[:, k].set(1.0))
+    for a in range(d):
+        for b in range(a + 1, d):
+            generator = jnp.zeros((n, d), x.dtype)
+            generator = generator.at[:, a].set(-centered[:, b]).at[:, b].set(centered[:, a])
+            modes.append(generator)
+    basis = jnp.stack([m.ravel() for m in modes], axis=1)
+    q, r = jnp.linalg.qr(basis)
+    # A degenerate mode (all particles on a line have one rotation fewer in 3D,
+    # a single held particle has none) has a zero diagonal in R: drop it.
+    keep = (jnp.abs(jnp.diag(r)) > 1e-10 * jnp.max(jnp.abs(jnp.diag(r)))).astype(x.dtype)
+    q = q * keep[None, :]
+
+    def project(v: Array) -> Array:
+        flat = (held * v).ravel()
+        flat = flat - q @ (q.T @ flat)
+        return flat.reshape(v.shape)
+
+    return project

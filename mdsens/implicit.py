@@ -1,0 +1,156 @@
+"""Implicit differentiation of a root: the implicit function theorem, once.
+
+At a root ``F(x*, θ) = 0`` (for us ``F = ∇ₓE``), with ``A = ∂ₓF`` (the
+Hessian, symmetric):
+
+    A · ∂x*/∂θ = −∂θF(x*, θ)
+
+``custom_root`` turns any ``solver(init, params) -> x*`` into a function that
+``jax.jvp``, ``jax.vjp``, ``jax.grad``, ``jax.jacfwd``, ``jax.jacrev`` and
+``jax.vmap`` go through, including second derivatives. It is one
+``jax.custom_jvp`` rule whose tangent is a symmetric
+``jax.lax.custom_linear_solve``; JAX transposes that solve for reverse mode, so
+forward and reverse mode share one rule and stay exact transposes of each
+other. The solver's own iterations are never differentiated.
+
+Gauge. ``A`` is singular (translations, rotations, rattlers). A ``gauge(x,
+params)`` returns ``P``, the orthogonal projector onto the complement of the
+known null space. The engine solves with ``M = P A P + λP + (I − P)``
+(non-singular, symmetric) on ``b = P(−∂θF·δθ)``: the derivative has no
+null-space component, and a cotangent along a zero mode can no longer make the
+reverse system inconsistent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from mdsens import linsolve
+
+Array = jax.Array
+Params = Any  # a pytree of arrays
+Projector = Callable[[Array], Array]
+Gauge = Callable[[Array, Params], Projector]
+OptimalityFn = Callable[[Array, Params], Array]
+Solve = Callable[[Callable[[Array], Array], Array], tuple[Array, linsolve.SolveInfo]]
+
+
+def _identity(v: Array) -> Array:
+    return v
+
+
+def _operator(
+    optimality_fn: OptimalityFn, x: Array, params: Params, gauge: Gauge | None, tether: float
+) -> tuple[Callable[[Array], Array], Projector]:
+    """The gauge-fixed operator ``M v = P A P v + λ P v + (I − P) v`` and ``P``."""
+    project = _identity if gauge is None else gauge(jax.lax.stop_gradient(x), params)
+
+    def jacobian_vp(v: Array) -> Array:
+        return jax.jvp(lambda y: optimality_fn(y, params), (x,), (v,))[1]
+
+    def matvec(v: Array) -> Array:
+        pv = project(v)
+        return project(jacobian_vp(pv)) + tether * pv + (v - pv)
+
+    return matvec, project
+
+
+def tangent(
+    optimality_fn: OptimalityFn,
+    x: Array,
+    params: Params,
+    dparams: Params,
+    solve: Solve | None = None,
+    gauge: Gauge | None = None,
+    tether: float = 0.0,
+) -> tuple[Array, linsolve.SolveInfo]:
+    """Forward mode: ``u = ∂x*/∂θ · δθ``, solving ``M u = −P ∂θF·δθ``.
+
+    Returns the displacement field ``u`` (shape of ``x``) and the solve's info.
+    Differentiable (the solve is a ``custom_linear_solve``).
+    """
+    solve = linsolve.cg() if solve is None else solve
+    matvec, project = _operator(optimality_fn, x, params, gauge, tether)
+    _, dF = jax.jvp(lambda p: optimality_fn(x, p), (params,), (dparams,))
+    b = -project(dF)
+    u, info = jax.lax.custom_linear_solve(matvec, b, solve, symmetric=True, has_aux=True)
+    return project(u), info
+
+
+def cotangent(
+    optimality_fn: OptimalityFn,
+    x: Array,
+    params: Params,
+    x_bar: Array,
+    solve: Solve | None = None,
+    gauge: Gauge | None = None,
+    tether: float = 0.0,
+) -> tuple[Params, linsolve.SolveInfo]:
+    """Reverse mode: ``θ̄ = (∂x*/∂θ)ᵀ x̄ = −(∂θF)ᵀ w`` with ``M w = P x̄``.
+
+    One solve for any number of parameters. Returns ``θ̄`` (a pytree like
+    ``params``) and the solve's info.
+    """
+    solve = linsolve.cg() if solve is None else solve
+    matvec, project = _operator(optimality_fn, x, params, gauge, tether)
+    w, info = solve(matvec, project(x_bar))
+    _, vjp = jax.vjp(lambda p: optimality_fn(x, p), params)
+    (params_bar,) = vjp(-project(w))
+    return params_bar, info
+
+
+def custom_root(
+    optimality_fn: OptimalityFn,
+    solve: Solve | None = None,
+    gauge: Gauge | None = None,
+    tether: float = 0.0,
+) -> Callable[[Callable[[Array, Params], Array]], Callable[[Array, Params], Array]]:
+    """Decorator: make ``solver(init, params) -> x*`` differentiable in ``params``.
+
+    ``optimality_fn(x, params)`` vanishes at the solver's output and has a
+    symmetric Jacobian in ``x`` (a gradient). ``solve`` defaults to
+    :func:`mdsens.linsolve.cg`. The returned function has zero derivative with
+    respect to ``init`` (the root does not depend on where the search started,
+    within one basin).
+    """
+    solve = linsolve.cg() if solve is None else solve
+
+    def solution_only(matvec, b):
+        return solve(matvec, b)[0]
+
+    def decorator(solver: Callable[[Array, Params], Array]) -> Callable[[Array, Params], Array]:
+        @jax.custom_jvp
+        def root(init: Array, params: Params) -> Array:
+            return solver(init, params)
+
+        @root.defjvp
+        def root_jvp(primals, tangents):
+            init, params = primals
+            _, dparams = tangents
+            x = root(init, params)
+            matvec, project = _operator(optimality_fn, x, params, gauge, tether)
+            _, dF = jax.jvp(lambda p: optimality_fn(x, p), (params,), (dparams,))
+            u = jax.lax.custom_linear_solve(matvec, -project(dF), solution_only, symmetric=True)
+            return x, project(u)
+
+        return root
+
+    return decorator
+
+
+def custom_fixed_point(
+    fixed_point_fn: Callable[[Array, Params], Array],
+    solve: Solve | None = None,
+    gauge: Gauge | None = None,
+    tether: float = 0.0,
+) -> Callable[[Callable[[Array, Params], Array]], Callable[[Array, Params], Array]]:
+    """``custom_root(T(x, θ) − x)``: differentiate a fixed point ``x* = T(x*, θ)``.
+
+    For gradient descent ``T(x) = x − η∇ₓE`` the root condition is ``∇ₓE = 0``;
+    the Jacobian ``∂T/∂x − I = −ηH`` is symmetric (negative semidefinite, which
+    CG handles like its negative). ``T`` must have a symmetric Jacobian.
+    """
+    return custom_root(lambda x, p: fixed_point_fn(x, p) - x, solve=solve, gauge=gauge, tether=tether)

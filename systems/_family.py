@@ -1,0 +1,91 @@
+"""Declarations shared by the system families: keys, parameters, validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from mdsens.system import System
+
+
+class UsageError(ValueError):
+    """Bad user input (unknown key, value out of range); the CLI exits with code 2."""
+
+
+def _parse_floats(text: str) -> tuple[float, ...]:
+    return tuple(float(t) for t in text.split(",") if t.strip())
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "floats": _parse_floats}
+
+
+@dataclass(frozen=True)
+class Key:
+    """One build key. ``kind`` is "int", "float" or "floats" (a comma list);
+    ``check(value)`` returns an error message or None."""
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None = None
+
+    def parse(self, text: str) -> Any:
+        try:
+            return _PARSERS[self.kind](text)
+        except ValueError:
+            raise UsageError(f"{self.name}={text!r}: expected {self.kind}") from None
+
+    def validate(self, value: Any) -> Any:
+        message = None if self.check is None else self.check(value)
+        if message:
+            raise UsageError(f"{self.name}={value!r}: {message}")
+        return value
+
+
+@dataclass(frozen=True)
+class Family:
+    """A system family: ``build(**config, seed=...) -> System``.
+
+    parameters: differentiable parameter name -> one-line description
+    (shape and meaning), in the order ``mdsens systems`` lists them.
+    """
+
+    name: str
+    description: str
+    keys: tuple[Key, ...]
+    parameters: Mapping[str, str]
+    build_fn: Callable[..., System] = field(repr=False)
+
+    def resolve(self, overrides: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Defaults updated by ``overrides`` (key -> text), parsed and validated."""
+        keys = {k.name: k for k in self.keys}
+        config = {k.name: k.default for k in self.keys}
+        for name, text in (overrides or {}).items():
+            if name not in keys:
+                raise UsageError(f"system {self.name!r} has no key {name!r}; its keys: {', '.join(keys)}")
+            config[name] = keys[name].parse(text)
+        return {name: keys[name].validate(value) for name, value in config.items()}
+
+    def build(self, seed: int = 0, **overrides: Any) -> System:
+        """Build from already-typed values (Python API): ``FAMILY.build(n=64, phi=0.95)``."""
+        config = self.resolve({})
+        keys = {k.name: k for k in self.keys}
+        for name, value in overrides.items():
+            if name not in keys:
+                raise UsageError(f"system {self.name!r} has no key {name!r}; its keys: {', '.join(keys)}")
+            config[name] = keys[name].validate(value)
+        return self.build_fn(seed=seed, **config)
+
+
+def positive(value: Any) -> str | None:
+    values = value if isinstance(value, tuple) else (value,)
+    return None if all(v > 0 for v in values) else "must be positive"
+
+
+def at_least(minimum: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= minimum else f"must be at least {minimum}"
+
+
+def one_of(*choices: Any) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(map(str, choices))}"
