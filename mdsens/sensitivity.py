@@ -57,7 +57,7 @@ def relax(
         run = jax.jit(lambda x, p: minimize.run(mini, system.energy_real, x, p, ftol, max_steps))
         x, info = run(x0, params)
     else:
-        x, info = minimize.run_chunked(mini, system.energy_real, x0, params, ftol, max_steps, chunk, callback)
+        x, info, _ = minimize.run_chunked(mini, system.energy_real, x0, params, ftol, max_steps, chunk, callback)
     return system.to_solver(x, params), info
 
 
@@ -104,27 +104,69 @@ def equilibrium(
     return solver
 
 
-def unit_tangents(params: Params, name: str) -> tuple[Params, tuple[int, ...]]:
-    """A batch of parameter tangents, one per element of ``params[name]``:
-    a pytree like ``params`` with a leading axis of size ``params[name].size``."""
+def unit_tangents(params: Params, name: str, index: tuple[int, ...] | None = None) -> tuple[Params, tuple[int, ...]]:
+    """A batch of parameter tangents: one per element of ``params[name]``, or
+    only element ``index``. Returns a pytree like ``params`` with a leading
+    batch axis, and the shape the batch reshapes to (``param.shape``, or ``()``)."""
+    if name not in params:
+        raise KeyError(f"no parameter {name!r}; parameters: {', '.join(params)}")
     leaf = jnp.asarray(params[name])
     k = leaf.size
     basis = jnp.eye(k, dtype=leaf.dtype).reshape((k,) + leaf.shape)
+    shape = leaf.shape
+    if index is not None:
+        flat = int(np.ravel_multi_index(index, leaf.shape)) if leaf.shape else 0
+        basis, shape, k = basis[flat:flat + 1], (), 1
     batch = {key: jnp.zeros((k,) + jnp.shape(v), jnp.result_type(v)) for key, v in params.items()}
     batch[name] = basis
-    return batch, leaf.shape
+    return batch, shape
 
 
 class Forward(NamedTuple):
-    """Forward-mode derivatives w.r.t. every element of one parameter.
+    """Forward-mode derivatives w.r.t. the elements of one parameter.
 
-    values: {"position": param.shape + (N, d), observable: param.shape + obs.shape}
-    iterations, residual: one per element, shape param.shape.
+    values: {"position": shape + (N, d), observable: shape + obs.shape}
+    iterations, residual: one per element, shape ``shape`` (``param.shape``,
+    or ``()`` for a single element).
     """
 
     values: dict[str, Array]
     iterations: Array
     residual: Array
+
+
+def forward_fn(
+    system: System,
+    name: str,
+    observe: Mapping[str, Observable],
+    rattler: Array,
+    solve: implicit.Solve | None = None,
+    index: tuple[int, ...] | None = None,
+) -> Callable[[Array, Params], Forward]:
+    """The pure function ``(q*, θ) -> Forward`` behind :func:`forward` (jit it,
+    or compile it ahead of time to time compilation separately)."""
+    root_fn = optimality(system)
+    gauge = gauge_for(system, rattler)
+
+    def outputs(q_: Array, p_: Params) -> dict[str, Array]:
+        out = {"position": system.to_real(q_, p_)}
+        out.update({key: fn(system, q_, p_) for key, fn in observe.items()})
+        return out
+
+    def run(q: Array, params: Params) -> Forward:
+        params = dict(params)
+        tangents, shape = unit_tangents(params, name, index)
+
+        def one(dparams: Params):
+            dq, info = implicit.tangent(root_fn, q, params, dparams, solve, gauge)
+            _, d = jax.jvp(outputs, (q, params), (dq, dparams))
+            return d, info
+
+        values, info = jax.vmap(one)(tangents)
+        values = {key: v.reshape(shape + v.shape[1:]) for key, v in values.items()}
+        return Forward(values, info.iterations.reshape(shape), info.residual.reshape(shape))
+
+    return run
 
 
 def forward(
@@ -135,30 +177,34 @@ def forward(
     observe: Mapping[str, Observable],
     rattler: Array,
     solve: implicit.Solve | None = None,
+    index: tuple[int, ...] | None = None,
 ) -> Forward:
-    """``∂x*/∂θ`` and ``dO/dθ`` for every element of ``params[name]``, at the relaxed ``q``.
+    """``∂x*/∂θ`` and ``dO/dθ`` for every element of ``params[name]`` (or element
+    ``index``), at the relaxed ``q``.
 
     One linear solve per element, batched with vmap. ``x*`` is the real-space
     position (includes the affine part ``q* ⊙ ∂L/∂θ`` for the box).
     """
-    params = dict(params)
-    tangents, shape = unit_tangents(params, name)
+    return jax.jit(forward_fn(system, name, observe, rattler, solve, index))(q, dict(params))
+
+
+def gradient_fn(
+    system: System,
+    observable: Observable,
+    rattler: Array,
+    solve: implicit.Solve | None = None,
+) -> Callable[[Array, Params], tuple[Params, linsolve.SolveInfo]]:
+    """The pure function ``(q*, θ) -> (dO/dθ, info)`` behind :func:`gradient`."""
     root_fn = optimality(system)
     gauge = gauge_for(system, rattler)
 
-    def outputs(q_: Array, p_: Params) -> dict[str, Array]:
-        out = {"position": system.to_real(q_, p_)}
-        out.update({key: fn(system, q_, p_) for key, fn in observe.items()})
-        return out
+    def run(q: Array, params: Params):
+        params = dict(params)
+        value, (g_q, g_p) = jax.value_and_grad(lambda a, b: observable(system, a, b), argnums=(0, 1))(q, params)
+        implicit_part, info = implicit.cotangent(root_fn, q, params, g_q, solve, gauge)
+        return jax.tree_util.tree_map(jnp.add, g_p, implicit_part), info
 
-    def one(dparams: Params):
-        dq, info = implicit.tangent(root_fn, q, params, dparams, solve, gauge)
-        _, d = jax.jvp(outputs, (q, params), (dq, dparams))
-        return d, info
-
-    values, info = jax.jit(jax.vmap(one))(tangents)
-    values = {key: v.reshape(shape + v.shape[1:]) for key, v in values.items()}
-    return Forward(values, info.iterations.reshape(shape), info.residual.reshape(shape))
+    return run
 
 
 def gradient(
@@ -171,20 +217,10 @@ def gradient(
 ) -> tuple[Params, linsolve.SolveInfo]:
     """Reverse mode: ``dO/dθ`` for every element of every parameter, one solve.
 
-    ``dO/dθ = ∂θO + (∂q*/∂θ)ᵀ ∂qO``. ``observable`` must return a scalar.
+    ``dO/dθ = ∂θO + (∂q*/∂θ)ᵀ ∂qO``. ``observable`` must return a scalar
+    (``jax.grad`` raises a TypeError otherwise).
     """
-    params = dict(params)
-    root_fn = optimality(system)
-    gauge = gauge_for(system, rattler)
-
-    def run(q_, p_):
-        value, (g_q, g_p) = jax.value_and_grad(lambda a, b: observable(system, a, b), argnums=(0, 1))(q_, p_)
-        if jnp.ndim(value) != 0:
-            raise ValueError("reverse mode needs a scalar observable")
-        implicit_part, info = implicit.cotangent(root_fn, q_, p_, g_q, solve, gauge)
-        return jax.tree_util.tree_map(jnp.add, g_p, implicit_part), info
-
-    return jax.jit(run)(q, params)
+    return jax.jit(gradient_fn(system, observable, rattler, solve))(q, dict(params))
 
 
 # -- finite differences: the independent check ----------------------------------

@@ -1,0 +1,26 @@
+"""The ``mdsens`` command line (installed as ``mdsens.cli``).
+
+Verbs are subcommands, one module each; importing a module registers its
+commands on :data:`mdsens.cli.app.app`. Exit codes: 0 ok, 1 runtime error,
+2 usage error, 3 the relaxation did not converge.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from mdsens.cli.app import app
+from mdsens.cli import run as _run  # noqa: F401  (registers `run`, `systems`)
+
+
+def main() -> None:
+    """Console-script entry point: float64 by default, then the Typer app.
+
+    This is the one place (with tests/conftest.py) that changes JAX's global
+    configuration; ``--precision float32`` switches it back per run.
+    """
+    jax.config.update("jax_enable_x64", True)
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,153 @@
+"""``mdsens run`` and ``mdsens systems``."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import typer
+
+from mdsens.cli import progress as _progress
+from mdsens.cli.app import EXIT_NOT_CONVERGED, app, errors, fail, log, EXIT_USAGE
+
+
+def _parse_sets(items: list[str]) -> dict[str, str]:
+    from mdsens.systems import UsageError
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set n=256")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _configure(precision: str, device: Optional[str]) -> None:
+    import jax
+
+    from mdsens.systems import UsageError
+
+    if precision not in ("float64", "float32"):
+        raise UsageError(f"--precision {precision!r}: choose float64 or float32")
+    jax.config.update("jax_enable_x64", precision == "float64")
+    if precision == "float32":
+        log("warning: float32 limits forces to ~1e-6 and derivatives to a few digits; ftol is raised to 1e-5")
+    if device is not None:
+        platforms = {"cpu": "cpu", "gpu": "cuda"}
+        if device not in platforms:
+            raise UsageError(f"--device {device!r}: choose cpu or gpu")
+        jax.config.update("jax_platforms", platforms[device])
+
+
+def _human_summary(result) -> str:
+    s = result.summary()
+    t = result.timings
+    lines = [
+        f"{s['system']}: N={s['n']} d={s['dim']}  "
+        f"{'converged' if s['converged'] else 'NOT CONVERGED'} in {s['steps']} steps, "
+        f"max|F| = {s['max_force']:.2e}, rattlers {s['rattlers']}",
+        f"time: compile {t['compile_s']:.2f} s, relax {t['relax_s']:.2f} s, derivatives {t['derivative_s']:.2f} s",
+    ]
+    for name in result.observables:
+        if name != "max_force":
+            lines.append(f"  {name:<10s} = {np.array2string(np.asarray(result.observables[name]), precision=8)}")
+    for key, fw in result.sensitivity.items():
+        norm = np.sqrt(np.sum(np.asarray(fw.values["position"]) ** 2, axis=(-2, -1)))
+        lines.append(f"d/d{key}:")
+        lines.append(f"  |dx*/d{key}| = {np.array2string(norm, precision=6)}")
+        for name, value in fw.values.items():
+            if name != "position":
+                lines.append(f"  d{name}/d{key} = {np.array2string(np.asarray(value), precision=8)}")
+        lines.append(f"  CG iterations {np.asarray(fw.iterations).tolist()}, "
+                     f"residual {np.array2string(np.asarray(fw.residual), precision=2)}")
+    for key, (values, info) in result.gradient.items():
+        lines.append(f"grad {key}: ({int(info.iterations)} CG iterations, residual {float(info.residual):.1e})")
+        for name, value in values.items():
+            v = np.asarray(value)
+            text = np.array2string(v, precision=6) if v.size <= 6 else f"shape {v.shape}, |·| = {np.linalg.norm(v):.6g}"
+            lines.append(f"  d{key}/d{name} = {text}")
+    return "\n".join(lines)
+
+
+@app.command()
+def run(
+    system: str = typer.Argument("bidisperse", help="System family (see `mdsens systems`)."),
+    set_: List[str] = typer.Option([], "--set", help="Build key, KEY=VALUE (repeatable), e.g. --set n=256 --set phi=0.95."),
+    wrt: List[str] = typer.Option(["diameter"], "--wrt", help="Parameter to differentiate by, NAME or NAME[i] (repeatable)."),
+    observe: Optional[List[str]] = typer.Option(None, "--observe", help="Observable to compute and differentiate (repeatable; default energy and, in a box, pressure)."),
+    grad: List[str] = typer.Option([], "--grad", help="Scalar observable whose gradient w.r.t. every parameter element is computed in one reverse-mode pass (repeatable)."),
+    minimizer: str = typer.Option("fire", help="Minimizer: fire (FIRE 2.0) or gd (gradient descent)."),
+    ftol: float = typer.Option(1e-10, help="Converged when the largest per-particle force is below this."),
+    max_steps: int = typer.Option(100_000, help="Give up (exit 3, state still written) after this many steps."),
+    solver: str = typer.Option("cg", help="Linear solver for derivatives: cg, or dense (exact, small N only)."),
+    rtol: float = typer.Option(1e-10, help="CG relative residual tolerance."),
+    seed: int = typer.Option(0, help="Random seed of the initial positions."),
+    output: Path = typer.Option(Path("mdsens.h5"), "-o", "--output", help="HDF5 file to write."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    precision: str = typer.Option("float64", help="float64 (default) or float32 (warned: few digits)."),
+    device: Optional[str] = typer.Option(None, help="cpu or gpu (default: JAX's choice, or JAX_PLATFORMS)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout; logs go to stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no summary."),
+) -> None:
+    """Relax a system, differentiate its equilibrium, write an HDF5 file.
+
+    With no arguments: the reference case (128 bidisperse disks at φ = 0.9),
+    derivatives w.r.t. both diameters, written to ./mdsens.h5.
+    """
+    from mdsens import io
+    from mdsens.job import Job, execute
+
+    with errors():
+        if output.exists() and not force:
+            fail(f"{output} exists; pass --force to overwrite it, or -o another path", EXIT_USAGE)
+        if not output.resolve().parent.is_dir():
+            fail(f"cannot write {output}: directory {output.parent} does not exist", EXIT_USAGE)
+        _configure(precision, device)
+        if precision == "float32":
+            ftol = max(ftol, 1e-5)
+        job = Job(system=system, overrides=_parse_sets(set_), seed=seed, wrt=list(wrt),
+                  observe=list(observe) if observe else None, grad=list(grad), minimizer=minimizer,
+                  ftol=ftol, max_steps=max_steps, solver=solver, rtol=rtol,
+                  command=shlex.join(["mdsens", *sys.argv[1:]]))
+        callback = _progress.relaxation_progress(ftol, quiet)
+        result = execute(job, callback)
+        _progress.finish(callback)
+        io.write(output, result.record())
+        summary = result.summary()
+        summary["output"] = str(output)
+        if as_json:
+            print(json.dumps(summary))
+        elif not quiet:
+            print(_human_summary(result))
+            print(f"wrote {output}")
+        if not result.converged:
+            fail(f"relaxation did not converge in {int(result.info.steps)} steps "
+                 f"(max|F| = {float(result.info.max_force):.2e} > ftol {ftol:.0e}); the state was written to "
+                 f"{output}, flagged, without derivatives", EXIT_NOT_CONVERGED)
+
+
+@app.command("systems")
+def list_systems(as_json: bool = typer.Option(False, "--json", help="Print the catalogue as JSON.")) -> None:
+    """List every system with its keys, parameters and defaults."""
+    from mdsens.systems import FAMILIES
+
+    catalogue = {
+        name: {"description": f.description,
+               "keys": {k.name: {"type": k.kind, "default": k.default, "help": k.help} for k in f.keys},
+               "parameters": dict(f.parameters)}
+        for name, f in FAMILIES.items()
+    }
+    if as_json:
+        print(json.dumps(catalogue))
+        return
+    for name, entry in catalogue.items():
+        print(f"{name}: {entry['description']}")
+        for key, k in entry["keys"].items():
+            print(f"    --set {key}=<{k['type']}>  (default {k['default']})  {k['help']}")
+        for param, text in entry["parameters"].items():
+            print(f"    --wrt {param:<10s} {text}")

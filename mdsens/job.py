@@ -1,0 +1,262 @@
+"""One run, as the CLI does it: build, relax, differentiate, collect.
+
+``Job`` is the whole request (what ``mdsens run`` parses); ``execute(job)``
+returns a ``Result`` that knows how to become a file record
+(:func:`mdsens.io.write`) and a JSON summary. Everything here is also usable
+from Python: ``execute(Job(overrides={"n": "64"}))``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mdsens import linsolve, observables, sensitivity, systems
+from mdsens.minimize import RelaxInfo
+from mdsens.system import System
+from mdsens.systems import UsageError
+
+_WRT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\[([0-9,\s]+)\])?$")
+
+
+@dataclass
+class Job:
+    """Everything a run needs. ``overrides`` are the ``--set KEY=VALUE`` texts."""
+
+    system: str = "bidisperse"
+    overrides: dict[str, str] = field(default_factory=dict)
+    seed: int = 0
+    wrt: list[str] = field(default_factory=lambda: ["diameter"])
+    observe: list[str] | None = None  # default: energy, and pressure for periodic systems
+    grad: list[str] = field(default_factory=list)
+    minimizer: str = "fire"
+    ftol: float = 1e-10
+    max_steps: int = 100_000
+    solver: str = "cg"
+    rtol: float = 1e-10
+    chunk: int = 2_000
+    command: str = ""
+
+
+@dataclass
+class Result:
+    job: Job
+    system: System
+    q: jax.Array
+    params: dict[str, jax.Array]
+    info: RelaxInfo
+    rattler: jax.Array
+    observables: dict[str, np.ndarray]
+    sensitivity: dict[str, sensitivity.Forward]
+    gradient: dict[str, tuple[dict[str, jax.Array], linsolve.SolveInfo]]
+    timings: dict[str, float]
+    meta: dict[str, Any]
+
+    @property
+    def converged(self) -> bool:
+        return bool(self.info.converged)
+
+    def record(self) -> dict[str, Any]:
+        """The mapping :func:`mdsens.io.write` takes."""
+        return {
+            "positions": np.asarray(self.system.to_real(self.q, self.params)),
+            "box": np.asarray(self.params["box"]) if self.system.periodic else None,
+            "species": np.asarray(self.system.species),
+            "rattler": np.asarray(self.rattler),
+            "parameters": {k: np.asarray(v) for k, v in self.params.items()},
+            "observables": {**self.observables, "minimizer_steps": np.asarray(int(self.info.steps)),
+                            "converged": np.asarray(self.converged)},
+            "sensitivity": {k: {"values": {n: np.asarray(v) for n, v in fw.values.items()},
+                                "iterations": np.asarray(fw.iterations), "residual": np.asarray(fw.residual)}
+                            for k, fw in self.sensitivity.items()},
+            "gradient": {k: {"values": {n: np.asarray(v) for n, v in values.items()},
+                             "iterations": np.asarray(info.iterations), "residual": np.asarray(info.residual)}
+                         for k, (values, info) in self.gradient.items()},
+            "meta": self.meta,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able digest: what ``mdsens run --json`` prints."""
+        out: dict[str, Any] = {
+            "system": self.system.name,
+            "n": self.system.n,
+            "dim": self.system.dim,
+            "converged": self.converged,
+            "steps": int(self.info.steps),
+            "max_force": float(self.info.max_force),
+            "rattlers": int(np.sum(np.asarray(self.rattler))),
+        }
+        for name, value in self.observables.items():
+            out[name] = np.asarray(value).tolist()
+        out["sensitivity"] = {
+            key: {
+                "position_norm": np.sqrt(np.sum(np.asarray(fw.values["position"]) ** 2, axis=(-2, -1))).tolist(),
+                **{n: np.asarray(v).tolist() for n, v in fw.values.items() if n != "position"},
+                "iterations": np.asarray(fw.iterations).tolist(),
+                "residual": np.asarray(fw.residual).tolist(),
+            }
+            for key, fw in self.sensitivity.items()
+        }
+        out["gradient"] = {
+            key: {"values": {n: np.asarray(v).tolist() for n, v in values.items()},
+                  "iterations": int(info.iterations), "residual": float(info.residual)}
+            for key, (values, info) in self.gradient.items()
+        }
+        out["timings"] = dict(self.timings)
+        return out
+
+
+def parse_wrt(text: str, params: dict[str, jax.Array]) -> tuple[str, tuple[int, ...] | None]:
+    """``NAME`` or ``NAME[i]`` / ``NAME[i,j]`` → (name, index or None), validated."""
+    match = _WRT.match(text.strip())
+    if not match:
+        raise UsageError(f"--wrt {text!r}: expected NAME or NAME[i], e.g. diameter or diameter[1]")
+    name, index_text = match.group(1), match.group(2)
+    if name not in params:
+        raise UsageError(f"--wrt {text!r}: no parameter {name!r}; this system's parameters: {', '.join(params)}")
+    shape = jnp.shape(params[name])
+    if index_text is None:
+        return name, None
+    index = tuple(int(t) for t in index_text.split(",") if t.strip())
+    if len(index) != len(shape) or any(not 0 <= i < s for i, s in zip(index, shape)):
+        raise UsageError(f"--wrt {text!r}: index out of range for {name} of shape {tuple(shape)}")
+    return name, index
+
+
+def _observables(job: Job, system: System) -> dict[str, Callable]:
+    names = job.observe
+    if names is None:
+        names = ["energy", "pressure"] if system.periodic else ["energy"]
+    chosen = {}
+    for name in names:
+        if name not in observables.OBSERVABLES:
+            raise UsageError(f"unknown observable {name!r}; choose from: {', '.join(observables.OBSERVABLES)}")
+        if name == "pressure" and not system.periodic:
+            raise UsageError(f"observable 'pressure' needs a periodic box; {system.name!r} is in free space")
+        chosen[name] = observables.OBSERVABLES[name]
+    return chosen
+
+
+def _solver(job: Job) -> Any:
+    if job.solver == "cg":
+        return linsolve.cg(rtol=job.rtol)
+    if job.solver == "dense":
+        return linsolve.dense()
+    raise UsageError(f"unknown linear solver {job.solver!r}: choose 'cg' or 'dense'")
+
+
+def _compile_and_run(fn: Callable, *args: Any) -> tuple[Any, float, float]:
+    """Compile ``fn`` ahead of time, run it; return (output, compile_s, run_s)."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    mid = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    return out, mid - start, time.perf_counter() - mid
+
+
+def versions() -> dict[str, str]:
+    import h5py
+    import jax_md
+    import jaxlib
+
+    from mdsens import __version__
+
+    return {"mdsens": __version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "jax_md": getattr(jax_md, "__version__", "unknown"), "numpy": np.__version__,
+            "h5py": h5py.__version__}
+
+
+def device_name() -> str:
+    device = jax.devices()[0]
+    return f"{device.platform}:{getattr(device, 'device_kind', '')}"
+
+
+def prepare(job: Job) -> tuple[System, dict[str, Callable], list[tuple[str, str, tuple[int, ...] | None]]]:
+    """Build the system and validate every request before any expensive work:
+    usage errors surface in a second, not after a relaxation."""
+    family = systems.get(job.system)
+    config = family.resolve(job.overrides)
+    system = family.build_fn(seed=job.seed, **config)
+    if job.minimizer not in ("fire", "gd"):
+        raise UsageError(f"unknown minimizer {job.minimizer!r}: choose 'fire' or 'gd'")
+    if not job.ftol > 0:
+        raise UsageError(f"--ftol must be positive, got {job.ftol}")
+    params = dict(system.params)
+    wrts = [(text, *parse_wrt(text, params)) for text in job.wrt]
+    observe = _observables(job, system)
+    for name in job.grad:
+        if name not in observables.OBSERVABLES:
+            raise UsageError(f"--grad {name!r}: unknown observable; choose from: {', '.join(observables.OBSERVABLES)}")
+        shape = jax.eval_shape(lambda q, p: observables.OBSERVABLES[name](system, q, p),
+                               jnp.asarray(system.positions), params).shape
+        if shape != ():
+            raise UsageError(f"--grad {name!r}: reverse mode needs a scalar observable, {name} has shape {shape}")
+    _solver(job)
+    return system, observe, wrts
+
+
+def execute(job: Job, progress: Callable[[int, float, float], None] | None = None) -> Result:
+    """Run ``job``: relax, then (if converged) every requested derivative."""
+    wall = time.perf_counter()
+    system, observe, wrts = prepare(job)
+    params = {k: jnp.asarray(v) for k, v in system.params.items()}
+    solve = _solver(job)
+
+    timings = {"compile_s": 0.0, "relax_s": 0.0, "derivative_s": 0.0}
+    mini = sensitivity.minimizer_for(system, job.minimizer)
+    from mdsens import minimize
+
+    x0 = jnp.asarray(system.positions)
+    start = time.perf_counter()
+    x, info, compile_s = minimize.run_chunked(mini, system.energy_real, x0, params, job.ftol, job.max_steps,
+                                              job.chunk, progress)
+    jax.block_until_ready(x)
+    timings["compile_s"] += compile_s
+    timings["relax_s"] = time.perf_counter() - start - compile_s
+    q = system.to_solver(x, params)
+    rattler = jax.jit(lambda q_, p_: observables.rattlers(system, q_, p_))(q, params)
+
+    values = {name: np.asarray(jax.jit(lambda q_, p_, f=fn: f(system, q_, p_))(q, params))
+              for name, fn in observe.items()}
+    values["max_force"] = np.asarray(info.max_force)
+
+    forwards: dict[str, sensitivity.Forward] = {}
+    gradients: dict[str, tuple[dict[str, jax.Array], linsolve.SolveInfo]] = {}
+    if bool(info.converged):
+        for text, name, index in wrts:
+            fn = sensitivity.forward_fn(system, name, observe, rattler, solve, index)
+            forwards[text], c, r = _compile_and_run(fn, q, params)
+            timings["compile_s"] += c
+            timings["derivative_s"] += r
+        for name in job.grad:
+            fn = sensitivity.gradient_fn(system, observables.OBSERVABLES[name], rattler, solve)
+            gradients[name], c, r = _compile_and_run(fn, q, params)
+            timings["compile_s"] += c
+            timings["derivative_s"] += r
+    timings["total_s"] = time.perf_counter() - wall
+
+    meta = {
+        "system": system.name,
+        "configuration": {**system.config, "seed": job.seed},
+        "seed": job.seed,
+        "command": job.command,
+        "minimizer": job.minimizer,
+        "ftol": job.ftol,
+        "max_steps": job.max_steps,
+        "linear_solver": job.solver,
+        "rtol": job.rtol,
+        "steps": int(info.steps),
+        "converged": bool(info.converged),
+        "derivatives": "computed" if bool(info.converged) else "skipped: relaxation did not converge",
+        "versions": versions(),
+        "device": device_name(),
+        "precision": str(jnp.result_type(float)),
+        "timings": timings,
+    }
+    return Result(job, system, q, params, info, rattler, values, forwards, gradients, timings, meta)
