@@ -1,12 +1,15 @@
 """The mdsens output file: H5MD 1.1 where H5MD has a place, plus our groups.
 
-Layout (every path is documented in README.md, "The output file"):
+Layout (every path, shape and unit is documented in README.md, "The output
+file", and in the file itself as ``description`` / ``unit`` attributes):
 
     /h5md                       version=[1, 1]; author/ (name); creator/ (name, version)
-    /h5md/modules/mdsens        version of our own groups below
+    /h5md/modules/units         version=[1, 0], system="reduced"
+    /h5md/modules/mdsens        version of our own groups below; attr groups
     /particles/all/position/{value (1, N, d), step (1,), time (1,)}
     /particles/all/box          attrs dimension, boundary; dataset edges (d,)
     /particles/all/species      (N,) int
+    /particles/all/diameter     (N,) float, each particle's diameter (for viewers)
     /particles/all/rattler      (N,) bool
     /parameters/<name>          every differentiable parameter; attrs: configuration,
                                 seed, command, versions, device, precision, timings
@@ -14,6 +17,10 @@ Layout (every path is documented in README.md, "The output file"):
     /sensitivity/<wrt>/{position (param.shape + (N, d)), <observable> (param.shape + obs.shape)}
                                 attrs iterations, residual (one per element)
     /gradient/<observable>/<param>  reverse-mode dO/dθ, shape param.shape; attrs iterations, residual
+
+Units are reduced: lengths in units of the reference length ``sigma`` (the
+small diameter D₀ for soft spheres, σ for Lennard-Jones and Morse), energies
+in ``epsilon``. Unit strings follow the H5MD units module ("epsilon sigma-2").
 
 Writes are atomic: everything goes to a temporary file in the destination
 directory, which is renamed over the final name only once complete.
@@ -24,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -31,7 +39,45 @@ from typing import Any, Iterator, Mapping
 import h5py
 import numpy as np
 
-FORMAT_VERSION = (1, 0)
+FORMAT_VERSION = (1, 1)
+
+LENGTH, ENERGY, TIME = "sigma", "epsilon", "tau"
+
+# Units of each parameter; (system, name) overrides the name alone.
+_PARAMETER_UNITS: dict[Any, str] = {
+    "diameter": LENGTH, "sigma": LENGTH, "box": LENGTH, "epsilon": ENERGY, "alpha": "1",
+    ("morse_cluster", "alpha"): f"{LENGTH}-1",
+}
+_PARAMETER_DESCRIPTIONS = {
+    "diameter": "particle diameters (per species, or per particle)",
+    "sigma": "pair length scale σ",
+    "box": "periodic box side lengths",
+    "epsilon": "interaction strength ε",
+    "alpha": "stiffness exponent α (soft spheres) or Morse width parameter a",
+}
+# Units of each observable in d dimensions ("{d}" is the dimension).
+_OBSERVABLE_UNITS = {
+    "energy": ENERGY, "energy_per_particle": ENERGY,
+    "pressure": f"{ENERGY} {LENGTH}-{{d}}", "stress": f"{ENERGY} {LENGTH}-{{d}}",
+    "elastic_tensor": f"{ENERGY} {LENGTH}-{{d}}", "bulk_modulus": f"{ENERGY} {LENGTH}-{{d}}",
+    "shear_modulus": f"{ENERGY} {LENGTH}-{{d}}",
+    "contact_number": "1", "rattler_fraction": "1", "max_force": f"{ENERGY} {LENGTH}-1",
+    "position": LENGTH,
+}
+_OBSERVABLE_DESCRIPTIONS = {
+    "energy": "total potential energy E at the relaxed state",
+    "energy_per_particle": "E / N at the relaxed state",
+    "pressure": "athermal pressure P = -dE/dV under affine dilation",
+    "stress": "stress tensor (1/V) dE/dstrain, tension positive",
+    "elastic_tensor": "elastic modulus tensor C with non-affine relaxation",
+    "bulk_modulus": "angle-averaged bulk modulus",
+    "shear_modulus": "angle-averaged shear modulus",
+    "contact_number": "mean contacts per held particle",
+    "rattler_fraction": "fraction of particles that are rattlers",
+    "max_force": "largest per-particle force magnitude max_i |F_i| at the end of the relaxation",
+    "minimizer_steps": "minimizer steps taken",
+    "converged": "whether max|F| < ftol was reached (derivatives are written only if so)",
+}
 
 
 class FormatError(ValueError):
@@ -52,6 +98,61 @@ def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# -- units -------------------------------------------------------------------
+
+
+def _parse_unit(unit: str) -> tuple[float, Counter]:
+    """H5MD unit string → (numeric factor, {symbol: power})."""
+    factor, powers = 1.0, Counter()
+    for token in unit.split():
+        try:
+            factor *= float(token)
+            continue
+        except ValueError:
+            pass
+        symbol = token.rstrip("+-0123456789")
+        power = int(token[len(symbol):] or 1)
+        powers[symbol] += power
+    return factor, powers
+
+
+def _format_unit(factor: float, powers: Counter) -> str:
+    parts = [f"{s}{'' if p == 1 else f'{p:+d}'}" for s, p in powers.items() if p != 0]
+    if factor != 1.0 or not parts:
+        parts.insert(0, f"{factor:g}")
+    return " ".join(parts)
+
+
+def divide_units(numerator: str | None, denominator: str | None) -> str | None:
+    """The unit of ``dA/dB`` from the units of A and B (None if either is unknown)."""
+    if numerator is None or denominator is None:
+        return None
+    fa, pa = _parse_unit(numerator)
+    fb, pb = _parse_unit(denominator)
+    pa.subtract(pb)
+    return _format_unit(fa / fb, pa)
+
+
+def parameter_unit(system: str, name: str) -> str | None:
+    """Unit string of parameter ``name`` of ``system`` (None when not known)."""
+    return _PARAMETER_UNITS.get((system, name), _PARAMETER_UNITS.get(name))
+
+
+def observable_unit(name: str, dim: int) -> str | None:
+    """Unit string of observable ``name`` in ``dim`` dimensions (None: a count, a flag, or not known)."""
+    unit = _OBSERVABLE_UNITS.get(name)
+    return None if unit is None else unit.format(d=dim)
+
+
+def _label(obj: h5py.HLObject, description: str, unit: str | None = None) -> None:
+    obj.attrs["description"] = description
+    if unit is not None:
+        obj.attrs["unit"] = unit
+
+
+# -- writing -------------------------------------------------------------------
 
 
 def _attr(value: Any) -> Any:
@@ -76,6 +177,25 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
+def particle_diameters(record: Mapping[str, Any]) -> np.ndarray:
+    """Each particle's diameter (N,), from the parameters: ``diameter`` per
+    particle or per species, else ``sigma``, else 1 (the reference length)."""
+    species = np.asarray(record["species"])
+    n = species.shape[0]
+    params = record["parameters"]
+    if "diameter" in params:
+        d = np.asarray(params["diameter"], dtype=np.float64)
+        if d.shape == (n,):
+            return d
+        if d.ndim == 1 and d.size > int(species.max(initial=0)):
+            return d[species]
+        if d.ndim == 0:
+            return np.full(n, float(d))
+    if "sigma" in params and np.ndim(params["sigma"]) == 0:
+        return np.full(n, float(np.asarray(params["sigma"])))
+    return np.ones(n)
+
+
 def write(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
     """Write a run record (see :func:`mdsens.job.Result.record`) atomically.
 
@@ -88,55 +208,102 @@ def write(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
 
     positions = np.asarray(record["positions"])
     n, d = positions.shape
+    meta = record.get("meta", {})
+    system = str(meta.get("system", ""))
     with atomic_h5(path) as f:
+        f.attrs["description"] = ("mdsens: a relaxed particle packing and the exact derivatives of its "
+                                  "equilibrium (H5MD 1.1; see /h5md/modules/mdsens)")
         h5md = f.create_group("h5md")
         h5md.attrs["version"] = np.array([1, 1], dtype=np.int32)
         author = h5md.create_group("author")
-        author.attrs["name"] = record.get("meta", {}).get("author", os.environ.get("USER", "unknown") or "unknown")
+        author.attrs["name"] = meta.get("author", os.environ.get("USER", "unknown") or "unknown")
         creator = h5md.create_group("creator")
         creator.attrs["name"] = "mdsens"
         creator.attrs["version"] = __version__
+        units = h5md.create_group("modules/units")
+        units.attrs["version"] = np.array([1, 0], dtype=np.int32)
+        units.attrs["system"] = "reduced"
+        _label(units, f"reduced units: length {LENGTH} = the reference length (the small diameter D0 for "
+                      f"soft spheres, sigma for Lennard-Jones/Morse), energy {ENERGY} = the interaction "
+                      f"strength, {TIME} = the minimizer's fictitious time unit")
         module = h5md.create_group("modules/mdsens")
         module.attrs["version"] = np.array(FORMAT_VERSION, dtype=np.int32)
+        module.attrs["groups"] = np.array(["parameters", "observables", "sensitivity", "gradient"],
+                                          dtype=h5py.string_dtype())
+        _label(module, "mdsens's own data: /sensitivity (forward-mode dx*/dtheta and dO/dtheta), /gradient "
+                       "(reverse-mode dO/dtheta), /particles/all/{rattler,diameter}; see the mdsens README")
 
         particles = f.create_group("particles/all")
+        _label(particles, "all particles of the system, at the relaxed state")
         position = particles.create_group("position")
-        position.create_dataset("value", data=positions[None])
-        position.create_dataset("step", data=np.array([int(record.get("meta", {}).get("steps", 0))]))
-        position.create_dataset("time", data=np.array([0.0]))
+        _label(position, "relaxed positions x* (one frame), real space, wrapped into the box")
+        value = position.create_dataset("value", data=positions[None])
+        _label(value, "relaxed positions x*, shape (1, N, d)", LENGTH)
+        step = position.create_dataset("step", data=np.array([int(meta.get("steps", 0))]))
+        _label(step, "minimizer steps taken to reach this state")
+        time = position.create_dataset("time", data=np.array([0.0]))
+        _label(time, "time (the relaxed state is stored at 0)", TIME)
         box = particles.create_group("box")
         box.attrs["dimension"] = np.int32(d)
         periodic = record.get("box") is not None
         box.attrs["boundary"] = np.array(["periodic" if periodic else "none"] * d, dtype=h5py.string_dtype())
         if periodic:
             edges = np.asarray(record["box"], dtype=np.float64)
+            text = "periodic box side lengths"
         else:  # free space: the extent of the cluster, for viewers
             edges = positions.max(axis=0) - positions.min(axis=0)
-        box.create_dataset("edges", data=edges)
-        particles.create_dataset("species", data=np.asarray(record["species"], dtype=np.int32))
-        particles.create_dataset("rattler", data=np.asarray(record["rattler"], dtype=bool))
+            text = "free space: the extent of the cluster (max - min of the positions), for viewers"
+        _label(box.create_dataset("edges", data=edges), text, LENGTH)
+        _label(particles.create_dataset("species", data=np.asarray(record["species"], dtype=np.int32)),
+               "species index of each particle")
+        _label(particles.create_dataset("diameter", data=particle_diameters(record)),
+               "each particle's diameter (from /parameters/diameter or sigma), for drawing", LENGTH)
+        _label(particles.create_dataset("rattler", data=np.asarray(record["rattler"], dtype=bool)),
+               "rattlers: particles with fewer than d+1 load-bearing contacts (held fixed by the gauge)")
 
         parameters = f.create_group("parameters")
+        _label(parameters, "the differentiable parameters theta; attributes record how the file was made")
         for name, value in record["parameters"].items():
-            parameters.create_dataset(name, data=np.asarray(value))
-        for key, value in record.get("meta", {}).items():
+            ds = parameters.create_dataset(name, data=np.asarray(value))
+            _label(ds, _PARAMETER_DESCRIPTIONS.get(name, f"parameter {name}"), parameter_unit(system, name))
+        for key, value in meta.items():
             parameters.attrs[key] = _attr(value)
 
         obs = f.create_group("observables")
+        _label(obs, "observables O(x*, theta) at the relaxed state (time-independent)")
         for name, value in record.get("observables", {}).items():
-            obs.create_dataset(name, data=np.asarray(value))
+            ds = obs.create_dataset(name, data=np.asarray(value))
+            _label(ds, _OBSERVABLE_DESCRIPTIONS.get(name, f"observable {name}"), observable_unit(name, d))
 
         for group_name in ("sensitivity", "gradient"):
             entries = record.get(group_name, {})
             if not entries:
                 continue
             group = f.create_group(group_name)
+            if group_name == "sensitivity":
+                _label(group, "forward mode, one linear solve per parameter element: H u = -d_theta grad_x E; "
+                              "/sensitivity/<wrt>/position is dx*/dtheta, shape param.shape + (N, d)")
+            else:
+                _label(group, "reverse mode, one linear solve per observable: dO/dtheta for every element of "
+                              "every parameter")
             for key, entry in entries.items():
                 sub = group.create_group(key)
                 for name, value in entry["values"].items():
-                    sub.create_dataset(name, data=np.asarray(value))
+                    ds = sub.create_dataset(name, data=np.asarray(value))
+                    if group_name == "sensitivity":
+                        param = key.split("[")[0]
+                        what = "position x*" if name == "position" else name
+                        _label(ds, f"d{what}/d{key} along the equilibrium",
+                               divide_units(observable_unit(name, d), parameter_unit(system, param)))
+                    else:
+                        _label(ds, f"d{key}/d{name} along the equilibrium (reverse mode)",
+                               divide_units(observable_unit(key, d), parameter_unit(system, name)))
                 sub.attrs["iterations"] = np.asarray(entry["iterations"])
                 sub.attrs["residual"] = np.asarray(entry["residual"])
+                _label(sub, "linear solves: iterations and true residual |H u - b| of each")
+
+
+# -- reading -------------------------------------------------------------------
 
 
 def _load(group: h5py.Group) -> dict[str, Any]:
@@ -161,43 +328,76 @@ def _attrs(obj: h5py.HLObject) -> dict[str, Any]:
     return out
 
 
+_REQUIRED = ("particles/all/position/value", "particles/all/box/edges", "particles/all/species",
+             "particles/all/rattler", "parameters", "observables")
+
+
 def read(path: str | os.PathLike) -> dict[str, Any]:
     """Read an mdsens file back into the record shape :func:`write` takes.
 
-    Raises :class:`FormatError` (one line) for a missing, truncated or foreign file.
+    Raises :class:`FormatError` (one line) for a missing, truncated, foreign
+    or incomplete file.
     """
     path = Path(path)
     if not path.exists():
         raise FormatError(f"{path}: no such file")
+    if path.is_dir():
+        raise FormatError(f"{path}: is a directory, not an mdsens file")
     try:
         f = h5py.File(path, "r")
     except OSError as err:
-        raise FormatError(f"{path}: not an HDF5 file or truncated ({err.__class__.__name__})") from None
-    with f:
-        creator = f.get("h5md/creator")
-        if creator is None or creator.attrs.get("name") != "mdsens":
-            raise FormatError(f"{path}: not an mdsens file (no /h5md/creator with name 'mdsens')")
-        missing = [g for g in ("particles/all/position/value", "particles/all/box", "parameters", "observables")
-                   if g not in f]
-        if missing:
-            raise FormatError(f"{path}: incomplete mdsens file, missing {', '.join('/' + m for m in missing)}")
-        box = f["particles/all/box"]
-        boundary = [b.decode() if isinstance(b, bytes) else str(b) for b in box.attrs["boundary"]]
-        record: dict[str, Any] = {
-            "positions": np.asarray(f["particles/all/position/value"][-1]),
-            "box": np.asarray(box["edges"][()]) if boundary[0] == "periodic" else None,
-            "species": np.asarray(f["particles/all/species"][()]),
-            "rattler": np.asarray(f["particles/all/rattler"][()]),
-            "parameters": _load(f["parameters"]),
-            "observables": _load(f["observables"]),
-            "meta": _attrs(f["parameters"]),
-            "creator_version": str(f["h5md/creator"].attrs.get("version", "")),
-        }
-        for group_name in ("sensitivity", "gradient"):
-            record[group_name] = {}
-            if group_name in f:
-                for key, sub in f[group_name].items():
-                    attrs = _attrs(sub)
-                    record[group_name][key] = {"values": _load(sub), "iterations": attrs.get("iterations"),
-                                               "residual": attrs.get("residual")}
+        raise FormatError(f"{path}: not an HDF5 file, or truncated ({_first_line(err)})") from None
+    try:
+        with f:
+            return _read_open(path, f)
+    except FormatError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, IndexError) as err:
+        raise FormatError(f"{path}: unreadable mdsens file ({err.__class__.__name__}: {_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else err.__class__.__name__
+
+
+def _read_open(path: Path, f: h5py.File) -> dict[str, Any]:
+    creator = f.get("h5md/creator")
+    if creator is None or creator.attrs.get("name") != "mdsens":
+        raise FormatError(f"{path}: not an mdsens file (no /h5md/creator with name 'mdsens')")
+    missing = [g for g in _REQUIRED if g not in f]
+    if missing:
+        raise FormatError(f"{path}: incomplete mdsens file, missing {', '.join('/' + m for m in missing)}")
+    box = f["particles/all/box"]
+    boundary = [b.decode() if isinstance(b, bytes) else str(b) for b in box.attrs["boundary"]]
+    module = f.get("h5md/modules/mdsens")
+    record: dict[str, Any] = {
+        "positions": np.asarray(f["particles/all/position/value"][-1]),
+        "box": np.asarray(box["edges"][()]) if boundary[0] == "periodic" else None,
+        "species": np.asarray(f["particles/all/species"][()]),
+        "rattler": np.asarray(f["particles/all/rattler"][()]),
+        "parameters": _load(f["parameters"]),
+        "observables": _load(f["observables"]),
+        "meta": _attrs(f["parameters"]),
+        "creator_version": str(creator.attrs.get("version", "")),
+        "format_version": tuple(int(v) for v in module.attrs["version"]) if module is not None else None,
+    }
+    record["diameter"] = (np.asarray(f["particles/all/diameter"][()]) if "particles/all/diameter" in f
+                          else particle_diameters(record))
+    for group_name in ("sensitivity", "gradient"):
+        record[group_name] = {}
+        if group_name in f:
+            for key, sub in f[group_name].items():
+                attrs = _attrs(sub)
+                record[group_name][key] = {"values": _load(sub), "iterations": attrs.get("iterations"),
+                                           "residual": attrs.get("residual")}
     return record
+
+
+def units_of(path: str | os.PathLike) -> dict[str, str]:
+    """Every dataset path in the file that has a ``unit`` attribute → its unit."""
+    out: dict[str, str] = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__("/" + name, str(obj.attrs["unit"]))
+                     if isinstance(obj, h5py.Dataset) and "unit" in obj.attrs else None)
+    return out

@@ -1,0 +1,234 @@
+"""Exports of an mdsens file for the tools physicists already use.
+
+- :func:`to_extxyz`: extended XYZ (ASE, OVITO) with per-particle species,
+  diameter, radius, rattler flag and one ∂x*/∂θ vector column per parameter
+  element; observables and their derivatives in the comment line.
+- :func:`to_h5md3d`: an H5MD 1.1 file that MDAnalysis reads: particle group
+  ``particles/trajectory``, a 3D box (2D systems are embedded at z = 0 in a
+  slab one largest diameter thick), time-dependent box edges, and ``unit`` /
+  ``time`` attributes MDAnalysis recognises.
+
+Both take the record of :func:`mdsens.io.read`. Lengths stay in reduced units
+(the reference length σ); in the H5MD export they are *labelled* ``A``
+(Ångström, MDAnalysis's native length, so it converts nothing) because
+MDAnalysis refuses reduced unit names — the ``reduced_unit`` attribute beside
+says what the numbers really are.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import h5py
+import numpy as np
+
+from mdsens import io
+
+FORMATS = ("extxyz", "h5md3d")
+
+# Placeholder chemical symbols: ASE only accepts element names in the species
+# column, so species s is written as the element of atomic number s + 1; the
+# true species index is the ``type_id`` column.
+_SYMBOLS = ("H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn").split()
+
+
+def symbol(species: int) -> str:
+    """The placeholder element symbol written for species index ``species``."""
+    return _SYMBOLS[int(species) % len(_SYMBOLS)]
+
+
+def _embed(a: np.ndarray) -> np.ndarray:
+    """(..., d) → (..., 3), zero-padding the missing components."""
+    a = np.asarray(a, dtype=np.float64)
+    pad = [(0, 0)] * (a.ndim - 1) + [(0, 3 - a.shape[-1])]
+    return np.pad(a, pad)
+
+
+def _column_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in text).strip("_")
+
+
+def derivative_fields(record: Mapping[str, Any]) -> Iterator[tuple[str, str, np.ndarray]]:
+    """Every ∂x*/∂θ field in the record: (column name, label, (N, d) array).
+
+    ``/sensitivity/diameter/position`` (2, N, d) gives ``dx_ddiameter_0`` and
+    ``dx_ddiameter_1``; ``diameter[1]`` (N, d) gives ``dx_ddiameter_1``."""
+    for wrt, entry in record.get("sensitivity", {}).items():
+        u = np.asarray(entry["values"]["position"])
+        lead = u.shape[:-2]
+        base = _column_name(wrt.split("[")[0])
+        if not lead:
+            suffix = "_" + "_".join(_column_name(wrt.split("[")[1]).split("_")) if "[" in wrt else ""
+            yield f"dx_d{base}{suffix}", wrt, u
+            continue
+        for index in np.ndindex(*lead):
+            name = f"dx_d{base}_" + "_".join(str(i) for i in index)
+            yield name, f"{base}[{','.join(str(i) for i in index)}]", u[index]
+
+
+def _slab(record: Mapping[str, Any]) -> float:
+    return float(np.max(record["diameter"])) if len(record["diameter"]) else 1.0
+
+
+def _info_value(value: Any) -> str:
+    v = np.asarray(value)
+    if v.dtype == bool:
+        return "T" if bool(v) else "F"
+    if v.ndim == 0:
+        return repr(v.item())
+    return '"' + " ".join(repr(x) for x in v.ravel().tolist()) + '"'
+
+
+def to_extxyz(record: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write ``record`` as one extended-XYZ frame (atomically)."""
+    positions = np.asarray(record["positions"])
+    n, d = positions.shape
+    periodic = record["box"] is not None
+    columns: list[tuple[str, str, int, np.ndarray]] = [
+        ("species", "S", 1, np.array([symbol(s) for s in record["species"]])),
+        ("pos", "R", 3, _embed(positions)),
+        ("type_id", "I", 1, np.asarray(record["species"], dtype=int)),
+        ("diameter", "R", 1, np.asarray(record["diameter"])),
+        ("radius", "R", 1, np.asarray(record["diameter"]) / 2),
+        ("rattler", "L", 1, np.asarray(record["rattler"], dtype=bool)),
+    ]
+    for name, _, u in derivative_fields(record):
+        columns.append((name, "R", 3, _embed(u)))
+    header = []
+    if periodic:
+        edges = list(np.asarray(record["box"], dtype=float)) + ([_slab(record)] if d == 2 else [])
+        lattice = np.diag(edges)
+        header.append('Lattice="' + " ".join(repr(float(x)) for x in lattice.ravel()) + '"')
+        header.append('pbc="' + " ".join(["T"] * d + (["F"] if d == 2 else [])) + '"')
+    else:
+        header.append('pbc="F F F"')
+    header.append("Properties=" + ":".join(f"{name}:{kind}:{width}" for name, kind, width, _ in columns))
+    header.append(f"dimension={d}")
+    header.append("length_unit=sigma energy_unit=epsilon")
+    meta = record.get("meta", {})
+    if meta.get("system"):
+        header.append(f"system={_column_name(str(meta['system']))}")
+    for name, value in record["observables"].items():
+        if np.asarray(value).ndim <= 1:
+            header.append(f"{_column_name(name)}={_info_value(value)}")
+    for wrt, entry in record.get("sensitivity", {}).items():
+        for name, value in entry["values"].items():
+            if name != "position" and np.asarray(value).ndim <= 1:
+                header.append(f"d{_column_name(name)}_d{_column_name(wrt)}={_info_value(value)}")
+    lines = [str(n), " ".join(header)]
+    for i in range(n):
+        row = []
+        for _, kind, width, data in columns:
+            cell = data[i]
+            if kind == "R":
+                row.extend(f"{float(x):.16g}" for x in np.atleast_1d(cell))
+            elif kind == "L":
+                row.append("T" if bool(cell) else "F")
+            else:
+                row.append(str(cell))
+        lines.append(" ".join(row))
+    _atomic_text(path, "\n".join(lines) + "\n")
+
+
+def _atomic_text(path: str | os.PathLike, text: str) -> None:
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _time_series(group: h5py.Group, name: str, value: np.ndarray, step: int, unit: str | None,
+                 description: str) -> h5py.Group:
+    element = group.create_group(name)
+    ds = element.create_dataset("value", data=np.asarray(value)[None])
+    ds.attrs["description"] = description
+    if unit is not None:
+        ds.attrs["unit"] = unit
+    element.create_dataset("step", data=np.array([step], dtype=np.int64))
+    time = element.create_dataset("time", data=np.array([0.0]))
+    time.attrs["unit"] = "ps"
+    time.attrs["reduced_unit"] = io.TIME
+    return element
+
+
+def to_h5md3d(record: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write ``record`` as a 3D H5MD file MDAnalysis reads (atomically)."""
+    from mdsens import __version__
+
+    positions = np.asarray(record["positions"])
+    n, d = positions.shape
+    meta = record.get("meta", {})
+    step = int(meta.get("steps", 0))
+    periodic = record["box"] is not None
+    with io.atomic_h5(path) as f:
+        h5md = f.create_group("h5md")
+        h5md.attrs["version"] = np.array([1, 1], dtype=np.int32)
+        h5md.create_group("author").attrs["name"] = str(meta.get("author", os.environ.get("USER", "unknown")
+                                                                 or "unknown"))
+        creator = h5md.create_group("creator")
+        creator.attrs["name"] = "mdsens"
+        creator.attrs["version"] = __version__
+        units = h5md.create_group("modules/units")
+        units.attrs["version"] = np.array([1, 0], dtype=np.int32)
+        units.attrs["system"] = "reduced"
+        units.attrs["description"] = ("lengths are in units of the reference length sigma, labelled 'A' "
+                                      "for MDAnalysis (1 A here = 1 sigma); time is 0, labelled 'ps'")
+        module = h5md.create_group("modules/mdsens_export")
+        module.attrs["version"] = np.array(io.FORMAT_VERSION, dtype=np.int32)
+        module.attrs["description"] = (f"3D embedding of a {d}D mdsens file for MDAnalysis; "
+                                       "dx_d<param>_<i> elements are the derivatives dx*/dtheta")
+
+        group = f.create_group("particles/trajectory")
+        _time_series(group, "position", _embed(positions), step, "A", "relaxed positions x*, z = 0 for 2D")
+        group["position/value"].attrs["reduced_unit"] = io.LENGTH
+        box = group.create_group("box")
+        box.attrs["dimension"] = np.int32(3)
+        if periodic:
+            edges = list(np.asarray(record["box"], dtype=float)) + ([_slab(record)] if d == 2 else [])
+            box.attrs["boundary"] = np.array(["periodic"] * d + (["none"] if d == 2 else []),
+                                             dtype=h5py.string_dtype())
+            _time_series(box, "edges", np.asarray(edges), step, "A",
+                         "box side lengths; for 2D the third is a slab one largest diameter thick")
+            box["edges/value"].attrs["reduced_unit"] = io.LENGTH
+        else:
+            box.attrs["boundary"] = np.array(["none"] * 3, dtype=h5py.string_dtype())
+        group.create_dataset("species", data=np.asarray(record["species"], dtype=np.int32))
+        ds = group.create_dataset("diameter", data=np.asarray(record["diameter"], dtype=np.float64))
+        ds.attrs["unit"] = "A"
+        ds.attrs["reduced_unit"] = io.LENGTH
+        group.create_dataset("rattler", data=np.asarray(record["rattler"], dtype=bool))
+        system = str(meta.get("system", ""))
+        for name, label, u in derivative_fields(record):
+            unit = io.divide_units(io.LENGTH, io.parameter_unit(system, label.split("[")[0]))
+            element = _time_series(group, name, _embed(u), step, None, f"dx*/d{label}, z = 0 for 2D")
+            if unit is not None:
+                element["value"].attrs["reduced_unit"] = unit
+
+        obs = f.create_group("observables")
+        for name, value in record["observables"].items():
+            unit = io.observable_unit(name, d)
+            element = _time_series(obs, name, np.asarray(value), step, None, f"{name} at the relaxed state")
+            if unit is not None:
+                element["value"].attrs["reduced_unit"] = unit
+        parameters = f.create_group("parameters")
+        for name, value in record["parameters"].items():
+            parameters.create_dataset(name, data=np.asarray(value))
+        for key, value in meta.items():
+            parameters.attrs[key] = io._attr(value)
+
+
+def export(source: str | os.PathLike, fmt: str, output: str | os.PathLike) -> None:
+    """Read the mdsens file ``source`` and write it to ``output`` in format ``fmt``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}: choose {' or '.join(FORMATS)}")
+    record = io.read(source)
+    (to_extxyz if fmt == "extxyz" else to_h5md3d)(record, output)
