@@ -1,0 +1,133 @@
+"""``mdsens check``: re-verify a file's derivatives against finite differences.
+
+The system is rebuilt from the file's recorded family, configuration and seed
+(``/parameters`` attributes), at the file's parameters and relaxed positions.
+For each parameter element, :func:`mdsens.sensitivity.finite_difference`
+re-relaxes at θ ± h from the stored state, Newton-polishes to round-off, and
+differences with minimum image in the same gauge as the implicit derivative.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import typer
+
+from mdsens.cli.app import EXIT_ERROR, EXIT_USAGE, app, errors, fail, log
+
+
+def rebuild(record: Mapping[str, Any]):
+    """The :class:`mdsens.system.System` a file was made from, and its parameters."""
+    import jax.numpy as jnp
+
+    from mdsens import io, systems
+
+    meta = record.get("meta", {})
+    name, config = meta.get("system"), meta.get("configuration")
+    if not name or not isinstance(config, dict):
+        raise io.FormatError("the file does not record its system and configuration (/parameters attrs "
+                             "'system', 'configuration'); cannot rebuild it")
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k != "seed"}
+    family = systems.get(name)
+    system = family.build_fn(seed=int(meta.get("seed", 0)), **config)
+    params = {k: jnp.asarray(v) for k, v in record["parameters"].items()}
+    if set(params) != set(system.params):
+        raise io.FormatError(f"the file's parameters {sorted(params)} differ from the rebuilt system's "
+                             f"{sorted(system.params)}")
+    return system, params
+
+
+def _elements(wrt: str, shape: tuple[int, ...]) -> list[tuple[str, str, tuple[int, ...], tuple[int, ...]]]:
+    """(label, parameter name, parameter index, index into the stored array) for each element of ``wrt``."""
+    name = wrt.split("[")[0]
+    if "[" in wrt:
+        index = tuple(int(t) for t in wrt.split("[")[1].rstrip("]").split(",") if t.strip())
+        return [(wrt, name, index, ())]
+    if not shape:
+        return [(name, name, (), ())]
+    return [(f"{name}[{','.join(map(str, i))}]", name, i, i) for i in np.ndindex(*shape)]
+
+
+def verify(record: Mapping[str, Any], wrt: str | None = None, h: float = 1e-5, tol: float = 1e-4,
+           ftol: float = 1e-12) -> dict[str, Any]:
+    """Compare every stored forward derivative (or those of ``wrt``) with central
+    differences. Returns {"elements": {label: {quantity: relative error}}, "max_error", "ok", ...}."""
+    import jax.numpy as jnp
+
+    from mdsens import observables, sensitivity
+
+    system, params = rebuild(record)
+    q = system.to_solver(jnp.asarray(record["positions"]), params)
+    entries = record.get("sensitivity", {})
+    if not entries:
+        raise ValueError("the file has no forward derivatives to check (/sensitivity is empty: "
+                         "the relaxation did not converge, or no --wrt was given)")
+    if wrt is not None:
+        matches = [k for k in entries if k == wrt or k.split("[")[0] == wrt.split("[")[0]]
+        if not matches:
+            raise KeyError(f"--wrt {wrt!r}: not in the file; stored: {', '.join(entries)}")
+    else:
+        matches = list(entries)
+    results: dict[str, dict[str, float]] = {}
+    for key in matches:
+        values = entries[key]["values"]
+        observe = {n: observables.OBSERVABLES[n] for n in values if n in observables.OBSERVABLES}
+        shape = np.shape(record["parameters"][key.split("[")[0]])
+        for label, name, index, at in _elements(key, shape):
+            if wrt is not None and "[" in wrt and label != wrt:
+                continue
+            fd = sensitivity.finite_difference(system, q, params, name, index, h=h, observe=observe, ftol=ftol)
+            errors_ = {}
+            for quantity, reference in fd.items():
+                stored = np.asarray(values[quantity])[at] if at else np.asarray(values[quantity])
+                scale = float(np.max(np.abs(reference)))
+                diff = float(np.max(np.abs(stored - reference)))
+                errors_[quantity] = diff / scale if scale > 0 else diff
+            results[label] = errors_
+    worst = max((e for r in results.values() for e in r.values()), default=0.0)
+    return {"file_ftol": record.get("meta", {}).get("ftol"), "h": h, "tolerance": tol, "elements": results,
+            "max_error": worst, "ok": bool(worst <= tol)}
+
+
+@app.command()
+def check(
+    file: Path = typer.Argument(..., help="An mdsens HDF5 file."),
+    wrt: Optional[str] = typer.Option(None, "--wrt", help="Check only NAME or NAME[i] (default: every stored "
+                                                          "derivative)."),
+    h: float = typer.Option(1e-5, "--h", help="Finite-difference step."),
+    tol: float = typer.Option(1e-4, "--tol", help="Largest accepted relative error max|a−b|/max|b|."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the verdict."),
+) -> None:
+    """Re-verify the file's derivatives against central finite differences (exit 1 if they disagree).
+
+    Each parameter element costs two re-relaxations and a few dense Newton steps: small files only
+    (N·d up to a few thousand)."""
+    from mdsens import io
+
+    with errors():
+        record = io.read(file)
+        n, d = np.shape(record["positions"])
+        if n * d > 6000:
+            fail(f"{file}: N·d = {n * d} is too large for the dense Newton polish of the finite-difference "
+                 "check (limit 6000)", EXIT_USAGE)
+        log(f"checking {file} against central differences (h = {h:g}) ...", quiet or as_json)
+        try:
+            report = verify(record, wrt, h, tol)
+        except KeyError as err:
+            fail(str(err.args[0]), EXIT_USAGE)
+        if as_json:
+            print(json.dumps(report))
+        else:
+            if not quiet:
+                for label, errs in report["elements"].items():
+                    text = ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
+                    print(f"  d/d{label}: relative error {text}")
+            verdict = "agree" if report["ok"] else "DISAGREE"
+            print(f"{file}: derivatives {verdict} with finite differences: max relative error "
+                  f"{report['max_error']:.1e} (tolerance {tol:.0e})")
+        if not report["ok"]:
+            raise typer.Exit(EXIT_ERROR)

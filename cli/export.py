@@ -1,0 +1,30 @@
+"""``mdsens export``: the file in formats other programs open."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from mdsens.cli.app import EXIT_USAGE, app, errors, fail, log
+
+
+@app.command()
+def export(
+    file: Path = typer.Argument(..., help="An mdsens HDF5 file."),
+    fmt: str = typer.Option(..., "--format", "-f", help="extxyz (ASE, OVITO) or h5md3d (MDAnalysis)."),
+    output: Path = typer.Option(..., "-o", "--output", help="File to write."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No log line."),
+) -> None:
+    """Export to extended XYZ (species, diameter, rattler, one dx*/dθ vector per parameter element)
+    or to a 3D-embedded H5MD file that MDAnalysis reads."""
+    from mdsens import export as _export
+
+    with errors():
+        if fmt not in _export.FORMATS:
+            fail(f"--format {fmt!r}: choose {' or '.join(_export.FORMATS)}", EXIT_USAGE)
+        if output.exists() and not force:
+            fail(f"{output} exists; pass --force to overwrite it, or -o another path", EXIT_USAGE)
+        _export.export(file, fmt, output)
+        log(f"wrote {output} ({fmt})", quiet)
