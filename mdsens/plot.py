@@ -75,7 +75,7 @@ def figure(record: Mapping[str, Any], wrt: str | None = None, slab: float | None
     import matplotlib.pyplot as plt
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Circle, Rectangle
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
 
     label, u = select_field(record, wrt)
     x = np.asarray(record["positions"], dtype=float)
@@ -158,6 +158,7 @@ def figure(record: Mapping[str, Any], wrt: str | None = None, slab: float | None
         hist.legend(fontsize=8, loc="upper left")
     hist.set_xlabel(f"|∂x_i*/∂{label}|")
     hist.set_ylabel("particles")
+    hist.yaxis.set_major_locator(MaxNLocator(integer=True))
     total = float(np.linalg.norm(u))
     meta = record.get("meta", {})
     hist.set_title(f"distribution over {int((~rattler).sum())} held particles;  ‖∂x*/∂{label}‖ = {total:.4g}",
