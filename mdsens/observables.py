@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mdsens import elasticity
 from mdsens.minimize import max_force as _max_force
 from mdsens.system import Params, System
 
@@ -19,6 +20,11 @@ Array = jax.Array
 def energy(system: System, q: Array, params: Params) -> Array:
     """Total potential energy E (units of ε)."""
     return system.energy(q, params)
+
+
+def energy_per_particle(system: System, q: Array, params: Params) -> Array:
+    """``E / N`` (units of ε)."""
+    return system.energy(q, params) / system.n
 
 
 def pressure(system: System, q: Array, params: Params) -> Array:
@@ -33,6 +39,17 @@ def pressure(system: System, q: Array, params: Params) -> Array:
     dE_dbox = jax.grad(lambda box: system.energy(q, {**params, "box": box}))(params["box"])
     box = params["box"]
     return -jnp.sum(box * dE_dbox) / (system.dim * system.volume(params))
+
+
+def stress(system: System, q: Array, params: Params) -> Array:
+    """Stress tensor ``σ = (1/V) ∂E/∂ε`` at ``ε = 0`` (d, d), for the affine strain
+    ``r → (I + ε) r`` of every separation (jax-md ``elasticity`` convention:
+    tension positive, so ``P = −tr σ / d``). Periodic systems only."""
+    if not system.periodic:
+        raise ValueError(f"stress needs a periodic box; system {system.name!r} is in free space")
+    d = system.dim
+    zero = jnp.zeros((d, d), jnp.result_type(q))
+    return jax.grad(lambda e: system.energy(q, params, strain=e))(zero) / system.volume(params)
 
 
 def forces(system: System, q: Array, params: Params) -> Array:
@@ -55,12 +72,15 @@ def rattlers(system: System, q: Array, params: Params) -> Array:
     """
     if system.contact is None:
         return jnp.zeros(system.n, bool)
-    c = system.contacts(q, params).astype(jnp.int32)
+    # Contacts as a pair list, not an (N, N) matrix: O(N) memory with a neighbor list.
+    c, i, j = system.contact_list(q, params)
+    c = c.astype(jnp.int32)
     need = system.dim + 1
 
     def body(state):
         rattler, _ = state
-        z = c @ (~rattler).astype(jnp.int32)
+        held = (~rattler).astype(jnp.int32)
+        z = jnp.zeros(system.n, jnp.int32).at[i].add(c * held[j]).at[j].add(c * held[i])
         new = rattler | (z < need)
         return new, jnp.any(new != rattler)
 
@@ -69,8 +89,56 @@ def rattlers(system: System, q: Array, params: Params) -> Array:
     return rattler
 
 
+def contact_number(system: System, q: Array, params: Params) -> Array:
+    """Mean number of contacts per held particle ``Z = 2 N_c / N_held``, counting
+    only contacts between held (non-rattler) particles. Piecewise constant in θ
+    (zero derivative). Needs a contact rule (soft spheres)."""
+    if system.contact is None:
+        raise ValueError(f"contact_number needs a contact rule; system {system.name!r} has none")
+    held = ~rattlers(system, q, params)
+    c = system.contacts(q, params) & held[:, None] & held[None, :]
+    count = jnp.sum(held)
+    return jnp.where(count > 0, jnp.sum(c) / jnp.maximum(count, 1), 0.0)
+
+
+def rattler_fraction(system: System, q: Array, params: Params) -> Array:
+    """Fraction of particles that are rattlers (0 for systems without a contact rule)."""
+    return jnp.mean(rattlers(system, q, params).astype(jnp.result_type(float)))
+
+
+def _held_rattlers(system: System, q: Array, params: Params) -> Array:
+    # The rattler set is discrete data for the moduli's gauge, not a function of θ.
+    return rattlers(system, jax.lax.stop_gradient(q), jax.lax.stop_gradient(params))
+
+
+def elastic_tensor(system: System, q: Array, params: Params) -> Array:
+    """Elastic modulus tensor ``C`` (d, d, d, d) with non-affine relaxation
+    (:func:`mdsens.elasticity.elastic_tensor`; d(d+1)/2 linear solves)."""
+    return elasticity.elastic_tensor(system, q, params, _held_rattlers(system, q, params))
+
+
+def bulk_modulus(system: System, q: Array, params: Params) -> Array:
+    """Angle-averaged bulk modulus ``B`` of :func:`elastic_tensor`."""
+    return elasticity.bulk_modulus_of(elastic_tensor(system, q, params))
+
+
+def shear_modulus(system: System, q: Array, params: Params) -> Array:
+    """Angle-averaged shear modulus ``G`` of :func:`elastic_tensor`."""
+    return elasticity.shear_modulus_of(elastic_tensor(system, q, params))
+
+
 OBSERVABLES = {
     "energy": energy,
+    "energy_per_particle": energy_per_particle,
     "pressure": pressure,
+    "stress": stress,
+    "contact_number": contact_number,
+    "rattler_fraction": rattler_fraction,
+    "elastic_tensor": elastic_tensor,
+    "bulk_modulus": bulk_modulus,
+    "shear_modulus": shear_modulus,
     "max_force": max_force,
 }
+
+# Opt-in: each costs d(d+1)/2 linear solves (and as many again per derivative).
+COSTLY = frozenset({"elastic_tensor", "bulk_modulus", "shear_modulus"})

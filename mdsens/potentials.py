@@ -30,6 +30,13 @@ def lennard_jones(r: Array, sigma: Array, epsilon: Array, r_onset: Array, r_cuto
     distances) with continuous first and second derivatives."""
     from jax_md import energy as jmd_energy
 
+    # jax-md multiplies by float32 constants (``f32(4) * epsilon``,
+    # ``r_cutoff ** f32(2)``): a weakly typed parameter such as
+    # ``jnp.asarray(1.0)`` would be rounded to float32 there, derivatives included.
+    dtype = jnp.result_type(r, sigma, epsilon, r_onset, r_cutoff)
+    sigma, epsilon, r_onset, r_cutoff = (
+        jax.lax.convert_element_type(v, dtype) for v in (sigma, epsilon, r_onset, r_cutoff)
+    )
     smooth = jmd_energy.multiplicative_isotropic_cutoff(
         lambda dr, **kw: jmd_energy.lennard_jones(dr, sigma, epsilon), r_onset, r_cutoff
     )
