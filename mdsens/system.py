@@ -14,7 +14,7 @@ see DESIGN.md §6.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import jax
@@ -41,6 +41,8 @@ class System:
     contact: ``contact(r, i, j, params) -> bool`` (load-bearing contact, for
         rattler detection), or None when every particle is held.
     config: the resolved build configuration (keys and values), for the record.
+    pairs: None (all pairs, ``i < j``), or a (2, M) int array of pairs ``(i, j)``
+        from a neighbor list, padded with the index N (see :meth:`with_pairs`).
     """
 
     name: str
@@ -51,6 +53,7 @@ class System:
     cutoff: Callable[[Params], Array]
     contact: PairFn | None = None
     config: Mapping[str, Any] = field(default_factory=dict)
+    pairs: Array | None = None
 
     @property
     def n(self) -> int:
@@ -90,19 +93,52 @@ class System:
             dr = dr @ (jnp.eye(self.dim, dtype=dr.dtype) + strain).T
         return dr
 
+    def with_pairs(self, pairs: Array | None) -> "System":
+        """This system with its energy summed over ``pairs`` only: a (2, M) int
+        array of pairs ``(i, j)``, each unordered pair at most once, entries
+        equal to N marking padding (jax-md's ``OrderedSparse`` neighbor-list
+        ``idx``). Non-differentiable data; may be a tracer inside ``jit``."""
+        return replace(self, pairs=pairs)
+
+    def pair_list(self, q: Array, params: Params, strain: Array | None = None):
+        """Separations of the enumerated pairs: ``(dr (M, d), i (M,), j (M,), valid (M,))``.
+
+        ``dr = r_i − r_j`` with minimum image (and ``strain`` as in
+        :meth:`pair_vectors`); ``valid`` is False on neighbor-list padding,
+        whose indices are clamped to 0 so that every entry stays finite."""
+        if self.pairs is None:
+            # Kept as the (N, N) difference then indexed, exactly as before: a
+            # different round-off would send FIRE to another minimum (DESIGN §6).
+            i, j = np.triu_indices(self.n, k=1)
+            dr = self.pair_vectors(q, params, strain)[i, j]
+            return dr, jnp.asarray(i), jnp.asarray(j), jnp.ones(i.shape, bool)
+        else:
+            pairs = jnp.asarray(self.pairs)
+            valid = (pairs[0] < self.n) & (pairs[1] < self.n)
+            i, j = jnp.where(valid, pairs[0], 0), jnp.where(valid, pairs[1], 0)
+        dq = q[i] - q[j]
+        if self.periodic:
+            dq = dq - jnp.round(dq)
+            dr = dq * params["box"]
+        else:
+            dr = dq
+        if strain is not None:
+            dr = dr @ (jnp.eye(self.dim, dtype=dr.dtype) + strain).T
+        return dr, i, j, valid
+
     def _pairs(self, q: Array, params: Params, strain: Array | None):
-        dr = self.pair_vectors(q, params, strain)
-        i, j = np.triu_indices(self.n, k=1)
-        d2 = jnp.sum(dr[i, j] ** 2, axis=-1)
+        dr, i, j, valid = self.pair_list(q, params, strain)
+        d2 = jnp.sum(dr**2, axis=-1)
         # Coincident particles would make grad(sqrt) NaN; they never occur in a
-        # packing, and the guard keeps one bad input from poisoning everything.
+        # packing, and the guard keeps one bad input from poisoning everything
+        # (padding pairs (0, 0) of a neighbor list land here too).
         r = jnp.sqrt(jnp.where(d2 > 0, d2, 1.0))
-        return r, jnp.asarray(i), jnp.asarray(j)
+        return r, i, j, valid
 
     def energy(self, q: Array, params: Params, strain: Array | None = None) -> Array:
         """Total energy ``E(q, θ) = Σ_{i<j} φ(r_ij)`` in solver coordinates."""
-        r, i, j = self._pairs(q, params, strain)
-        return jnp.sum(self.pair(r, i, j, params))
+        r, i, j, valid = self._pairs(q, params, strain)
+        return jnp.sum(jnp.where(valid, self.pair(r, i, j, params), 0.0))
 
     def energy_real(self, x: Array, params: Params) -> Array:
         """Energy as a function of real-space positions (what the minimizer sees)."""
@@ -114,7 +150,13 @@ class System:
         n = self.n
         if self.contact is None:
             return jnp.zeros((n, n), bool)
-        r, i, j = self._pairs(q, params, None)
-        c = self.contact(r, i, j, params)
-        m = jnp.zeros((n, n), bool).at[i, j].set(c)
+        c, i, j = self.contact_list(q, params)
+        m = jnp.zeros((n, n), bool).at[i, j].max(c)
         return m | m.T
+
+    def contact_list(self, q: Array, params: Params) -> tuple[Array, Array, Array]:
+        """Contacts per enumerated pair, O(M) memory: ``(c (M,) bool, i, j)``."""
+        r, i, j, valid = self._pairs(q, params, None)
+        if self.contact is None:
+            return jnp.zeros(r.shape, bool), i, j
+        return valid & self.contact(r, i, j, params), i, j
