@@ -1,0 +1,107 @@
+"""`mdsens run` / `mdsens systems`: the file contract, JSON, exit codes, errors."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mdsens.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "small.h5"
+    result = runner.invoke(app, ["run", "--set", "n=16", "--set", "phi=0.95", "--seed", "1",
+                                 "--wrt", "diameter", "--wrt", "alpha", "--grad", "energy",
+                                 "-o", str(out), "--json"])
+    return result, out
+
+
+def test_run_writes_the_contracted_paths(small_run):
+    result, out = small_run
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    for key in ("converged", "steps", "energy", "pressure", "max_force", "output"):
+        assert key in summary
+    assert set(summary["timings"]) >= {"compile_s", "relax_s", "derivative_s"}
+    assert summary["converged"] is True and summary["output"] == str(out)
+    with h5py.File(out) as f:
+        assert list(f["h5md"].attrs["version"]) == [1, 1]
+        assert f["h5md/creator"].attrs["name"] == "mdsens"
+        assert "name" in f["h5md/author"].attrs
+        assert f["particles/all/position/value"].shape == (1, 16, 2)
+        assert "step" in f["particles/all/position"] and "time" in f["particles/all/position"]
+        box = f["particles/all/box"]
+        assert box.attrs["dimension"] == 2
+        assert [b.decode() if isinstance(b, bytes) else b for b in box.attrs["boundary"]] == ["periodic"] * 2
+        assert box["edges"].shape == (2,)
+        assert f["particles/all/species"].shape == (16,) and f["particles/all/species"].dtype.kind == "i"
+        assert f["particles/all/rattler"].dtype == bool
+        assert f["parameters/diameter"].shape == (2,)
+        assert f["parameters/epsilon"].shape == () and f["parameters/alpha"].shape == ()
+        attrs = f["parameters"].attrs
+        for key in ("configuration", "seed", "command", "versions", "device", "precision"):
+            assert key in attrs
+        assert json.loads(attrs["configuration"])["n"] == 16
+        for key in ("energy", "pressure", "max_force", "minimizer_steps", "converged"):
+            assert f[f"observables/{key}"].shape == ()
+        assert f["sensitivity/diameter/position"].shape == (2, 16, 2)
+        assert f["sensitivity/diameter/energy"].shape == (2,)
+        assert f["sensitivity/alpha/position"].shape == (16, 2)
+        assert len(f["sensitivity/diameter"].attrs["iterations"]) == 2
+        assert np.all(f["sensitivity/diameter"].attrs["residual"] < 1e-9)
+        # Forward (per element) and reverse (all at once) are separate solves.
+        np.testing.assert_allclose(f["gradient/energy/diameter"][()], f["sensitivity/diameter/energy"][()],
+                                   rtol=1e-8)
+        assert f["gradient/energy/box"].shape == (2,)
+        assert np.isclose(float(f["observables/energy"][()]), summary["energy"])
+
+
+def test_refuses_to_overwrite(small_run):
+    _, out = small_run
+    before = out.read_bytes()
+    result = runner.invoke(app, ["run", "-o", str(out)])
+    assert result.exit_code == 2 and "--force" in result.stderr
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--wrt", "foo"], "no parameter 'foo'"),
+    (["--wrt", "diameter[5]"], "out of range"),
+    (["--wrt", "diameter[x"], "expected NAME"),
+    (["--set", "nn=3"], "has no key 'nn'"),
+    (["--set", "n=three"], "expected int"),
+    (["--set", "phi=-1"], "must be positive"),
+    (["--set", "diameter=1.0"], "exactly two"),
+    (["--observe", "entropy"], "unknown observable"),
+    (["--grad", "entropy"], "unknown observable"),
+    (["--minimizer", "bfgs"], "unknown minimizer"),
+    (["nosuchsystem"], "unknown system"),
+])
+def test_usage_errors_are_one_line_exit_2(tmp_path, args, message):
+    result = runner.invoke(app, ["run", *args, "-o", str(tmp_path / "x.h5")])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_not_converged_writes_flagged_state_exit_3(tmp_path):
+    out = tmp_path / "partial.h5"
+    result = runner.invoke(app, ["run", "--set", "n=16", "--max-steps", "5", "-o", str(out), "--quiet"])
+    assert result.exit_code == 3 and "did not converge" in result.stderr
+    with h5py.File(out) as f:
+        assert not bool(f["observables/converged"][()])
+        assert int(f["observables/minimizer_steps"][()]) == 5
+        assert "sensitivity" not in f
+
+
+def test_systems_lists_keys_and_parameters():
+    result = runner.invoke(app, ["systems", "--json"])
+    assert result.exit_code == 0
+    catalogue = json.loads(result.stdout)
+    entry = catalogue["bidisperse"]
+    assert entry["keys"]["n"]["default"] == 128 and "diameter" in entry["parameters"]
