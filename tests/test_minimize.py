@@ -32,8 +32,11 @@ def test_gradient_descent_converges_and_cap_is_reported():
     system = systems.get("bidisperse").build(n=16, dim=2, phi=0.95, seed=1)
     q, info = sensitivity.relax(system, method="gd", ftol=1e-8, max_steps=100_000)
     assert bool(info.converged)
-    q_fire, _ = sensitivity.relax(system, method="fire", ftol=1e-8)
-    # Same start, same basin at this compression: same energy to the tolerance's order.
-    assert abs(float(system.energy(q, system.params)) - float(system.energy(q_fire, system.params))) < 1e-9
+    # Gradient descent and FIRE may end in different minima from one start, so
+    # check the result itself: the force, recomputed, is below the tolerance.
+    from mdsens import observables
+    assert float(observables.max_force(system, q, system.params)) < 1e-8
+    q0 = system.to_solver(jnp.asarray(system.positions), system.params)
+    assert float(system.energy(q, system.params)) < float(system.energy(q0, system.params))
     _, capped = sensitivity.relax(system, ftol=1e-12, max_steps=7)
     assert not bool(capped.converged) and int(capped.steps) == 7
