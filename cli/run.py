@@ -93,6 +93,9 @@ def run(
     device: Optional[str] = typer.Option(None, help="cpu or gpu (default: JAX's choice, or JAX_PLATFORMS)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout; logs go to stderr."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no summary."),
+    neighbor_list: Optional[bool] = typer.Option(None, "--neighbor-list/--all-pairs", help="Cell-list neighbor lists (O(N)) or all pairs (O(N²)); default: neighbor lists from 2048 particles."),
+    preconditioner: str = typer.Option("jacobi", help="CG preconditioner: jacobi (block-Jacobi from the pair terms) or none."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not use the persistent compilation cache (~/.cache/mdsens/jax; also MDSENS_NO_CACHE=1)."),
 ) -> None:
     """Relax a system, differentiate its equilibrium, write an HDF5 file.
 
@@ -108,11 +111,15 @@ def run(
         if not output.resolve().parent.is_dir():
             fail(f"cannot write {output}: directory {output.parent} does not exist", EXIT_USAGE)
         _configure(precision, device)
+        from mdsens import cache
+
+        cache.enable(not no_cache)
         if precision == "float32":
             ftol = max(ftol, 1e-5)
         job = Job(system=system, overrides=_parse_sets(set_), seed=seed, wrt=list(wrt),
                   observe=list(observe) if observe else None, grad=list(grad), minimizer=minimizer,
                   ftol=ftol, max_steps=max_steps, solver=solver, rtol=rtol,
+                  neighbor_list=neighbor_list, preconditioner=preconditioner,
                   command=shlex.join(["mdsens", *sys.argv[1:]]))
         callback = _progress.relaxation_progress(ftol, quiet)
         result = execute(job, callback)

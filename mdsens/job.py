@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens import linsolve, observables, sensitivity, systems
+from mdsens import linsolve, neighbors, observables, precondition, sensitivity, systems
 from mdsens.minimize import RelaxInfo
 from mdsens.system import System
 from mdsens.systems import UsageError
@@ -42,6 +42,9 @@ class Job:
     rtol: float = 1e-10
     chunk: int = 2_000
     command: str = ""
+    neighbor_list: bool | None = None  # None: neighbor lists from neighbors.AUTO_THRESHOLD particles
+    skin: float = neighbors.DEFAULT_SKIN
+    preconditioner: str = "jacobi"
 
 
 @dataclass
@@ -143,12 +146,34 @@ def _observables(job: Job, system: System) -> dict[str, Callable]:
     return chosen
 
 
-def _solver(job: Job) -> Any:
+def _solver(job: Job, system: System | None = None, q: jax.Array | None = None, params: Any = None,
+            rattler: jax.Array | None = None) -> Any:
+    """The linear solve; with a system and its relaxed state, CG is preconditioned
+    (``job.preconditioner``) at that state."""
+    if job.preconditioner not in precondition.PRECONDITIONERS:
+        raise UsageError(f"unknown preconditioner {job.preconditioner!r}: choose "
+                         f"{' or '.join(precondition.PRECONDITIONERS)}")
     if job.solver == "cg":
-        return linsolve.cg(rtol=job.rtol)
+        precond = None
+        if job.preconditioner == "jacobi" and system is not None:
+            project = sensitivity.gauge_for(system, rattler)(jax.lax.stop_gradient(q), params)
+            precond = precondition.block_jacobi(system, q, params, project)
+        return linsolve.cg(rtol=job.rtol, preconditioner=precond)
     if job.solver == "dense":
         return linsolve.dense()
     raise UsageError(f"unknown linear solver {job.solver!r}: choose 'cg' or 'dense'")
+
+
+def use_neighbor_list(job: Job, system: System) -> bool:
+    return system.n >= neighbors.AUTO_THRESHOLD if job.neighbor_list is None else bool(job.neighbor_list)
+
+
+def _bind(system: System, pairs: jax.Array | None, make: Callable[[System], Callable]) -> tuple[Callable, tuple]:
+    """``make(system) -> fn(q, params)``, with the neighbor list (if any) as a
+    third, non-differentiable argument so that it is data, not a compiled constant."""
+    if pairs is None:
+        return make(system), ()
+    return (lambda q_, p_, idx: make(system.with_pairs(idx))(q_, p_)), (pairs,)
 
 
 def _compile_and_run(fn: Callable, *args: Any) -> tuple[Any, float, float]:
@@ -206,37 +231,56 @@ def execute(job: Job, progress: Callable[[int, float, float], None] | None = Non
     wall = time.perf_counter()
     system, observe, wrts = prepare(job)
     params = {k: jnp.asarray(v) for k, v in system.params.items()}
-    solve = _solver(job)
-
     timings = {"compile_s": 0.0, "relax_s": 0.0, "derivative_s": 0.0}
-    mini = sensitivity.minimizer_for(system, job.minimizer)
     from mdsens import minimize
 
     x0 = jnp.asarray(system.positions)
     start = time.perf_counter()
-    x, info, compile_s = minimize.run_chunked(mini, system.energy_real, x0, params, job.ftol, job.max_steps,
-                                              job.chunk, progress)
+    pairs, nl_meta = None, {"used": False}
+    if use_neighbor_list(job, system):
+        x, info, compile_s, nbrs, stats = neighbors.relax(system, x0, params, job.minimizer, job.ftol,
+                                                          job.max_steps, job.chunk, progress, job.skin)
+        pairs = nbrs.idx  # built at x*: the derivative's list
+        nl_meta = {"used": True, "skin": job.skin, "capacity": stats.capacity,
+                   "reallocations": stats.reallocations, "pairs": stats.pairs}
+    else:
+        mini = sensitivity.minimizer_for(system, job.minimizer)
+        x, info, compile_s = minimize.run_chunked(mini, system.energy_real, x0, params, job.ftol, job.max_steps,
+                                                  job.chunk, progress)
     jax.block_until_ready(x)
     timings["compile_s"] += compile_s
     timings["relax_s"] = time.perf_counter() - start - compile_s
     q = system.to_solver(x, params)
-    rattler = jax.jit(lambda q_, p_: observables.rattlers(system, q_, p_))(q, params)
+    fn, extra = _bind(system, pairs, lambda s_: lambda q_, p_: observables.rattlers(s_, q_, p_))
+    rattler = jax.jit(fn)(q, params, *extra)
 
-    values = {name: np.asarray(jax.jit(lambda q_, p_, f=fn: f(system, q_, p_))(q, params))
-              for name, fn in observe.items()}
+    values = {}
+    for name, obs in observe.items():
+        fn, extra = _bind(system, pairs, lambda s_, f=obs: lambda q_, p_: f(s_, q_, p_))
+        values[name] = np.asarray(jax.jit(fn)(q, params, *extra))
     values["max_force"] = np.asarray(info.max_force)
 
     forwards: dict[str, sensitivity.Forward] = {}
     gradients: dict[str, tuple[dict[str, jax.Array], linsolve.SolveInfo]] = {}
     if bool(info.converged):
         for text, name, index in wrts:
-            fn = sensitivity.forward_fn(system, name, observe, rattler, solve, index)
-            forwards[text], c, r = _compile_and_run(fn, q, params)
+            def make_forward(s_, name=name, index=index):
+                def fn_(q_, p_):
+                    solve = _solver(job, s_, q_, p_, rattler)
+                    return sensitivity.forward_fn(s_, name, observe, rattler, solve, index)(q_, p_)
+                return fn_
+            fn, extra = _bind(system, pairs, make_forward)
+            forwards[text], c, r = _compile_and_run(fn, q, params, *extra)
             timings["compile_s"] += c
             timings["derivative_s"] += r
         for name in job.grad:
-            fn = sensitivity.gradient_fn(system, observables.OBSERVABLES[name], rattler, solve)
-            gradients[name], c, r = _compile_and_run(fn, q, params)
+            def make_gradient(s_, name=name):
+                def fn_(q_, p_):
+                    solve = _solver(job, s_, q_, p_, rattler)
+                    return sensitivity.gradient_fn(s_, observables.OBSERVABLES[name], rattler, solve)(q_, p_)
+                return fn_
+            fn, extra = _bind(system, pairs, make_gradient)
+            gradients[name], c, r = _compile_and_run(fn, q, params, *extra)
             timings["compile_s"] += c
             timings["derivative_s"] += r
     timings["total_s"] = time.perf_counter() - wall
@@ -251,6 +295,8 @@ def execute(job: Job, progress: Callable[[int, float, float], None] | None = Non
         "max_steps": job.max_steps,
         "linear_solver": job.solver,
         "rtol": job.rtol,
+        "preconditioner": job.preconditioner if job.solver == "cg" else "none",
+        "neighbor_list": nl_meta,
         "steps": int(info.steps),
         "converged": bool(info.converged),
         "derivatives": "computed" if bool(info.converged) else "skipped: relaxation did not converge",
