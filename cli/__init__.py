@@ -11,6 +11,7 @@ import jax
 
 from mdsens.cli.app import app
 from mdsens.cli import run as _run  # noqa: F401  (registers `run`, `systems`)
+from mdsens.cli import bench as _bench  # noqa: F401  (registers `bench`)
 from mdsens.cli import check as _check  # noqa: F401  (registers `check`)
 from mdsens.cli import export as _export  # noqa: F401  (registers `export`)
 from mdsens.cli import plot as _plot  # noqa: F401  (registers `plot`)

@@ -1,0 +1,80 @@
+"""``mdsens bench``: implicit derivatives vs unrolled autodiff vs finite differences."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from mdsens.cli.app import EXIT_USAGE, app, errors, fail, log
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v <= 0 for v in values):
+        fail(f"{option} {text!r}: expected positive integers separated by commas, e.g. 128,1024", EXIT_USAGE)
+    return values
+
+
+@app.command()
+def bench(
+    system: str = typer.Argument("polydisperse", help="System family with per-particle diameters (see `mdsens systems`)."),
+    n: str = typer.Option("128,1024", "--n", help="Particle numbers, comma-separated, e.g. 128,1024,16384."),
+    set_: List[str] = typer.Option([], "--set", help="Build key KEY=VALUE (repeatable), e.g. --set phi=0.9."),
+    seed: int = typer.Option(0, help="Random seed."),
+    ftol: float = typer.Option(1e-10, help="Relaxation force tolerance."),
+    rtol: float = typer.Option(1e-10, help="CG relative tolerance of the implicit derivative."),
+    preconditioner: str = typer.Option("jacobi", help="CG preconditioner: jacobi or none."),
+    fd_sample: int = typer.Option(3, help="Diameters differentiated by finite differences (the full gradient time is extrapolated)."),
+    fd_ftol: float = typer.Option(1e-12, help="Re-relaxation tolerance of the finite differences."),
+    h: float = typer.Option(1e-5, help="Finite-difference step."),
+    unroll_steps: str = typer.Option("50,100,200,400", help="Step counts of the unrolled-memory curve."),
+    memory_budget_mb: float = typer.Option(4000.0, help="Skip the full unrolled run when its predicted peak RSS exceeds this."),
+    repeats: int = typer.Option(3, help="Timed repeats of the implicit derivatives (median)."),
+    timeout: float = typer.Option(3600.0, help="Seconds allowed to each subprocess."),
+    output: Path = typer.Option(Path("bench.json"), "-o", "--output", help="JSON report to write."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing report."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not use the persistent compilation cache."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout instead of the table."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+) -> None:
+    """Time and memory of implicit derivatives against unrolled autodiff and finite
+    differences, side by side, each method in its own subprocess (peak RSS)."""
+    import os
+
+    from mdsens import bench as _bench
+    from mdsens import cache
+    from mdsens.cli.run import _parse_sets
+
+    with errors():
+        if output.exists() and not force:
+            fail(f"{output} exists; pass --force to overwrite it, or -o another path", EXIT_USAGE)
+        if preconditioner not in ("none", "jacobi"):
+            fail(f"--preconditioner {preconditioner!r}: choose jacobi or none", EXIT_USAGE)
+        ns = _ints(n, "--n")
+        steps = _ints(unroll_steps, "--unroll-steps")
+        if no_cache:
+            os.environ["MDSENS_NO_CACHE"] = "1"  # the subprocesses read it
+        elif cache.enable(True):
+            os.environ.setdefault("MDSENS_CACHE_DIR", str(cache.directory()))
+        report = _bench.run(system, ns, seed, _parse_sets(set_), ftol, rtol, preconditioner, fd_sample, fd_ftol,
+                            h, steps, memory_budget_mb, repeats, timeout=timeout,
+                            log=lambda m: log(m, quiet))
+        from mdsens.job import device_name, versions
+
+        report["device"] = device_name()
+        report["cpu_count"] = os.cpu_count()
+        report["versions"] = versions()
+        tmp = output.with_name(output.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(output)
+        if as_json:
+            print(json.dumps(report))
+        else:
+            print(_bench.table(report))
+            print(f"wrote {output}")

@@ -1,0 +1,375 @@
+"""``mdsens bench``: implicit derivatives against unrolled autodiff and finite differences.
+
+For each N, side by side in one run, on one relaxed state x* (shared through a
+scratch file, so every method differentiates the same minimum):
+
+- ``relax``: FIRE to ``ftol`` (neighbor lists from ``neighbors.AUTO_THRESHOLD``);
+- ``implicit``: forward mode for one parameter (``diameter[0]``) and reverse
+  mode for the gradient of the pressure w.r.t. every parameter (all N
+  diameters), preconditioned CG;
+- ``unrolled``: ``jax.grad`` of P through the same FIRE, unrolled for S steps
+  from x₀ (all pairs; skipped with a note when a linear fit of memory vs S,
+  measured on short runs, predicts more than the memory budget);
+- ``fd``: central differences ``(P(D_i + h) − P(D_i − h)) / 2h``, each side
+  re-relaxed from x* to ``fd_ftol``, for a sample of particles; the full
+  N-diameter gradient time is extrapolated (N × time per parameter);
+- ``reference``: the reverse-mode gradient with unpreconditioned CG at
+  ``rtol = 1e-13`` (a different solve path and tolerance; for N ≤ 256 also a
+  dense pseudo-inverse), against which every method's error is measured.
+
+Each method runs in its own subprocess and reports its own peak RSS
+(``getrusage``), so one method's memory never hides another's; a ``baseline``
+subprocess (imports, system, x* loaded) gives the floor. Times exclude
+compilation (reported separately) and are medians over ``repeats``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+DEFAULT_UNROLL_STEPS = (50, 100, 200, 400)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# -- child side -------------------------------------------------------------------
+
+
+def _setup(spec: dict[str, Any]):
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    from mdsens import cache
+
+    cache.enable(True)  # off under MDSENS_NO_CACHE, which `mdsens bench --no-cache` sets
+
+    from mdsens import systems
+
+    overrides = {"n": str(spec["n"]), **{k: str(v) for k, v in spec.get("set", {}).items()}}
+    family = systems.get(spec["system"])
+    system = family.build_fn(seed=spec["seed"], **family.resolve(overrides))
+    params = {k: jnp.asarray(v) for k, v in system.params.items()}
+    return system, params
+
+
+def _use_nl(spec, system) -> bool:
+    from mdsens import neighbors
+
+    return system.n >= neighbors.AUTO_THRESHOLD if spec.get("neighbor_list") is None else spec["neighbor_list"]
+
+
+def _relax_fn(spec, system, ftol):
+    """relax(x0, params) -> (x, info, compile_s, pairs); compiled once per process."""
+    import jax
+
+    from mdsens import minimize, neighbors, sensitivity
+
+    if _use_nl(spec, system):
+        def relax(x0, params):
+            x, info, c, nbrs, _ = neighbors.relax(system, x0, params, ftol=ftol, max_steps=spec["max_steps"])
+            return x, info, c, nbrs.idx
+        return relax
+    mini = sensitivity.minimizer_for(system)
+
+    def relax(x0, params):
+        x, info, c = minimize.run_chunked(mini, system.energy_real, x0, params, ftol, spec["max_steps"], 2000)
+        return jax.block_until_ready(x), info, c, None
+    return relax
+
+
+def _load_state(spec):
+    import jax.numpy as jnp
+
+    data = np.load(spec["state"])
+    pairs = jnp.asarray(data["pairs"]) if data["pairs"].size else None
+    return jnp.asarray(data["q"]), jnp.asarray(data["rattler"]), pairs
+
+
+def _timed(fn, args, repeats):
+    import jax
+
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    times, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t)
+    return out, compile_s, statistics.median(times)
+
+
+def _gradient_fn(system, pairs, rattler, solve_of):
+    from mdsens import job, observables, sensitivity
+
+    def make(s_):
+        def fn(q_, p_):
+            return sensitivity.gradient_fn(s_, observables.pressure, rattler, solve_of(s_, q_, p_))(q_, p_)
+        return fn
+    return job._bind(system, pairs, make)
+
+
+def _child(spec: dict[str, Any]) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    from mdsens import job as _job
+    from mdsens import linsolve, minimize, observables, sensitivity
+
+    system, params = _setup(spec)
+    task = spec["task"]
+    out: dict[str, Any] = {"task": task}
+    if task == "relax":
+        relax = _relax_fn(spec, system, spec["ftol"])
+        t0 = time.perf_counter()
+        x, info, compile_s, pairs = relax(jnp.asarray(system.positions), params)
+        total = time.perf_counter() - t0
+        out.update(relax_s=total - compile_s, relax_compile_s=compile_s, steps=int(info.steps),
+                   max_force=float(info.max_force), converged=bool(info.converged),
+                   neighbor_list=pairs is not None)
+        q = system.to_solver(x, params)
+        fn, extra = _job._bind(system, pairs, lambda s_: lambda q_, p_: observables.rattlers(s_, q_, p_))
+        rattler = jax.jit(fn)(q, params, *extra)
+        np.savez(spec["state"], q=np.asarray(q), rattler=np.asarray(rattler),
+                 pairs=np.asarray(pairs) if pairs is not None else np.zeros(0, np.int32))
+        out["rattlers"] = int(np.sum(np.asarray(rattler)))
+    elif task == "baseline":
+        q, rattler, pairs = _load_state(spec)
+        out["ok"] = bool(q.shape[0] == system.n)
+    elif task in ("implicit", "reference"):
+        q, rattler, pairs = _load_state(spec)
+        job = _job.Job(rtol=spec["rtol"] if task == "implicit" else 1e-13,
+                       preconditioner=spec["preconditioner"] if task == "implicit" else "none")
+        if task == "reference" and system.n <= 256:
+            job.solver = "dense"
+
+        def solve_of(s_, q_, p_):
+            return _job._solver(job, s_, q_, p_, rattler)
+
+        fn, extra = _gradient_fn(system, pairs, rattler, solve_of)
+        (grad, info), c, r = _timed(fn, (q, params, *extra), spec["repeats"] if task == "implicit" else 1)
+        out.update(reverse_s=r, reverse_compile_s=c, reverse_iterations=int(info.iterations),
+                   reverse_residual=float(info.residual))
+        np.save(spec["result"], np.asarray(grad["diameter"]))
+        if task == "implicit":
+            def make(s_):
+                def f(q_, p_):
+                    fw = sensitivity.forward_fn(s_, "diameter", {"pressure": observables.pressure}, rattler,
+                                                solve_of(s_, q_, p_), (0,))
+                    return fw(q_, p_)
+                return f
+            fn, extra = _job._bind(system, pairs, make)
+            fw, c, r = _timed(fn, (q, params, *extra), spec["repeats"])
+            out.update(forward_s=r, forward_compile_s=c, forward_iterations=int(fw.iterations),
+                       forward_dP_dD0=float(fw.values["pressure"]))
+    elif task == "fd":
+        q, rattler, pairs = _load_state(spec)
+        relax = _relax_fn(spec, system, spec["fd_ftol"])
+        x_star = system.to_real(q, params)
+        h = spec["h"]
+        values, per_param = [], []
+        for i in spec["sample"]:
+            elapsed = 0.0
+            sides = []
+            for sign in (1.0, -1.0):
+                p = dict(params)
+                p["diameter"] = params["diameter"].at[i].add(sign * h)
+                t = time.perf_counter()
+                x, info, c, pr = relax(x_star, p)
+                qs = system.to_solver(x, p)
+                s_ = system if pr is None else system.with_pairs(pr)
+                sides.append(float(observables.pressure(s_, qs, p)))
+                elapsed += time.perf_counter() - t - c  # compilation excluded, as for the others
+            per_param.append(elapsed)
+            values.append((sides[0] - sides[1]) / (2 * h))
+        out.update(fd_per_param_s=statistics.median(per_param), fd_sample=list(spec["sample"]), fd_values=values)
+    elif task == "unrolled":
+        from mdsens.sensitivity import minimizer_for
+
+        steps = int(spec["steps"])
+        mini = minimizer_for(system)
+        x0 = jnp.asarray(system.positions)
+
+        def loss(p):
+            state = mini.init(x0, p)
+            state, _ = jax.lax.scan(lambda s, _: (mini.step(s, p), None), state, None, length=steps)
+            return observables.pressure(system, system.to_solver(state.x, p), p)
+
+        g, c, r = _timed(jax.grad(loss), (params,), 1)
+        out.update(unrolled_s=r, unrolled_compile_s=c, steps=steps)
+        if spec.get("result"):
+            np.save(spec["result"], np.asarray(g["diameter"]))
+    out["rss_mb"] = _rss_mb()
+    return out
+
+
+# -- parent side -----------------------------------------------------------------
+
+
+def _spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "mdsens.bench", json.dumps(spec)]
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"task": spec["task"], "error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or "").strip().splitlines()[-3:]
+        return {"task": spec["task"], "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+    return json.loads(lines[-1])
+
+
+def _err(a, ref) -> float:
+    a, ref = np.asarray(a, float), np.asarray(ref, float)
+    return float(np.max(np.abs(a - ref)) / max(np.max(np.abs(ref)), 1e-300))
+
+
+def run(
+    system: str = "polydisperse",
+    ns: tuple[int, ...] = (128, 1024),
+    seed: int = 0,
+    overrides: dict[str, str] | None = None,
+    ftol: float = 1e-10,
+    rtol: float = 1e-10,
+    preconditioner: str = "jacobi",
+    fd_sample: int = 3,
+    fd_ftol: float = 1e-12,
+    h: float = 1e-5,
+    unroll_steps: tuple[int, ...] = DEFAULT_UNROLL_STEPS,
+    memory_budget_mb: float = 4000.0,
+    repeats: int = 3,
+    max_steps: int = 100_000,
+    timeout: float = 3600.0,
+    log=None,
+) -> dict[str, Any]:
+    """Run the benchmark; returns the JSON-able report (``rows``: one per N)."""
+    log = log or (lambda m: None)
+    report: dict[str, Any] = {"system": system, "seed": seed, "overrides": dict(overrides or {}),
+                              "ftol": ftol, "rtol": rtol, "preconditioner": preconditioner, "h": h,
+                              "fd_ftol": fd_ftol, "memory_budget_mb": memory_budget_mb, "repeats": repeats,
+                              "rows": []}
+    with tempfile.TemporaryDirectory(prefix="mdsens-bench-") as tmp:
+        for n in ns:
+            base = {"system": system, "n": n, "seed": seed, "set": dict(overrides or {}), "ftol": ftol,
+                    "max_steps": max_steps, "state": os.path.join(tmp, f"state{n}.npz"), "rtol": rtol,
+                    "preconditioner": preconditioner, "repeats": repeats}
+            row: dict[str, Any] = {"n": n, "notes": []}
+            log(f"N={n}: relax")
+            relax = _spawn({**base, "task": "relax"}, timeout)
+            row["relax"] = relax
+            if "error" in relax or not relax.get("converged"):
+                row["notes"].append(f"relaxation failed: {relax.get('error', 'not converged')}")
+                report["rows"].append(row)
+                continue
+            row["baseline"] = _spawn({**base, "task": "baseline"}, timeout)
+            log(f"N={n}: implicit")
+            row["implicit"] = _spawn({**base, "task": "implicit", "result": os.path.join(tmp, f"imp{n}.npy")}, timeout)
+            log(f"N={n}: reference")
+            row["reference"] = _spawn({**base, "task": "reference", "result": os.path.join(tmp, f"ref{n}.npy")},
+                                      timeout)
+            ref = np.load(os.path.join(tmp, f"ref{n}.npy")) if "error" not in row["reference"] else None
+            if ref is not None and "error" not in row["implicit"]:
+                row["implicit"]["reverse_error"] = _err(np.load(os.path.join(tmp, f"imp{n}.npy")), ref)
+            # finite differences on a sample of particles
+            rng = np.random.default_rng(seed)
+            sample = sorted(int(i) for i in rng.choice(n, size=min(fd_sample, n), replace=False))
+            log(f"N={n}: finite differences ({len(sample)} parameters)")
+            fd = _spawn({**base, "task": "fd", "sample": sample, "h": h, "fd_ftol": fd_ftol}, timeout)
+            if "error" not in fd:
+                fd["fd_full_gradient_s_extrapolated"] = fd["fd_per_param_s"] * n
+                if ref is not None:
+                    fd["fd_error"] = _err(fd["fd_values"], ref[sample])
+                    row["implicit"]["reverse_error_on_fd_sample"] = _err(np.load(os.path.join(tmp, f"imp{n}.npy"))[sample],
+                                                                       ref[sample])
+            row["fd"] = fd
+            # unrolled: memory vs steps on short runs, then the full run if it fits the budget
+            steps_full = int(relax["steps"])
+            if n >= 2048:
+                row["unrolled"] = {"skipped": "unrolled autodiff runs on all pairs (O(N²) per step); skipped "
+                                              "from N = 2048"}
+            else:
+                curve = []
+                for s in sorted(set(min(s, steps_full) for s in unroll_steps)):
+                    log(f"N={n}: unrolled, {s} steps")
+                    r = _spawn({**base, "task": "unrolled", "steps": s}, timeout)
+                    curve.append({"steps": s, **{k: r.get(k) for k in ("unrolled_s", "rss_mb", "error")}})
+                row["unrolled_curve"] = curve
+                ok = [c for c in curve if c.get("rss_mb")]
+                if len(ok) >= 2:
+                    slope = (ok[-1]["rss_mb"] - ok[0]["rss_mb"]) / max(ok[-1]["steps"] - ok[0]["steps"], 1)
+                    predicted = ok[-1]["rss_mb"] + slope * (steps_full - ok[-1]["steps"])
+                else:
+                    slope, predicted = None, None
+                full: dict[str, Any] = {"steps": steps_full, "mb_per_step": slope, "predicted_rss_mb": predicted}
+                if predicted is not None and predicted > memory_budget_mb:
+                    full["skipped"] = (f"predicted peak {predicted:.0f} MB for {steps_full} steps exceeds the "
+                                       f"budget {memory_budget_mb:.0f} MB")
+                else:
+                    log(f"N={n}: unrolled, full {steps_full} steps")
+                    r = _spawn({**base, "task": "unrolled", "steps": steps_full,
+                                "result": os.path.join(tmp, f"unr{n}.npy")}, timeout)
+                    full.update(r)
+                    if "error" not in r and ref is not None:
+                        full["unrolled_error"] = _err(np.load(os.path.join(tmp, f"unr{n}.npy")), ref)
+                row["unrolled"] = full
+            imp = row["implicit"]
+            if "error" not in imp:
+                row["derivative_over_relax"] = (imp["forward_s"] + imp["reverse_s"]) / relax["relax_s"]
+                if "error" not in fd:
+                    row["fd_over_reverse"] = fd["fd_full_gradient_s_extrapolated"] / imp["reverse_s"]
+                un = row["unrolled"]
+                if "unrolled_s" in un:
+                    row["unrolled_over_reverse"] = un["unrolled_s"] / imp["reverse_s"]
+            report["rows"].append(row)
+    return report
+
+
+def table(report: dict[str, Any]) -> str:
+    """The report as a fixed-width text table."""
+    def f(v, fmt="{:.3g}"):
+        return "-" if v is None else fmt.format(v)
+
+    head = (f"{'N':>7} {'relax s':>8} {'steps':>6} {'fwd s':>8} {'rev s':>8} {'CG it':>6} {'deriv/rel':>9} "
+            f"{'rev err':>8} {'FD s/par':>8} {'FD full s':>9} {'FD err':>8} {'FD/rev':>8} "
+            f"{'unroll s':>8} {'unr MB':>7} {'unr err':>8} {'impl MB':>7} {'base MB':>7}")
+    lines = [head]
+    for row in report["rows"]:
+        rel, imp, fd, un = row.get("relax", {}), row.get("implicit", {}), row.get("fd", {}), row.get("unrolled", {})
+        lines.append(
+            f"{row['n']:>7} {f(rel.get('relax_s')):>8} {f(rel.get('steps'), '{}'):>6} {f(imp.get('forward_s')):>8} "
+            f"{f(imp.get('reverse_s')):>8} {f(imp.get('reverse_iterations'), '{}'):>6} "
+            f"{f(row.get('derivative_over_relax')):>9} {f(imp.get('reverse_error'), '{:.1e}'):>8} "
+            f"{f(fd.get('fd_per_param_s')):>8} {f(fd.get('fd_full_gradient_s_extrapolated')):>9} "
+            f"{f(fd.get('fd_error'), '{:.1e}'):>8} {f(row.get('fd_over_reverse'), '{:.3g}'):>8} "
+            f"{f(un.get('unrolled_s')):>8} {f(un.get('rss_mb'), '{:.0f}'):>7} "
+            f"{f(un.get('unrolled_error'), '{:.1e}'):>8} {f(imp.get('rss_mb'), '{:.0f}'):>7} "
+            f"{f(row.get('baseline', {}).get('rss_mb'), '{:.0f}'):>7}")
+        for c in row.get("unrolled_curve", []):
+            lines.append(f"{'':>7} unrolled {c['steps']:>6} steps: {f(c.get('unrolled_s'))} s, "
+                         f"peak {f(c.get('rss_mb'), '{:.0f}')} MB{'  ' + c['error'] if c.get('error') else ''}")
+        for note in row.get("notes", []) + [un.get("skipped")] if un.get("skipped") else row.get("notes", []):
+            lines.append(f"{'':>7} note: {note}")
+        for key in ("relax", "implicit", "reference", "fd", "unrolled"):
+            if isinstance(row.get(key), dict) and row[key].get("error"):
+                lines.append(f"{'':>7} {key} failed: {row[key]['error']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(json.dumps(_child(json.loads(sys.argv[1]))))
