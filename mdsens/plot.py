@@ -80,7 +80,12 @@ def figure(record: Mapping[str, Any], wrt: str | None = None, slab: float | None
     label, u = select_field(record, wrt)
     x = np.asarray(record["positions"], dtype=float)
     n, d = x.shape
-    diameter = np.asarray(record["diameter"], dtype=float)
+    if "diameter" in record:
+        diameter = np.asarray(record["diameter"], dtype=float)
+    else:  # a record straight from mdsens.job.Result.record(), not read back from a file
+        from mdsens.io import particle_diameters
+
+        diameter = particle_diameters(record)
     species = np.asarray(record["species"])
     rattler = np.asarray(record["rattler"], dtype=bool)
     box = None if record["box"] is None else np.asarray(record["box"], dtype=float)
