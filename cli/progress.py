@@ -35,25 +35,27 @@ class RelaxationProgress:
         return min(max(math.log(self.first / fmax) / span, 0.0), 1.0)
 
     def _start(self) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, Progress, TextColumn
 
         self._progress = Progress(
             TextColumn("relaxing"),
             BarColumn(bar_width=30),
             TextColumn("step {task.fields[step]:>9,d}"),
             TextColumn("max|F| {task.fields[fmax]:9.2e} → ftol {task.fields[ftol]:.0e}"),
-            TimeElapsedColumn(),
+            TextColumn("{task.fields[elapsed]:7.1f} s"),
             console=self.console,
             transient=False,
         )
         self._progress.start()
-        self._task = self._progress.add_task("relax", total=1.0, step=0, fmax=float("nan"), ftol=self.ftol)
+        self._task = self._progress.add_task("relax", total=1.0, step=0, fmax=float("nan"), ftol=self.ftol,
+                                            elapsed=0.0)
 
     def __call__(self, step: int, fmax: float, elapsed: float) -> None:
         if self.first is None:
             self.first = max(float(fmax), self.ftol)
             self._start()
-        self._progress.update(self._task, completed=self.fraction(float(fmax)), step=int(step), fmax=float(fmax))
+        self._progress.update(self._task, completed=self.fraction(float(fmax)), step=int(step), fmax=float(fmax),
+                               elapsed=float(elapsed))
 
     def close(self) -> None:
         if self._progress is not None:
