@@ -9,9 +9,11 @@ these declarations, so nothing is listed twice.
 from __future__ import annotations
 
 from mdsens.systems._family import Family, Key, UsageError
-from mdsens.systems import bidisperse, lj_crystal, morse_cluster, polydisperse
+from mdsens.systems import bidisperse, from_file, lj_crystal, morse_cluster, polydisperse
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (bidisperse.FAMILY, polydisperse.FAMILY, lj_crystal.FAMILY, morse_cluster.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    bidisperse.FAMILY, polydisperse.FAMILY, lj_crystal.FAMILY, morse_cluster.FAMILY, from_file.FAMILY
+)}
 
 
 def get(name: str) -> Family:

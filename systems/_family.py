@@ -16,12 +16,12 @@ def _parse_floats(text: str) -> tuple[float, ...]:
     return tuple(float(t) for t in text.split(",") if t.strip())
 
 
-_PARSERS: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "floats": _parse_floats}
+_PARSERS: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "floats": _parse_floats, "str": str}
 
 
 @dataclass(frozen=True)
 class Key:
-    """One build key. ``kind`` is "int", "float" or "floats" (a comma list);
+    """One build key. ``kind`` is "int", "float", "floats" (a comma list) or "str";
     ``check(value)`` returns an error message or None."""
 
     name: str

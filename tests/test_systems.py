@@ -27,15 +27,19 @@ CASES = {
     "lj_crystal-3d": ("lj_crystal", dict(dim=3, cells=2, vacancies=1, onset=1.0, cutoff=1.5)),
     "morse_cluster-2d": ("morse_cluster", dict(n=7, dim=2)),
     "morse_cluster-3d": ("morse_cluster", dict(n=13, dim=3)),
+    # Positions of lj_crystal-2d written to extended XYZ, read back with the LJ potential.
+    "from_file-lj-2d": ("from_file", dict(potential="lj", onset=1.8, cutoff=2.2)),
 }
 
-SLOW = {"polydisperse-3d", "lj_crystal-3d"}  # 3D periodic: compile-heavy, run with -m slow
+SLOW = {"polydisperse-3d", "lj_crystal-3d", "from_file-lj-2d"}  # 3D periodic: compile-heavy, run with -m slow
 PARAMS_CASES = [pytest.param(k, marks=pytest.mark.slow) if k in SLOW else k for k in CASES]
 
 
 @functools.lru_cache(maxsize=None)
 def case(name: str):
     family, config = CASES[name]
+    if family == "from_file":
+        config = dict(config, path=str(write_extxyz("lj_crystal", **CASES["lj_crystal-2d"][1])))
     system, q, params, rattler = relaxed(family, **config)
     return system, q, params, rattler, Reference(system, q, params, rattler)
 
@@ -77,7 +81,7 @@ def test_every_parameter_against_finite_differences(name):
     observe = scalar_observables(system)
     jac = jacobians(name)
     rng = np.random.default_rng(0)
-    assert set(params) == set(systems.get(system.name).parameters)
+    assert set(params) <= set(systems.get(system.name).parameters)
     for param in params:
         for index in sample_indices(params[param].shape, rng):
             fd = reference.directional(unit(params, param, index), observe=observe)
@@ -146,6 +150,8 @@ def test_morse_has_no_box_and_free_space_observables_refuse():
 
 def test_declared_parameters_match_the_built_systems():
     for family in systems.FAMILIES.values():
+        if family.name == "from_file":
+            continue  # needs a file; its parameters depend on the potential (tested below)
         system = family.build()
         assert list(system.params) == list(family.parameters), family.name
         assert system.name == family.name
@@ -200,3 +206,85 @@ def test_builders_reject_bad_input(family, overrides, message):
 def test_unknown_family():
     with pytest.raises(UsageError, match="choose from"):
         systems.get("argon")
+
+
+# -- from_file ----------------------------------------------------------------
+
+
+def _record(system, q, params, rattler):
+    x = np.asarray(system.to_real(q, params))
+    diameter = np.asarray(params["diameter"]) if "diameter" in params else np.ones(system.n)
+    return {"positions": x, "box": np.asarray(params["box"]) if system.periodic else None,
+            "species": np.asarray(system.species), "rattler": np.asarray(rattler), "diameter": diameter,
+            "parameters": {k: np.asarray(v) for k, v in params.items() if k != "box"},
+            "observables": {}, "sensitivity": {}, "gradient": {}, "meta": {"system": system.name}}
+
+
+@functools.lru_cache(maxsize=None)
+def write_extxyz(family: str, **config):
+    """The relaxed state of a catalogue system as an extended-XYZ file (mdsens.export)."""
+    import tempfile
+    from pathlib import Path
+
+    from mdsens import export
+
+    path = Path(tempfile.mkdtemp()) / f"{family}.xyz"
+    export.to_extxyz(_record(*relaxed(family, **config)), path)
+    return path
+
+
+def _same_state(loaded, system, q, params):
+    q_loaded = loaded.to_solver(jnp.asarray(loaded.positions), loaded.params)
+    # The file stores positions as text (17 significant digits) or float64.
+    assert_close(loaded.to_real(q_loaded, loaded.params), system.to_real(q, params), rtol=1e-13)
+    for fn in (observables.energy, observables.pressure):
+        assert_close(fn(loaded, q_loaded, loaded.params), fn(system, q, params), rtol=1e-10)
+
+
+def test_from_file_hdf5_round_trip(tmp_path):
+    from mdsens import io
+
+    system, q, params, rattler, _ = case("polydisperse-2d")
+    path = tmp_path / "run.h5"
+    io.write(path, _record(system, q, params, rattler))
+    loaded = systems.get("from_file").build(path=str(path), potential="harmonic")
+    assert loaded.periodic and set(loaded.params) == {"diameter", "epsilon", "alpha", "box"}
+    np.testing.assert_array_equal(np.asarray(loaded.params["diameter"]), np.asarray(params["diameter"]))
+    _same_state(loaded, system, q, params)
+
+
+def test_from_file_extxyz_round_trip():
+    system, q, params, _, _ = case("polydisperse-2d")
+    path = write_extxyz("polydisperse", **CASES["polydisperse-2d"][1])
+    loaded = systems.get("from_file").build(path=str(path), potential="harmonic")
+    assert_close(loaded.params["diameter"], params["diameter"], rtol=1e-15)
+    _same_state(loaded, system, q, params)
+
+
+def test_from_file_free_space_morse(tmp_path):
+    path = tmp_path / "dimer.xyz"
+    path.write_text('2\npbc="F F F" Properties=species:S:1:pos:R:3\nX 0 0 0\nX 1.1 0 0\n')
+    loaded = systems.get("from_file").build(path=str(path), potential="morse")
+    assert not loaded.periodic and loaded.dim == 3 and set(loaded.params) == {"sigma", "epsilon", "alpha"}
+    q, info = sensitivity.relax(loaded, ftol=1e-12)
+    # Morse minimum at r = σ = 1; FIRE to max|F| < 1e-12 with stiffness 2εα² = 72.
+    assert float(jnp.linalg.norm(q[0] - q[1])) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "content, overrides, message",
+    [
+        (None, dict(path=""), "needs path"),
+        (None, dict(path="/nonexistent/run.h5"), "no such file"),
+        ("hello\n", dict(), "cannot read as extended XYZ"),
+        ('2\npbc="F F F"\nX 0 0 0\nX 1 0 0\n', dict(potential="yukawa"), "potential"),
+        ('2\nLattice="3 0 0 0 3 0 0 0 3" pbc="T T T"\nX 0 0 0\nX 1 0 0\n', dict(potential="lj"), "too small"),
+    ],
+)
+def test_from_file_rejects_bad_input(tmp_path, content, overrides, message):
+    if content is not None:
+        path = tmp_path / "bad.xyz"
+        path.write_text(content)
+        overrides = dict(path=str(path), **overrides)
+    with pytest.raises(UsageError, match=message):
+        systems.get("from_file").build(**overrides)
