@@ -122,8 +122,10 @@ def run(
                   neighbor_list=neighbor_list, preconditioner=preconditioner,
                   command=shlex.join(["mdsens", *sys.argv[1:]]))
         callback = _progress.relaxation_progress(ftol, quiet)
-        result = execute(job, callback)
-        _progress.finish(callback)
+        try:
+            result = execute(job, callback)
+        finally:
+            _progress.finish(callback)
         io.write(output, result.record())
         summary = result.summary()
         summary["output"] = str(output)

@@ -155,9 +155,12 @@ def _solver(job: Job, system: System | None = None, q: jax.Array | None = None, 
                          f"{' or '.join(precondition.PRECONDITIONERS)}")
     if job.solver == "cg":
         precond = None
-        if job.preconditioner == "jacobi" and system is not None:
+        if job.preconditioner != "none" and system is not None:
             project = sensitivity.gauge_for(system, rattler)(jax.lax.stop_gradient(q), params)
-            precond = precondition.block_jacobi(system, q, params, project)
+            if job.preconditioner == "jacobi":
+                precond = precondition.block_jacobi(system, q, params, project)
+            else:
+                precond = precondition.two_level(system, q, params, rattler, project)
         return linsolve.cg(rtol=job.rtol, preconditioner=precond)
     if job.solver == "dense":
         return linsolve.dense()
@@ -185,15 +188,23 @@ def _compile_and_run(fn: Callable, *args: Any) -> tuple[Any, float, float]:
     return out, mid - start, time.perf_counter() - mid
 
 
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def versions() -> dict[str, str]:
     import h5py
-    import jax_md
     import jaxlib
 
     from mdsens import __version__
 
     return {"mdsens": __version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "jax_md": getattr(jax_md, "__version__", "unknown"), "numpy": np.__version__,
+            "jax_md": _dist_version("jax-md"), "numpy": np.__version__,
             "h5py": h5py.__version__}
 
 
