@@ -29,8 +29,9 @@ from mdsens.system import Params, System
 Array = jax.Array
 
 
-def diagonal_blocks(system: System, q: Array, params: Params) -> Array:
-    """(N, d, d): the diagonal blocks ``∂²E/∂q_i²`` of the solver-coordinate Hessian."""
+def pair_hessians(system: System, q: Array, params: Params) -> tuple[Array, Array, Array]:
+    """Per enumerated pair, ``L K_ij L`` (M, d, d) and the indices ``i``, ``j``:
+    H = Σ_pairs (e_i − e_j)(e_i − e_j)ᵀ ⊗ L K_ij L."""
     dr, i, j, valid = system.pair_list(q, params)
 
     def pair_energy(r_vec: Array, a: Array, b: Array) -> Array:
@@ -43,6 +44,12 @@ def diagonal_blocks(system: System, q: Array, params: Params) -> Array:
     if system.periodic:
         scale = params["box"]
         k = k * scale[None, :, None] * scale[None, None, :]
+    return k, i, j
+
+
+def diagonal_blocks(system: System, q: Array, params: Params) -> Array:
+    """(N, d, d): the diagonal blocks ``∂²E/∂q_i²`` of the solver-coordinate Hessian."""
+    k, i, j = pair_hessians(system, q, params)
     n, d = system.n, system.dim
     return jnp.zeros((n, d, d), k.dtype).at[i].add(k).at[j].add(k)
 
@@ -76,4 +83,62 @@ def block_jacobi(
     return apply
 
 
-PRECONDITIONERS = ("none", "jacobi")
+def _cells(system: System, q: Array, per_cell: int, max_cells: int) -> tuple[Array, int]:
+    """Each particle's cell on a regular grid over the (fractional) box, ~``per_cell`` particles a cell."""
+    n, d = system.n, system.dim
+    side = max(1, int(round((min(n / per_cell, max_cells)) ** (1.0 / d))))
+    if system.periodic:
+        frac = jnp.mod(q, 1.0)
+    else:
+        lo, hi = jnp.min(q, axis=0), jnp.max(q, axis=0)
+        frac = (q - lo) / jnp.where(hi > lo, hi - lo, 1.0)
+    idx = jnp.clip(jnp.floor(frac * side).astype(jnp.int32), 0, side - 1)
+    flat = jnp.zeros(n, jnp.int32)
+    for k in range(d):
+        flat = flat * side + idx[:, k]
+    return flat, side**d
+
+
+def two_level(
+    system: System, q: Array, params: Params, rattler: Array, project: Callable[[Array], Array] | None = None,
+    per_cell: int = 32, max_cells: int = 1024,
+) -> Callable[[Array], Array]:
+    """Block-Jacobi plus an additive coarse correction (two-level Schwarz):
+
+        B = P (B₀ + Z E⁺ Zᵀ) P + (I − P),   E = Zᵀ H Z,
+
+    with Z the piecewise-constant translations of the held particles of each
+    cell of a regular grid (~``per_cell`` particles a cell). Block-Jacobi damps
+    the local, high-frequency error; the long-wavelength modes, whose tiny
+    eigenvalues make CG iterations grow like the box side, live mostly in span(Z)
+    and are solved there exactly. E is assembled from the same pair terms
+    (a cell-graph Laplacian of d×d blocks) and pseudo-inverted densely (its
+    null space is the global translation, which P removes). Symmetric positive
+    definite like B₀."""
+    q, params = jax.lax.stop_gradient(q), jax.lax.stop_gradient(params)
+    k, i, j = pair_hessians(system, q, params)
+    n, d = system.n, system.dim
+    inverse = block_inverse(jnp.zeros((n, d, d), k.dtype).at[i].add(k).at[j].add(k))
+    cell, count = _cells(system, q, per_cell, max_cells)
+    held = (~rattler).astype(k.dtype)
+    ci, cj = cell[i], cell[j]
+    w = (held[i] * held[j])[:, None, None] * k
+    coarse = jnp.zeros((count, count, d, d), k.dtype)
+    coarse = coarse.at[ci, ci].add(w).at[cj, cj].add(w).at[ci, cj].add(-w).at[cj, ci].add(-w)
+    coarse = coarse.transpose(0, 2, 1, 3).reshape(count * d, count * d)
+    lam, vec = jnp.linalg.eigh(0.5 * (coarse + coarse.T))
+    keep = lam > 1e-10 * jnp.max(lam)
+    pinv = (vec * jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)) @ vec.T
+    project = (lambda v: v) if project is None else project
+
+    def apply(r: Array) -> Array:
+        pr = project(r)
+        local = jnp.einsum("nab,nb->na", inverse, pr)
+        restricted = jnp.zeros((count, d), r.dtype).at[cell].add(held[:, None] * pr)
+        correction = (pinv @ restricted.ravel()).reshape(count, d)[cell] * held[:, None]
+        return project(local + correction) + (r - pr)
+
+    return apply
+
+
+PRECONDITIONERS = ("none", "jacobi", "twolevel")
