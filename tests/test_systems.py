@@ -126,7 +126,7 @@ def test_reverse_gradient_along_random_directions(name):
         assert_close(predicted, expected, rtol=1e-6, atol=1e-9, what=f"{name} <∇O, v>")
 
 
-@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("index", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_box_derivatives_against_engine_finite_difference(index):
     """∂x*/∂L (affine part included), dE/dL, dP/dL against
     :func:`mdsens.sensitivity.finite_difference` (FIRE re-relaxation + Newton
