@@ -66,28 +66,16 @@ def _setup(spec: dict[str, Any]):
     return system, params
 
 
-def _use_nl(spec, system) -> bool:
-    from mdsens import neighbors
-
-    return system.n >= neighbors.AUTO_THRESHOLD if spec.get("neighbor_list") is None else spec["neighbor_list"]
-
-
 def _relax_fn(spec, system, ftol):
-    """relax(x0, params) -> (x, info, compile_s, pairs); compiled once per process."""
-    import jax
+    """relax(x0, params) -> (x, info, compile_s, pairs): the same relaxation and
+    derivative pairs as ``mdsens run`` (:func:`mdsens.job.relax_system`)."""
+    from mdsens import job as _job
 
-    from mdsens import minimize, neighbors, sensitivity
-
-    if _use_nl(spec, system):
-        def relax(x0, params):
-            x, info, c, nbrs, _ = neighbors.relax(system, x0, params, ftol=ftol, max_steps=spec["max_steps"])
-            return x, info, c, nbrs.idx
-        return relax
-    mini = sensitivity.minimizer_for(system)
+    settings = _job.Job(ftol=ftol, max_steps=spec["max_steps"], neighbor_list=spec.get("neighbor_list"))
 
     def relax(x0, params):
-        x, info, c = minimize.run_chunked(mini, system.energy_real, x0, params, ftol, spec["max_steps"], 2000)
-        return jax.block_until_ready(x), info, c, None
+        q, info, compile_s, pairs, _ = _job.relax_system(settings, system, params)
+        return system.to_real(q, params), info, compile_s, pairs
     return relax
 
 
@@ -140,7 +128,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         total = time.perf_counter() - t0
         out.update(relax_s=total - compile_s, relax_compile_s=compile_s, steps=int(info.steps),
                    max_force=float(info.max_force), converged=bool(info.converged),
-                   neighbor_list=pairs is not None)
+                   neighbor_list=_job.use_neighbor_list(_job.Job(neighbor_list=spec.get("neighbor_list")), system))
         q = system.to_solver(x, params)
         fn, extra = _job._bind(system, pairs, lambda s_: lambda q_, p_: observables.rattlers(s_, q_, p_))
         rattler = jax.jit(fn)(q, params, *extra)

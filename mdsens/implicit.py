@@ -35,6 +35,8 @@ Params = Any  # a pytree of arrays
 Projector = Callable[[Array], Array]
 Gauge = Callable[[Array, Params], Projector]
 OptimalityFn = Callable[[Array, Params], Array]
+# hvp(x, params) -> (v -> ∂ₓF(x, params) v): an assembled Jacobian-vector product.
+HVP = Callable[[Array, Params], Callable[[Array], Array]]
 Solve = Callable[[Callable[[Array], Array], Array], tuple[Array, linsolve.SolveInfo]]
 
 
@@ -43,13 +45,20 @@ def _identity(v: Array) -> Array:
 
 
 def _operator(
-    optimality_fn: OptimalityFn, x: Array, params: Params, gauge: Gauge | None, tether: float
+    optimality_fn: OptimalityFn, x: Array, params: Params, gauge: Gauge | None, tether: float,
+    hvp: HVP | None = None,
 ) -> tuple[Callable[[Array], Array], Projector]:
-    """The gauge-fixed operator ``M v = P A P v + λ P v + (I − P) v`` and ``P``."""
+    """The gauge-fixed operator ``M v = P A P v + λ P v + (I − P) v`` and ``P``.
+
+    ``A v`` is ``jvp(F)`` by default, or ``hvp(x, params)(v)`` when the caller
+    has a cheaper assembled product (it must equal ∂ₓF exactly)."""
     project = _identity if gauge is None else gauge(jax.lax.stop_gradient(x), params)
 
-    def jacobian_vp(v: Array) -> Array:
-        return jax.jvp(lambda y: optimality_fn(y, params), (x,), (v,))[1]
+    if hvp is not None:
+        jacobian_vp = hvp(x, params)
+    else:
+        def jacobian_vp(v: Array) -> Array:
+            return jax.jvp(lambda y: optimality_fn(y, params), (x,), (v,))[1]
 
     def matvec(v: Array) -> Array:
         pv = project(v)
@@ -66,6 +75,7 @@ def tangent(
     solve: Solve | None = None,
     gauge: Gauge | None = None,
     tether: float = 0.0,
+    hvp: HVP | None = None,
 ) -> tuple[Array, linsolve.SolveInfo]:
     """Forward mode: ``u = ∂x*/∂θ · δθ``, solving ``M u = −P ∂θF·δθ``.
 
@@ -73,7 +83,7 @@ def tangent(
     Differentiable (the solve is a ``custom_linear_solve``).
     """
     solve = linsolve.cg() if solve is None else solve
-    matvec, project = _operator(optimality_fn, x, params, gauge, tether)
+    matvec, project = _operator(optimality_fn, x, params, gauge, tether, hvp)
     _, dF = jax.jvp(lambda p: optimality_fn(x, p), (params,), (dparams,))
     b = -project(dF)
     u, info = jax.lax.custom_linear_solve(matvec, b, solve, symmetric=True, has_aux=True)
@@ -88,6 +98,7 @@ def cotangent(
     solve: Solve | None = None,
     gauge: Gauge | None = None,
     tether: float = 0.0,
+    hvp: HVP | None = None,
 ) -> tuple[Params, linsolve.SolveInfo]:
     """Reverse mode: ``θ̄ = (∂x*/∂θ)ᵀ x̄ = −(∂θF)ᵀ w`` with ``M w = P x̄``.
 
@@ -95,7 +106,7 @@ def cotangent(
     ``params``) and the solve's info.
     """
     solve = linsolve.cg() if solve is None else solve
-    matvec, project = _operator(optimality_fn, x, params, gauge, tether)
+    matvec, project = _operator(optimality_fn, x, params, gauge, tether, hvp)
     w, info = solve(matvec, project(x_bar))
     _, vjp = jax.vjp(lambda p: optimality_fn(x, p), params)
     (params_bar,) = vjp(-project(w))
@@ -107,11 +118,13 @@ def custom_root(
     solve: Solve | None = None,
     gauge: Gauge | None = None,
     tether: float = 0.0,
+    hvp: HVP | None = None,
 ) -> Callable[[Callable[[Array, Params], Array]], Callable[[Array, Params], Array]]:
     """Decorator: make ``solver(init, params) -> x*`` differentiable in ``params``.
 
     ``optimality_fn(x, params)`` vanishes at the solver's output and has a
-    symmetric Jacobian in ``x`` (a gradient). ``solve`` defaults to
+    symmetric Jacobian in ``x`` (a gradient); ``hvp``, if given, is an
+    assembled product with that Jacobian. ``solve`` defaults to
     :func:`mdsens.linsolve.cg`. The returned function has zero derivative with
     respect to ``init`` (the root does not depend on where the search started,
     within one basin).
@@ -131,7 +144,7 @@ def custom_root(
             init, params = primals
             _, dparams = tangents
             x = root(init, params)
-            matvec, project = _operator(optimality_fn, x, params, gauge, tether)
+            matvec, project = _operator(optimality_fn, x, params, gauge, tether, hvp)
             _, dF = jax.jvp(lambda p: optimality_fn(x, p), (params,), (dparams,))
             u = jax.lax.custom_linear_solve(matvec, -project(dF), solution_only, symmetric=True)
             return x, project(u)

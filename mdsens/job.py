@@ -237,31 +237,50 @@ def prepare(job: Job) -> tuple[System, dict[str, Callable], list[tuple[str, str,
     return system, observe, wrts
 
 
+def relax_system(
+    job: Job, system: System, params: dict[str, jax.Array],
+    progress: Callable[[int, float, float], None] | None = None,
+) -> tuple[jax.Array, RelaxInfo, float, jax.Array | None, dict[str, Any]]:
+    """Relax ``system`` from its initial positions as ``job`` says (all pairs
+    or neighbor lists), and choose the pairs the derivatives will use.
+
+    Returns ``(q*, info, compile_s, pairs, meta)``: ``pairs`` is the neighbor
+    list built at x*, or, after an all-pairs relaxation of more than 64
+    particles, the pairs that interact at x* (the rest contribute exactly zero
+    to E and every derivative there, so a Hessian product costs the contacts,
+    not N²/2 pairs); None means all pairs.
+    """
+    from mdsens import minimize
+
+    x0 = jnp.asarray(system.positions)
+    if use_neighbor_list(job, system):
+        x, info, compile_s, nbrs, stats = neighbors.relax(system, x0, params, job.minimizer, job.ftol,
+                                                          job.max_steps, job.chunk, progress, job.skin)
+        pairs = nbrs.idx  # built at x*: the derivative's list
+        meta = {"used": True, "skin": job.skin, "capacity": stats.capacity,
+                "reallocations": stats.reallocations, "pairs": stats.pairs}
+        return system.to_solver(jax.block_until_ready(x), params), info, compile_s, pairs, meta
+    mini = sensitivity.minimizer_for(system, job.minimizer)
+    x, info, compile_s = minimize.run_chunked(mini, system.energy_real, x0, params, job.ftol, job.max_steps,
+                                              job.chunk, progress)
+    q = system.to_solver(jax.block_until_ready(x), params)
+    if system.n <= 64:
+        return q, info, compile_s, None, {"used": False}
+    pairs = jnp.asarray(system.interacting_pairs(q, params, margin=job.skin))
+    return q, info, compile_s, pairs, {"used": False, "derivative_pairs": int(pairs.shape[1])}
+
+
 def execute(job: Job, progress: Callable[[int, float, float], None] | None = None) -> Result:
     """Run ``job``: relax, then (if converged) every requested derivative."""
     wall = time.perf_counter()
     system, observe, wrts = prepare(job)
     params = {k: jnp.asarray(v) for k, v in system.params.items()}
     timings = {"compile_s": 0.0, "relax_s": 0.0, "derivative_s": 0.0}
-    from mdsens import minimize
 
-    x0 = jnp.asarray(system.positions)
     start = time.perf_counter()
-    pairs, nl_meta = None, {"used": False}
-    if use_neighbor_list(job, system):
-        x, info, compile_s, nbrs, stats = neighbors.relax(system, x0, params, job.minimizer, job.ftol,
-                                                          job.max_steps, job.chunk, progress, job.skin)
-        pairs = nbrs.idx  # built at x*: the derivative's list
-        nl_meta = {"used": True, "skin": job.skin, "capacity": stats.capacity,
-                   "reallocations": stats.reallocations, "pairs": stats.pairs}
-    else:
-        mini = sensitivity.minimizer_for(system, job.minimizer)
-        x, info, compile_s = minimize.run_chunked(mini, system.energy_real, x0, params, job.ftol, job.max_steps,
-                                                  job.chunk, progress)
-    jax.block_until_ready(x)
+    q, info, compile_s, pairs, nl_meta = relax_system(job, system, params, progress)
     timings["compile_s"] += compile_s
     timings["relax_s"] = time.perf_counter() - start - compile_s
-    q = system.to_solver(x, params)
     fn, extra = _bind(system, pairs, lambda s_: lambda q_, p_: observables.rattlers(s_, q_, p_))
     rattler = jax.jit(fn)(q, params, *extra)
 

@@ -32,7 +32,7 @@ from mdsens.system import Params, System
 Array = jax.Array
 
 #: ``mdsens run`` switches to neighbor lists at this many particles (all pairs below).
-AUTO_THRESHOLD = 2048
+AUTO_THRESHOLD = 768
 DEFAULT_SKIN = 0.3
 
 

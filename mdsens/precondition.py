@@ -29,27 +29,9 @@ from mdsens.system import Params, System
 Array = jax.Array
 
 
-def pair_hessians(system: System, q: Array, params: Params) -> tuple[Array, Array, Array]:
-    """Per enumerated pair, ``L K_ij L`` (M, d, d) and the indices ``i``, ``j``:
-    H = Σ_pairs (e_i − e_j)(e_i − e_j)ᵀ ⊗ L K_ij L."""
-    dr, i, j, valid = system.pair_list(q, params)
-
-    def pair_energy(r_vec: Array, a: Array, b: Array) -> Array:
-        d2 = jnp.sum(r_vec**2)
-        r = jnp.sqrt(jnp.where(d2 > 0, d2, 1.0))
-        return system.pair(r, a, b, params)
-
-    k = jax.vmap(jax.hessian(pair_energy))(dr, i, j)
-    k = jnp.where(valid[:, None, None], k, 0.0)
-    if system.periodic:
-        scale = params["box"]
-        k = k * scale[None, :, None] * scale[None, None, :]
-    return k, i, j
-
-
 def diagonal_blocks(system: System, q: Array, params: Params) -> Array:
     """(N, d, d): the diagonal blocks ``∂²E/∂q_i²`` of the solver-coordinate Hessian."""
-    k, i, j = pair_hessians(system, q, params)
+    k, i, j = system.pair_hessians(q, params)
     n, d = system.n, system.dim
     return jnp.zeros((n, d, d), k.dtype).at[i].add(k).at[j].add(k)
 
@@ -116,7 +98,7 @@ def two_level(
     null space is the global translation, which P removes). Symmetric positive
     definite like B₀."""
     q, params = jax.lax.stop_gradient(q), jax.lax.stop_gradient(params)
-    k, i, j = pair_hessians(system, q, params)
+    k, i, j = system.pair_hessians(q, params)
     n, d = system.n, system.dim
     inverse = block_inverse(jnp.zeros((n, d, d), k.dtype).at[i].add(k).at[j].add(k))
     cell, count = _cells(system, q, per_cell, max_cells)
