@@ -74,10 +74,13 @@ def strain_response(
     directions = jnp.eye(k, dtype=q.dtype)
 
     def column(e: Array) -> Array:
-        u, _ = implicit.tangent(root_fn, q, gamma0, e, solve, lambda x, p: project)
+        # The assembled Hessian is the strain-free one, exact here because the
+        # tangent is taken at γ = 0.
+        u, _ = implicit.tangent(root_fn, q, gamma0, e, solve, lambda x, p: project,
+                                hvp=lambda x, gamma: system.hessian_vp(x, params))
         return jax.jvp(strain_force, (q, gamma0), (u, e))[1]
 
-    response = jax.vmap(column, out_axes=1)(directions)
+    response = jax.lax.map(column, directions).T
     # Exactly symmetric in exact arithmetic; symmetrising removes the solve's
     # round-off asymmetry, so C has its major symmetry to machine precision.
     return 0.5 * (response + response.T)
