@@ -294,6 +294,12 @@ def run(
             else:
                 curve = []
                 for s in sorted(set(min(s, steps_full) for s in unroll_steps)):
+                    done = [c for c in curve if c.get("rss_mb")]
+                    if done and done[-1]["rss_mb"] * s / done[-1]["steps"] > memory_budget_mb:
+                        # Unrolled memory grows linearly with steps: stop the curve
+                        # before a point that would exceed the budget (or the machine).
+                        curve.append({"steps": s, "skipped": f"predicted > {memory_budget_mb:.0f} MB"})
+                        break
                     log(f"N={n}: unrolled, {s} steps")
                     r = _spawn({**base, "task": "unrolled", "steps": s}, timeout)
                     curve.append({"steps": s, **{k: r.get(k) for k in ("unrolled_s", "rss_mb", "error")}})
