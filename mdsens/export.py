@@ -162,7 +162,6 @@ def _time_series(group: h5py.Group, name: str, value: np.ndarray, step: int, uni
 
 def to_h5md3d(record: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write ``record`` as a 3D H5MD file MDAnalysis reads (atomically)."""
-    from mdsens import __version__
 
     positions = np.asarray(record["positions"])
     n, d = positions.shape
@@ -170,16 +169,8 @@ def to_h5md3d(record: Mapping[str, Any], path: str | os.PathLike) -> None:
     step = int(meta.get("steps", 0))
     periodic = record["box"] is not None
     with io.atomic_h5(path) as f:
-        h5md = f.create_group("h5md")
-        h5md.attrs["version"] = np.array([1, 1], dtype=np.int32)
-        h5md.create_group("author").attrs["name"] = str(meta.get("author", os.environ.get("USER", "unknown")
-                                                                 or "unknown"))
-        creator = h5md.create_group("creator")
-        creator.attrs["name"] = "mdsens"
-        creator.attrs["version"] = __version__
-        units = h5md.create_group("modules/units")
-        units.attrs["version"] = np.array([1, 0], dtype=np.int32)
-        units.attrs["system"] = "reduced"
+        h5md = io.h5md_header(f, meta)
+        units = h5md["modules/units"]
         units.attrs["description"] = ("lengths are in units of the reference length sigma, labelled 'A' "
                                       "for MDAnalysis (1 A here = 1 sigma); time is 0, labelled 'ps'")
         module = h5md.create_group("modules/mdsens_export")

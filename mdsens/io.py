@@ -196,6 +196,23 @@ def particle_diameters(record: Mapping[str, Any]) -> np.ndarray:
     return np.ones(n)
 
 
+def h5md_header(f: h5py.File, meta: Mapping[str, Any]) -> h5py.Group:
+    """The H5MD 1.1 ``/h5md`` group: version, author, creator and the reduced-units module."""
+    from mdsens import __version__
+
+    h5md = f.create_group("h5md")
+    h5md.attrs["version"] = np.array([1, 1], dtype=np.int32)
+    h5md.create_group("author").attrs["name"] = str(meta.get("author", os.environ.get("USER", "unknown")
+                                                             or "unknown"))
+    creator = h5md.create_group("creator")
+    creator.attrs["name"] = "mdsens"
+    creator.attrs["version"] = __version__
+    units = h5md.create_group("modules/units")
+    units.attrs["version"] = np.array([1, 0], dtype=np.int32)
+    units.attrs["system"] = "reduced"
+    return h5md
+
+
 def write(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
     """Write a run record (see :func:`mdsens.job.Result.record`) atomically.
 
@@ -204,7 +221,6 @@ def write(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
     {wrt: {"values": {...}, "iterations", "residual"}}, gradient {obs:
     {"values": {param: array}, "iterations", "residual"}}, meta {...}.
     """
-    from mdsens import __version__
 
     positions = np.asarray(record["positions"])
     n, d = positions.shape
@@ -213,16 +229,8 @@ def write(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
     with atomic_h5(path) as f:
         f.attrs["description"] = ("mdsens: a relaxed particle packing and the exact derivatives of its "
                                   "equilibrium (H5MD 1.1; see /h5md/modules/mdsens)")
-        h5md = f.create_group("h5md")
-        h5md.attrs["version"] = np.array([1, 1], dtype=np.int32)
-        author = h5md.create_group("author")
-        author.attrs["name"] = meta.get("author", os.environ.get("USER", "unknown") or "unknown")
-        creator = h5md.create_group("creator")
-        creator.attrs["name"] = "mdsens"
-        creator.attrs["version"] = __version__
-        units = h5md.create_group("modules/units")
-        units.attrs["version"] = np.array([1, 0], dtype=np.int32)
-        units.attrs["system"] = "reduced"
+        h5md = h5md_header(f, meta)
+        units = h5md["modules/units"]
         _label(units, f"reduced units: length {LENGTH} = the reference length (the small diameter D0 for "
                       f"soft spheres, sigma for Lennard-Jones/Morse), energy {ENERGY} = the interaction "
                       f"strength, {TIME} = the minimizer's fictitious time unit")

@@ -83,12 +83,12 @@ class System:
 
         ``strain`` (d, d), if given, deforms every separation affinely:
         ``r → (I + ε) r`` (used for stress and elastic moduli)."""
-        dq = q[:, None, :] - q[None, :, :]
-        if self.periodic:
-            dq = dq - jnp.round(dq)
-            dr = dq * params["box"]
-        else:
-            dr = dq
+        return self.separation(q[:, None, :] - q[None, :, :], params, strain)
+
+    def separation(self, dq: Array, params: Params, strain: Array | None = None) -> Array:
+        """Real-space separation of solver-coordinate differences ``dq`` (…, d):
+        minimum image and times the box if periodic, then ``(I + strain)``."""
+        dr = (dq - jnp.round(dq)) * params["box"] if self.periodic else dq
         if strain is not None:
             dr = dr @ (jnp.eye(self.dim, dtype=dr.dtype) + strain).T
         return dr
@@ -116,15 +116,7 @@ class System:
             pairs = jnp.asarray(self.pairs)
             valid = (pairs[0] < self.n) & (pairs[1] < self.n)
             i, j = jnp.where(valid, pairs[0], 0), jnp.where(valid, pairs[1], 0)
-        dq = q[i] - q[j]
-        if self.periodic:
-            dq = dq - jnp.round(dq)
-            dr = dq * params["box"]
-        else:
-            dr = dq
-        if strain is not None:
-            dr = dr @ (jnp.eye(self.dim, dtype=dr.dtype) + strain).T
-        return dr, i, j, valid
+        return self.separation(q[i] - q[j], params, strain), i, j, valid
 
     def _pairs(self, q: Array, params: Params, strain: Array | None):
         dr, i, j, valid = self.pair_list(q, params, strain)
