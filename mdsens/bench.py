@@ -308,6 +308,9 @@ def run(
                 if len(ok) >= 2:
                     slope = (ok[-1]["rss_mb"] - ok[0]["rss_mb"]) / max(ok[-1]["steps"] - ok[0]["steps"], 1)
                     predicted = ok[-1]["rss_mb"] + slope * (steps_full - ok[-1]["steps"])
+                elif ok:  # one point: memory ∝ steps (the tape holds every step)
+                    slope = ok[0]["rss_mb"] / ok[0]["steps"]
+                    predicted = slope * steps_full
                 else:
                     slope, predicted = None, None
                 full: dict[str, Any] = {"steps": steps_full, "mb_per_step": slope, "predicted_rss_mb": predicted}
