@@ -29,7 +29,7 @@ def bench(
     seed: int = typer.Option(0, help="Random seed."),
     ftol: float = typer.Option(1e-10, help="Relaxation force tolerance."),
     rtol: float = typer.Option(1e-10, help="CG relative tolerance of the implicit derivative."),
-    preconditioner: str = typer.Option("jacobi", help="CG preconditioner: jacobi or none."),
+    preconditioner: str = typer.Option("twolevel", help="CG preconditioner: twolevel, jacobi or none."),
     fd_sample: int = typer.Option(3, help="Diameters differentiated by finite differences (the full gradient time is extrapolated)."),
     fd_ftol: float = typer.Option(1e-12, help="Re-relaxation tolerance of the finite differences."),
     h: float = typer.Option(1e-5, help="Finite-difference step."),
@@ -54,8 +54,8 @@ def bench(
     with errors():
         if output.exists() and not force:
             fail(f"{output} exists; pass --force to overwrite it, or -o another path", EXIT_USAGE)
-        if preconditioner not in ("none", "jacobi"):
-            fail(f"--preconditioner {preconditioner!r}: choose jacobi or none", EXIT_USAGE)
+        if preconditioner not in ("none", "jacobi", "twolevel"):
+            fail(f"--preconditioner {preconditioner!r}: choose twolevel, jacobi or none", EXIT_USAGE)
         ns = _ints(n, "--n")
         steps = _ints(unroll_steps, "--unroll-steps")
         if no_cache:

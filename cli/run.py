@@ -94,7 +94,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout; logs go to stderr."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no summary."),
     neighbor_list: Optional[bool] = typer.Option(None, "--neighbor-list/--all-pairs", help="Cell-list neighbor lists (O(N)) or all pairs (O(N²)); default: neighbor lists from 768 particles (all-pairs FIRE is faster below)."),
-    preconditioner: str = typer.Option("jacobi", help="CG preconditioner: jacobi (block-Jacobi from the pair terms) or none."),
+    preconditioner: str = typer.Option("twolevel", help="CG preconditioner: twolevel (block-Jacobi plus a coarse correction on cell translations; fewest iterations), jacobi (block-Jacobi from the pair terms) or none."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not use the persistent compilation cache (~/.cache/mdsens/jax; also MDSENS_NO_CACHE=1)."),
 ) -> None:
     """Relax a system, differentiate its equilibrium, write an HDF5 file.

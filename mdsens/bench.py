@@ -235,7 +235,7 @@ def run(
     overrides: dict[str, str] | None = None,
     ftol: float = 1e-10,
     rtol: float = 1e-10,
-    preconditioner: str = "jacobi",
+    preconditioner: str = "twolevel",
     fd_sample: int = 3,
     fd_ftol: float = 1e-12,
     h: float = 1e-5,

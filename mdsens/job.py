@@ -44,7 +44,7 @@ class Job:
     command: str = ""
     neighbor_list: bool | None = None  # None: neighbor lists from neighbors.AUTO_THRESHOLD particles
     skin: float = neighbors.DEFAULT_SKIN
-    preconditioner: str = "jacobi"
+    preconditioner: str = "twolevel"
 
 
 @dataclass
