@@ -32,7 +32,7 @@ class Job:
     system: str = "bidisperse"
     overrides: dict[str, str] = field(default_factory=dict)
     seed: int = 0
-    wrt: list[str] = field(default_factory=lambda: ["diameter"])
+    wrt: list[str] | None = None  # default: the system's first parameter (diameter for soft spheres)
     observe: list[str] | None = None  # default: energy, and pressure for periodic systems
     grad: list[str] = field(default_factory=list)
     minimizer: str = "fire"
@@ -168,7 +168,15 @@ def _solver(job: Job, system: System | None = None, q: jax.Array | None = None, 
 
 
 def use_neighbor_list(job: Job, system: System) -> bool:
-    return system.n >= neighbors.AUTO_THRESHOLD if job.neighbor_list is None else bool(job.neighbor_list)
+    """Neighbor lists from ``neighbors.AUTO_THRESHOLD`` particles unless the job
+    says otherwise; never for an interaction without a finite range."""
+    finite = bool(np.isfinite(float(system.cutoff(system.params))))
+    if job.neighbor_list and not finite:
+        raise UsageError(f"--neighbor-list: {system.name!r} interacts at every distance (no cutoff); "
+                         "use --all-pairs")
+    if job.neighbor_list is None:
+        return finite and system.n >= neighbors.AUTO_THRESHOLD
+    return bool(job.neighbor_list)
 
 
 def _bind(system: System, pairs: jax.Array | None, make: Callable[[System], Callable]) -> tuple[Callable, tuple]:
@@ -224,7 +232,8 @@ def prepare(job: Job) -> tuple[System, dict[str, Callable], list[tuple[str, str,
     if not job.ftol > 0:
         raise UsageError(f"--ftol must be positive, got {job.ftol}")
     params = dict(system.params)
-    wrts = [(text, *parse_wrt(text, params)) for text in job.wrt]
+    requested = job.wrt if job.wrt else [next(k for k in family.parameters if k in params)]
+    wrts = [(text, *parse_wrt(text, params)) for text in requested]
     observe = _observables(job, system)
     for name in job.grad:
         if name not in observables.OBSERVABLES:

@@ -105,3 +105,23 @@ def test_systems_lists_keys_and_parameters():
     catalogue = json.loads(result.stdout)
     entry = catalogue["bidisperse"]
     assert entry["keys"]["n"]["default"] == 128 and "diameter" in entry["parameters"]
+
+
+def test_default_wrt_is_the_systems_first_parameter(tmp_path):
+    """A system without `diameter` differentiates by its first parameter; a
+    neighbor list is refused for an interaction with no cutoff."""
+    out = tmp_path / "dimer.h5"
+    result = runner.invoke(app, ["run", "morse_cluster", "--set", "n=2", "--set", "dim=2", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert list(summary["sensitivity"]) == ["sigma"] and "pressure" not in summary
+    with h5py.File(out) as f:
+        x = f["particles/all/position/value"][0]
+        dx = f["sensitivity/sigma/position"][()]
+        # The dimer: distance = σ and d(distance)/dσ = 1 (analytic), and the gauge
+        # keeps the centre of mass still.
+        assert np.linalg.norm(x[0] - x[1]) == pytest.approx(float(f["parameters/sigma"][()]), rel=1e-9)
+        assert np.dot(dx[0] - dx[1], (x[0] - x[1]) / np.linalg.norm(x[0] - x[1])) == pytest.approx(1.0, rel=1e-8)
+        np.testing.assert_allclose(dx.sum(axis=0), 0.0, atol=1e-12)
+    result = runner.invoke(app, ["run", "morse_cluster", "--neighbor-list", "-o", str(tmp_path / "x.h5")])
+    assert result.exit_code == 2 and "no cutoff" in result.stderr
