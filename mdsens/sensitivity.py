@@ -142,9 +142,20 @@ def forward_fn(
     rattler: Array,
     solve: implicit.Solve | None = None,
     index: tuple[int, ...] | None = None,
+    batch: str | None = None,
 ) -> Callable[[Array, Params], Forward]:
     """The pure function ``(q*, θ) -> Forward`` behind :func:`forward` (jit it,
-    or compile it ahead of time to time compilation separately)."""
+    or compile it ahead of time to time compilation separately).
+
+    ``batch`` says how the tangents (one per element) are solved together:
+    "vmap" (one batched CG; the default on accelerators) or "map" (one CG after
+    another inside the same compiled function; the default on CPU, where the
+    batched scatter-adds of the Hessian product were measured slower than
+    sequential solves)."""
+    if batch is None:
+        batch = "map" if jax.default_backend() == "cpu" else "vmap"
+    if batch not in ("map", "vmap"):
+        raise ValueError(f"batch must be 'map' or 'vmap', got {batch!r}")
     root_fn = optimality(system)
     gauge = gauge_for(system, rattler)
 
@@ -162,10 +173,7 @@ def forward_fn(
             _, d = jax.jvp(outputs, (q, params), (dq, dparams))
             return d, info
 
-        # lax.map, not vmap: each tangent's CG stops at its own iteration count,
-        # and the scatter-adds of the Hessian product are not batched (measured
-        # 3.4x one tangent's time for a vmapped pair at N = 16384).
-        values, info = jax.lax.map(one, tangents)
+        values, info = jax.lax.map(one, tangents) if batch == "map" else jax.vmap(one)(tangents)
         values = {key: v.reshape(shape + v.shape[1:]) for key, v in values.items()}
         return Forward(values, info.iterations.reshape(shape), info.residual.reshape(shape))
 
