@@ -116,7 +116,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     import jax.numpy as jnp
 
     from mdsens import job as _job
-    from mdsens import linsolve, minimize, observables, sensitivity
+    from mdsens import observables, sensitivity
 
     system, params = _setup(spec)
     task = spec["task"]

@@ -10,7 +10,7 @@ that each linear solve's iterations and residual can be reported), and
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -211,7 +211,7 @@ def gradient_fn(
 
     def run(q: Array, params: Params):
         params = dict(params)
-        value, (g_q, g_p) = jax.value_and_grad(lambda a, b: observable(system, a, b), argnums=(0, 1))(q, params)
+        g_q, g_p = jax.grad(lambda a, b: observable(system, a, b), argnums=(0, 1))(q, params)
         implicit_part, info = implicit.cotangent(root_fn, q, params, g_q, solve, gauge, hvp=system.hessian_vp)
         return jax.tree_util.tree_map(jnp.add, g_p, implicit_part), info
 
