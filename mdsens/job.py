@@ -249,9 +249,11 @@ def prepare(job: Job) -> tuple[System, dict[str, Callable], list[tuple[str, str,
 def relax_system(
     job: Job, system: System, params: dict[str, jax.Array],
     progress: Callable[[int, float, float], None] | None = None,
+    x0: jax.Array | None = None,
 ) -> tuple[jax.Array, RelaxInfo, float, jax.Array | None, dict[str, Any]]:
-    """Relax ``system`` from its initial positions as ``job`` says (all pairs
-    or neighbor lists), and choose the pairs the derivatives will use.
+    """Relax ``system`` as ``job`` says (all pairs or neighbor lists) from
+    real-space ``x0`` (default: the system's initial positions), and choose the
+    pairs the derivatives will use.
 
     Returns ``(q*, info, compile_s, pairs, meta)``: ``pairs`` is the neighbor
     list built at x*, or, after an all-pairs relaxation of more than 64
@@ -261,7 +263,7 @@ def relax_system(
     """
     from mdsens import minimize
 
-    x0 = jnp.asarray(system.positions)
+    x0 = jnp.asarray(system.positions if x0 is None else x0)
     if use_neighbor_list(job, system):
         x, info, compile_s, nbrs, stats = neighbors.relax(system, x0, params, job.minimizer, job.ftol,
                                                           job.max_steps, job.chunk, progress, job.skin)
