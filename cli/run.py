@@ -42,6 +42,42 @@ def _configure(precision: str, device: Optional[str]) -> None:
         if device not in platforms:
             raise UsageError(f"--device {device!r}: choose cpu or gpu")
         jax.config.update("jax_platforms", platforms[device])
+        if device == "gpu":
+            _require_gpu()
+
+
+def _cuda_plugin_installed() -> bool:
+    """Whether this JAX has CUDA support (the ``jax[cuda12]`` plugin), GPU or not."""
+    import importlib.util
+    from importlib.metadata import entry_points
+
+    if any("cuda" in ep.name for ep in entry_points(group="jax_plugins")):
+        return True
+    return any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+
+
+def _require_gpu() -> None:
+    """Fail in one line (exit 2, before any work) unless JAX sees a GPU.
+
+    Without the CUDA plugin, JAX's first operation on ``jax_platforms=cuda``
+    dies in a bare AssertionError; with the plugin but no usable GPU, in a
+    RuntimeError from the backend. Ask for the devices now instead."""
+    import jax
+
+    from mdsens.systems import UsageError
+
+    try:
+        platform = jax.devices()[0].platform
+    except Exception as err:  # AssertionError (no plugin) or RuntimeError (no device)
+        if not _cuda_plugin_installed():
+            raise UsageError('--device gpu: this JAX has no CUDA support; install it with '
+                             'pip install -e ".[cuda12]" (or run on the CPU: --device cpu)') from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        raise UsageError(f"--device gpu: no GPU is visible to JAX ({reason}); "
+                         "use --device cpu") from None
+    if platform != "gpu":
+        # The backend was already started on another platform (e.g. in a Python session).
+        raise UsageError(f"--device gpu: JAX is already running on {platform}; no GPU is in use")
 
 
 def _human_summary(result) -> str:
@@ -93,7 +129,7 @@ def run(
     device: Optional[str] = typer.Option(None, help="cpu or gpu (default: JAX's choice, or JAX_PLATFORMS)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout; logs go to stderr."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no summary."),
-    neighbor_list: Optional[bool] = typer.Option(None, "--neighbor-list/--all-pairs", help="Cell-list neighbor lists (O(N)) or all pairs (O(N²)); default: neighbor lists from 768 particles (all-pairs FIRE is faster below)."),
+    neighbor_list: Optional[bool] = typer.Option(None, "--neighbor-list/--all-pairs", help="Derivatives over the pairs of the relaxation's neighbor table (O(N)) or over all pairs (O(N²), same result); default: the table above 64 particles. The relaxation always uses the table."),
     preconditioner: str = typer.Option("twolevel", help="CG preconditioner: twolevel (block-Jacobi plus a coarse correction on cell translations; fewest iterations), jacobi (block-Jacobi from the pair terms) or none."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not use the persistent compilation cache (~/.cache/mdsens/jax; also MDSENS_NO_CACHE=1)."),
 ) -> None:
@@ -105,7 +141,14 @@ def run(
     from mdsens import io
     from mdsens.job import Job, execute
 
-    with errors():
+    state = {"existed": output.exists(), "written": False}
+
+    def on_interrupt() -> str:
+        if state["written"]:
+            return f"{output} was written"
+        return f"no file written, {output} untouched" if state["existed"] else "no file written"
+
+    with errors(on_interrupt):
         if output.exists() and not force:
             fail(f"{output} exists; pass --force to overwrite it, or -o another path", EXIT_USAGE)
         if not output.resolve().parent.is_dir():
@@ -127,6 +170,7 @@ def run(
         finally:
             _progress.finish(callback)
         io.write(output, result.record())
+        state["written"] = True
         summary = result.summary()
         summary["output"] = str(output)
         if as_json:

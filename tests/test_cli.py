@@ -125,3 +125,31 @@ def test_default_wrt_is_the_systems_first_parameter(tmp_path):
         np.testing.assert_allclose(dx.sum(axis=0), 0.0, atol=1e-12)
     result = runner.invoke(app, ["run", "morse_cluster", "--neighbor-list", "-o", str(tmp_path / "x.h5")])
     assert result.exit_code == 2 and "no cutoff" in result.stderr
+
+
+def test_device_gpu_without_a_gpu_is_one_line_exit_2(tmp_path):
+    """`--device gpu` where JAX has no CUDA plugin or sees no GPU: one line saying
+    what to install (or that no GPU is visible), exit 2, no file — checked before
+    any work, in a fresh process (the platform is chosen once per process)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import jax
+
+    try:
+        jax.devices("gpu")
+        pytest.skip("a GPU is visible here; this checks the machine without one")
+    except RuntimeError:
+        pass
+    script = Path(sys.executable).with_name("mdsens")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-c", "from mdsens.cli import main; main()"]
+    out = tmp_path / "gpu.h5"
+    proc = subprocess.run([*cmd, "run", "--device", "gpu", "--set", "n=16", "-o", str(out), "--no-cache"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("error: --device gpu:")
+    assert 'pip install -e ".[cuda12]"' in lines[0] or "no GPU is visible" in lines[0]
+    assert not out.exists() and list(tmp_path.iterdir()) == []
