@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-jax.config.update("jax_enable_x64", True)  # derivatives need float64 (DESIGN.md, "Accuracy")
+jax.config.update("jax_enable_x64", True)  # derivatives need float64 (docs/design.md, "Accuracy")
 
 import matplotlib.pyplot as plt  # inline in Jupyter; Agg when run headless as a script
 
