@@ -1,7 +1,7 @@
 """mdsens: exact sensitivities of particle systems at mechanical equilibrium.
 
 Relax with any minimizer, then differentiate the equilibrium implicitly:
-``H · ∂x*/∂θ = −∂θ∇ₓE``. See DESIGN.md for the math and README.md for the tour.
+``H · ∂x*/∂θ = −∂θ∇ₓE``. See docs/design.md for the math and README.md for the tour.
 """
 
 __version__ = "0.1.0"

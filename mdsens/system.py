@@ -9,7 +9,7 @@ ordinary differentiable parameter and ``x*(θ) = L ⊙ q*(θ)`` carries the affi
 part of a box change. (jax-md's ``space.periodic_general`` has a custom JVP
 that passes fractional tangents through unscaled, which makes a
 Hessian-vector product in fractional coordinates wrong by the box factor;
-see DESIGN.md §6.)
+see docs/design.md, "Pitfalls we measured".)
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class System:
         whose indices are clamped to 0 so that every entry stays finite."""
         if self.pairs is None:
             # Kept as the (N, N) difference then indexed, exactly as before: a
-            # different round-off would send FIRE to another minimum (DESIGN §6).
+            # different round-off would send FIRE to another minimum (docs/design.md, "Pitfalls we measured").
             i, j = np.triu_indices(self.n, k=1)
             dr = self.pair_vectors(q, params, strain)[i, j]
             return dr, jnp.asarray(i), jnp.asarray(j), jnp.ones(i.shape, bool)

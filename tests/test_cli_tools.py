@@ -129,7 +129,7 @@ def test_check_agrees_with_finite_differences(files):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert list(report["elements"]) == ["diameter[1]"]
-    # FD with Newton-polished re-relaxations reaches ~1e-7 (DESIGN.md §6); 1e-5 leaves margin.
+    # FD with Newton-polished re-relaxations reaches ~1e-7 (docs/design.md, "Pitfalls we measured"); 1e-5 leaves margin.
     assert report["ok"] and report["max_error"] < 1e-5
     assert set(report["elements"]["diameter[1]"]) == {"position", "energy", "pressure"}
 

@@ -32,7 +32,7 @@ def test_jvp_vjp_are_transposes_and_match_dense(packing):
     dense_eq = sensitivity.equilibrium(system, ftol=1e-12, solve=linsolve.dense())
     v = _direction(params, 0)
     # A generic cotangent, with a centre-of-mass component: plain CG on the
-    # singular Hessian diverges on exactly this (DESIGN.md §6).
+    # singular Hessian diverges on exactly this (docs/design.md, "Pitfalls we measured").
     w = jax.random.normal(jax.random.PRNGKey(1), q.shape) + 0.3
 
     _, jv = jax.jit(lambda p, v_: jax.jvp(lambda p_: eq(q, p_), (p,), (v_,)))(params, v)
