@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens import linsolve, neighbors, observables, precondition, sensitivity, systems
+from mdsens import linsolve, observables, precondition, relax, sensitivity, systems
 from mdsens.minimize import RelaxInfo
 from mdsens.system import System
 from mdsens.systems import UsageError
@@ -42,8 +42,8 @@ class Job:
     rtol: float = 1e-10
     chunk: int = 2_000
     command: str = ""
-    neighbor_list: bool | None = None  # None: neighbor lists from neighbors.AUTO_THRESHOLD particles
-    skin: float = neighbors.DEFAULT_SKIN
+    neighbor_list: bool | None = None  # derivative pairs from the table; None: when N > 64 and the cutoff is finite
+    skin: float = relax.DEFAULT_SKIN
     preconditioner: str = "twolevel"
 
 
@@ -168,14 +168,16 @@ def _solver(job: Job, system: System | None = None, q: jax.Array | None = None, 
 
 
 def use_neighbor_list(job: Job, system: System) -> bool:
-    """Neighbor lists from ``neighbors.AUTO_THRESHOLD`` particles unless the job
-    says otherwise; never for an interaction without a finite range."""
+    """Whether the derivatives sum over the neighbor table's pairs (True) or
+    over all N(N−1)/2 pairs (False): the table from 65 particles unless the job
+    says otherwise; never for an interaction without a finite range. (The
+    relaxation itself always runs on the table, see :mod:`mdsens.relax`.)"""
     finite = bool(np.isfinite(float(system.cutoff(system.params))))
     if job.neighbor_list and not finite:
         raise UsageError(f"--neighbor-list: {system.name!r} interacts at every distance (no cutoff); "
                          "use --all-pairs")
     if job.neighbor_list is None:
-        return finite and system.n >= neighbors.AUTO_THRESHOLD
+        return finite and system.n > 64
     return bool(job.neighbor_list)
 
 
@@ -251,34 +253,29 @@ def relax_system(
     progress: Callable[[int, float, float], None] | None = None,
     x0: jax.Array | None = None,
 ) -> tuple[jax.Array, RelaxInfo, float, jax.Array | None, dict[str, Any]]:
-    """Relax ``system`` as ``job`` says (all pairs or neighbor lists) from
-    real-space ``x0`` (default: the system's initial positions), and choose the
+    """Relax ``system`` as ``job`` says from real-space ``x0`` (default: the
+    system's initial positions; :func:`mdsens.relax.relax`), and choose the
     pairs the derivatives will use.
 
-    Returns ``(q*, info, compile_s, pairs, meta)``: ``pairs`` is the neighbor
-    list built at x*, or, after an all-pairs relaxation of more than 64
-    particles, the pairs that interact at x* (the rest contribute exactly zero
-    to E and every derivative there, so a Hessian product costs the contacts,
-    not N²/2 pairs); None means all pairs.
+    Returns ``(q*, info, compile_s, pairs, meta)``: ``pairs`` are the pairs of
+    the neighbor table at x* (:func:`use_neighbor_list`; every pair closer than
+    the cutoff is among them, the rest contribute exactly zero to E and every
+    derivative there, so a Hessian product costs the contacts, not N²/2
+    pairs); None means all pairs.
     """
-    from mdsens import minimize
-
     x0 = jnp.asarray(system.positions if x0 is None else x0)
+    out = relax.relax(system, params, x0, job.minimizer, job.ftol, job.max_steps, job.chunk, progress, job.skin)
+    q = system.to_solver(jax.block_until_ready(out.x), params)
+    meta = {"cell_list": out.stats.cell_list, "skin": job.skin, "capacity": out.stats.capacity,
+            "reallocations": out.stats.reallocations, "rebuilds": out.stats.rebuilds}
     if use_neighbor_list(job, system):
-        x, info, compile_s, nbrs, stats = neighbors.relax(system, x0, params, job.minimizer, job.ftol,
-                                                          job.max_steps, job.chunk, progress, job.skin)
-        pairs = nbrs.idx  # built at x*: the derivative's list
-        meta = {"used": True, "skin": job.skin, "capacity": stats.capacity,
-                "reallocations": stats.reallocations, "pairs": stats.pairs}
-        return system.to_solver(jax.block_until_ready(x), params), info, compile_s, pairs, meta
-    mini = sensitivity.minimizer_for(system, job.minimizer)
-    x, info, compile_s = minimize.run_chunked(mini, system.energy_real, x0, params, job.ftol, job.max_steps,
-                                              job.chunk, progress)
-    q = system.to_solver(jax.block_until_ready(x), params)
-    if system.n <= 64:
-        return q, info, compile_s, None, {"used": False}
-    pairs = jnp.asarray(system.interacting_pairs(q, params, margin=job.skin))
-    return q, info, compile_s, pairs, {"used": False, "derivative_pairs": int(pairs.shape[1])}
+        # Every pair closer than the cutoff at x* is in the table (no particle
+        # moved more than skin/2 since its build): the others contribute exactly
+        # zero to E and to every derivative there.
+        pairs = jnp.asarray(relax.pairs_from_table(out.idx, system.n))
+        meta["pairs"] = int(pairs.shape[1])
+        return q, out.info, out.compile_s, pairs, meta
+    return q, out.info, out.compile_s, None, meta
 
 
 def execute(job: Job, progress: Callable[[int, float, float], None] | None = None) -> Result:

@@ -5,8 +5,8 @@ A minimizer is a pair of pure functions (``init(x, params) -> state``,
 ``force`` and ``step`` (the count). :func:`run` iterates one inside a single
 ``lax.while_loop`` until the largest per-particle force ``max_i |F_i| < ftol``
 or ``max_steps``; it is jittable and vmappable, which is what
-:func:`mdsens.implicit.custom_root` wraps. :func:`run_chunked` does the same
-in jitted chunks of steps so that a caller can report progress between them.
+:func:`mdsens.implicit.custom_root` wraps. The CLI's relaxation runs the
+same steps in compiled chunks over a neighbor table (:mod:`mdsens.relax`).
 
 Which FIRE. jax-md's ``fire_descent`` normalises the force as
 ``F / sqrt(|F|² + 1e-6)`` and its own comment warns this is wrong below
@@ -19,15 +19,15 @@ is a traced, differentiable parameter, and (b) FIRE 2.0 (Guénolé et al.,
 Comput. Mater. Sci. 175, 109584 (2020)) took a median 0.90× jax-md's steps
 over nine runs (range 0.74–1.13×; N = 128 and 512, seeds 0–2, ftol 1e-10 to
 1e-13; e.g. 1141 vs 1011 and 822 vs 1026 steps at N = 128, 1989 vs 2705 at
-N = 512). It is FIRE 2.0 as published:
+N = 512). It is FIRE 2.0 as published (Algorithm 2 of the paper, with its
+initial delay and its stop after ``n_neg_max`` consecutive uphill steps):
 semi-implicit Euler, mixing after the velocity update, a half-step back-off
-when the power turns negative, an initial delay before the time step grows,
-and an exactly normalised force direction.
+when the power turns non-positive, no time-step decrease during the first
+``n_delay`` steps, and an exactly normalised force direction.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -37,6 +37,7 @@ Array = jax.Array
 Params = Any
 EnergyFn = Callable[[Array, Params], Array]
 ShiftFn = Callable[[Array, Array, Params], Array]
+ForceFn = Callable[[Array, Params], Array]
 
 
 class FireState(NamedTuple):
@@ -46,6 +47,7 @@ class FireState(NamedTuple):
     dt: Array
     alpha: Array
     n_pos: Array
+    n_neg: Array
     step: Array
 
 
@@ -56,8 +58,16 @@ class DescentState(NamedTuple):
 
 
 class Minimizer(NamedTuple):
+    """``init(x, env)``; ``step(state, env)`` = ``step_force(step_x(state, env), env)``:
+    ``step_x`` moves the positions (the force field of its result is stale),
+    ``step_force`` evaluates the force there — a driver may refresh a neighbor
+    table in between. ``stalled(state)`` is True when the minimizer gave up."""
+
     init: Callable[[Array, Params], Any]
     step: Callable[[Any, Params], Any]
+    step_x: Callable[[Any, Params], Any] | None = None
+    step_force: Callable[[Any, Params], Any] | None = None
+    stalled: Callable[[Any], Array] | None = None
 
 
 class RelaxInfo(NamedTuple):
@@ -83,8 +93,16 @@ def max_force(force: Array) -> Array:
     return jnp.max(jnp.sqrt(jnp.sum(force**2, axis=-1)))
 
 
+def _force_fn(energy_fn: EnergyFn | None, force_fn: ForceFn | None) -> ForceFn:
+    if force_fn is not None:
+        return force_fn
+    if energy_fn is None:
+        raise ValueError("give energy_fn or force_fn")
+    return jax.grad(lambda x, p: -energy_fn(x, p))
+
+
 def fire(
-    energy_fn: EnergyFn,
+    energy_fn: EnergyFn | None = None,
     shift_fn: ShiftFn = free_shift,
     dt_start: float = 0.1,
     dt_max: float = 0.4,
@@ -94,26 +112,35 @@ def fire(
     f_dec: float = 0.5,
     alpha_start: float = 0.1,
     f_alpha: float = 0.99,
+    n_neg_max: int = 2000,
+    force_fn: ForceFn | None = None,
 ) -> Minimizer:
-    """FIRE 2.0 with unit masses. Time in units where ``dt ~ 0.1`` suits σ ~ 1, ε ~ 1."""
-    force_fn = jax.grad(lambda x, p: -energy_fn(x, p))
+    """FIRE 2.0 (Guénolé et al. 2020, Algorithm 2) with unit masses: semi-implicit
+    Euler, mixing after the velocity update, the initial delay (no time-step
+    decrease during the first ``n_delay`` steps), a half step back and zero
+    velocity when the power ``F·v`` is not positive, and a stop after
+    ``n_neg_max`` consecutive such steps (``stalled``). Time in units where
+    ``dt ~ 0.1`` suits σ ~ 1, ε ~ 1. Forces from ``force_fn(x, env)``, or
+    ``−∇energy_fn``."""
+    force_of = _force_fn(energy_fn, force_fn)
 
     def init(x: Array, params: Params) -> FireState:
-        f = force_fn(x, params)
+        f = force_of(x, params)
         zero = jnp.zeros((), x.dtype)
-        return FireState(x, jnp.zeros_like(x), f, zero + dt_start, zero + alpha_start,
-                         jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+        count = jnp.zeros((), jnp.int32)
+        return FireState(x, jnp.zeros_like(x), f, zero + dt_start, zero + alpha_start, count, count, count)
 
-    def step(state: FireState, params: Params) -> FireState:
-        x, v, f, dt, alpha, n_pos, count = state
-        power = jnp.vdot(f, v)
-        downhill = power > 0
+    def step_x(state: FireState, params: Params) -> FireState:
+        x, v, f, dt, alpha, n_pos, n_neg, count = state
+        downhill = jnp.vdot(f, v) > 0
         n_pos = jnp.where(downhill, n_pos + 1, 0)
+        n_neg = jnp.where(downhill, 0, n_neg + 1)
         grow = downhill & (n_pos > n_delay)
         dt = jnp.where(grow, jnp.minimum(dt * f_inc, dt_max), dt)
         alpha = jnp.where(grow, alpha * f_alpha, alpha)
-        dt = jnp.where(downhill, dt, jnp.maximum(dt * f_dec, dt_min))
-        alpha = jnp.where(downhill, alpha, alpha_start)
+        shrink = ~downhill & (count >= n_delay)  # the initial delay: no decrease in the first steps
+        dt = jnp.where(shrink & (dt * f_dec >= dt_min), dt * f_dec, dt)
+        alpha = jnp.where(shrink, alpha_start, alpha)
         # Uphill: step half back along the velocity that overshot, then stop.
         x = jnp.where(downhill, x, shift_fn(x, -0.5 * dt * v, params))
         v = jnp.where(downhill, v, jnp.zeros_like(v))
@@ -123,33 +150,53 @@ def fire(
         direction = f / jnp.where(f_norm > 0, f_norm, 1.0)
         v = (1.0 - alpha) * v + alpha * v_norm * direction
         x = shift_fn(x, dt * v, params)
-        f = force_fn(x, params)
-        return FireState(x, v, f, dt, alpha, n_pos, count + 1)
+        return FireState(x, v, f, dt, alpha, n_pos, n_neg, count + 1)
 
-    return Minimizer(init, step)
+    def step_force(state: FireState, params: Params) -> FireState:
+        return state._replace(force=force_of(state.x, params))
+
+    def step(state: FireState, params: Params) -> FireState:
+        return step_force(step_x(state, params), params)
+
+    def stalled(state: FireState) -> Array:
+        return state.n_neg > n_neg_max
+
+    return Minimizer(init, step, step_x, step_force, stalled)
 
 
-def gradient_descent(energy_fn: EnergyFn, shift_fn: ShiftFn = free_shift, step_size: float = 0.05) -> Minimizer:
+def gradient_descent(energy_fn: EnergyFn | None = None, shift_fn: ShiftFn = free_shift, step_size: float = 0.05,
+                     force_fn: ForceFn | None = None) -> Minimizer:
     """Fixed-step gradient descent ``x ← x − η ∇E``; stable for ``η < 2/λ_max(H)``."""
-    force_fn = jax.grad(lambda x, p: -energy_fn(x, p))
+    force_of = _force_fn(energy_fn, force_fn)
 
     def init(x: Array, params: Params) -> DescentState:
-        return DescentState(x, force_fn(x, params), jnp.zeros((), jnp.int32))
+        return DescentState(x, force_of(x, params), jnp.zeros((), jnp.int32))
+
+    def step_x(state: DescentState, params: Params) -> DescentState:
+        return DescentState(shift_fn(state.x, step_size * state.force, params), state.force, state.step + 1)
+
+    def step_force(state: DescentState, params: Params) -> DescentState:
+        return state._replace(force=force_of(state.x, params))
 
     def step(state: DescentState, params: Params) -> DescentState:
-        x = shift_fn(state.x, step_size * state.force, params)
-        return DescentState(x, force_fn(x, params), state.step + 1)
+        return step_force(step_x(state, params), params)
 
-    return Minimizer(init, step)
+    return Minimizer(init, step, step_x, step_force, lambda state: jnp.zeros((), bool))
+
+
+def running(minimizer: Minimizer, state: Any, ftol: float, until: Array) -> Array:
+    """Whether a relaxation goes on: not converged, below ``until``, not stalled."""
+    go = (max_force(state.force) >= ftol) & (state.step < until)
+    if minimizer.stalled is not None:
+        go = go & ~minimizer.stalled(state)
+    return go
 
 
 def advance(minimizer: Minimizer, state: Any, params: Params, ftol: float, until: Array) -> Any:
     """Step ``state`` inside one ``while_loop`` until ``max|F| < ftol`` or ``step == until``."""
 
-    def cond(s):
-        return (max_force(s.force) >= ftol) & (s.step < until)
-
-    return jax.lax.while_loop(cond, lambda s: minimizer.step(s, params), state)
+    return jax.lax.while_loop(lambda s: running(minimizer, s, ftol, until),
+                              lambda s: minimizer.step(s, params), state)
 
 
 def _info(state: Any, energy_fn: EnergyFn, params: Params, ftol: float) -> RelaxInfo:
@@ -164,39 +211,3 @@ def run(
     """Relax from ``x0``: pure, jittable, vmappable. Returns ``x*`` and :class:`RelaxInfo`."""
     state = advance(minimizer, minimizer.init(x0, params), params, ftol, jnp.asarray(max_steps, jnp.int32))
     return state.x, _info(state, energy_fn, params, ftol)
-
-
-def run_chunked(
-    minimizer: Minimizer,
-    energy_fn: EnergyFn,
-    x0: Array,
-    params: Params,
-    ftol: float = 1e-10,
-    max_steps: int = 100_000,
-    chunk: int = 2_000,
-    callback: Callable[[int, float, float], None] | None = None,
-) -> tuple[Array, RelaxInfo, float]:
-    """:func:`run` in jitted chunks of ``chunk`` steps; ``callback(step, max_force,
-    elapsed_s)`` between chunks. The same loop as :func:`run`; a chunk boundary
-    only returns control to Python (one device sync per chunk).
-
-    Returns ``(x*, info, compile_s)``: compilation is done ahead of time and
-    timed separately, so the caller can report relaxation time without it.
-    """
-    start = time.perf_counter()
-    state = jax.jit(minimizer.init)(x0, params)
-    until = jnp.asarray(0, jnp.int32)
-    step_chunk = jax.jit(lambda s, p, u: advance(minimizer, s, p, ftol, u)).lower(state, params, until).compile()
-    summary = jax.jit(lambda s, p: _info(s, energy_fn, p, ftol)).lower(state, params).compile()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    while True:
-        until = jnp.minimum(state.step + chunk, max_steps).astype(jnp.int32)
-        state = step_chunk(state, params, until)
-        fmax = float(max_force(state.force))
-        steps = int(state.step)
-        if callback is not None:
-            callback(steps, fmax, time.perf_counter() - start)
-        if fmax < ftol or steps >= max_steps:
-            break
-    return state.x, summary(state, params), compile_s

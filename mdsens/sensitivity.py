@@ -44,21 +44,20 @@ def relax(
     chunk: int | None = None,
     callback: Callable[[int, float, float], None] | None = None,
 ) -> tuple[Array, minimize.RelaxInfo]:
-    """Minimize the energy from ``q0`` (default: the system's initial positions).
+    """Minimize the energy from ``q0`` (default: the system's initial positions)
+    with the relaxation driver (:func:`mdsens.relax.relax`: a neighbor table,
+    compiled once per system).
 
     Returns ``q*`` in solver coordinates and :class:`mdsens.minimize.RelaxInfo`.
-    With ``chunk``, runs in jitted chunks and calls ``callback(step, max_force,
-    elapsed_s)`` between them.
+    Runs in compiled chunks of ``chunk`` steps (default 2000) and calls
+    ``callback(step, max_force, elapsed_s)`` between them.
     """
+    from mdsens import relax as _relax
+
     params = dict(system.params if params is None else params)
     x0 = jnp.asarray(system.positions) if q0 is None else system.to_real(q0, params)
-    mini = minimizer_for(system, method)
-    if chunk is None:
-        run = jax.jit(lambda x, p: minimize.run(mini, system.energy_real, x, p, ftol, max_steps))
-        x, info = run(x0, params)
-    else:
-        x, info, _ = minimize.run_chunked(mini, system.energy_real, x0, params, ftol, max_steps, chunk, callback)
-    return system.to_solver(x, params), info
+    out = _relax.relax(system, params, x0, method, ftol, max_steps, chunk or 2_000, callback)
+    return system.to_solver(out.x, params), out.info
 
 
 def optimality(system: System) -> Callable[[Array, Params], Array]:
@@ -147,6 +146,10 @@ def forward_fn(
     """The pure function ``(q*, θ) -> Forward`` behind :func:`forward` (jit it,
     or compile it ahead of time to time compilation separately).
 
+    ``index=None`` (the default) differentiates by each element of
+    ``params[name]`` separately; a full index (one entry per axis, ``()`` for a
+    scalar) by that element alone.
+
     ``batch`` says how the tangents (one per element) are solved together:
     "vmap" (one batched CG; the default on accelerators) or "map" (one CG after
     another inside the same compiled function; the default on CPU, where the
@@ -156,6 +159,11 @@ def forward_fn(
         batch = "map" if jax.default_backend() == "cpu" else "vmap"
     if batch not in ("map", "vmap"):
         raise ValueError(f"batch must be 'map' or 'vmap', got {batch!r}")
+    shape = jnp.shape(system.params[name]) if name in system.params else None
+    if index is not None and shape is not None and (
+            len(index) != len(shape) or any(not 0 <= i < n for i, n in zip(index, shape))):
+        raise ValueError(f"index {tuple(index)} of {name!r} (shape {tuple(shape)}): give one entry per axis, "
+                         "or index=None for each element separately")
     root_fn = optimality(system)
     gauge = gauge_for(system, rattler)
 
@@ -189,14 +197,20 @@ def forward(
     rattler: Array,
     solve: implicit.Solve | None = None,
     index: tuple[int, ...] | None = None,
+    batch: str | None = None,
 ) -> Forward:
-    """``∂x*/∂θ`` and ``dO/dθ`` for every element of ``params[name]`` (or element
-    ``index``), at the relaxed ``q``.
+    """``∂x*/∂θ`` and ``dO/dθ`` for every element of ``params[name]``, each
+    separately (``index=None``, the default: values of shape ``param.shape +
+    …``), or for element ``index`` alone (a full index, shape ``()`` + …), at
+    the relaxed ``q``.
 
-    One linear solve per element, batched with vmap. ``x*`` is the real-space
-    position (includes the affine part ``q* ⊙ ∂L/∂θ`` for the box).
+    One linear solve per element, inside one compiled function: one after
+    another with ``lax.map`` (``batch="map"``, the default on CPU) or as one
+    batched CG with ``vmap`` (``batch="vmap"``, the default on accelerators);
+    see :func:`forward_fn`. ``x*`` is the real-space position (includes the
+    affine part ``q* ⊙ ∂L/∂θ`` for the box).
     """
-    return jax.jit(forward_fn(system, name, observe, rattler, solve, index))(q, dict(params))
+    return jax.jit(forward_fn(system, name, observe, rattler, solve, index, batch))(q, dict(params))
 
 
 def gradient_fn(
@@ -267,19 +281,33 @@ def finite_difference(
     q: Array,
     params: Params,
     name: str,
-    index: tuple[int, ...] = (),
+    index: tuple[int, ...] | None = None,
     h: float = 1e-5,
     observe: Mapping[str, Observable] | None = None,
     ftol: float = 1e-12,
     polish: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Central differences of ``x*`` and observables in ``params[name][index]``.
+    """Central differences of ``x*`` and observables in the elements of ``params[name]``.
+
+    Like :func:`forward`: ``index=None`` (the default) differences each element
+    separately (values of shape ``param.shape + …``; a scalar gives shape
+    ``()`` + …); a full index (one entry per axis, ``()`` for a scalar) only
+    that element. A partial index is refused (it would move several elements
+    at once).
 
     Re-relaxes from the relaxed ``q`` at ``θ ± h`` (same basin), polishes with
     Newton steps, and differences in solver coordinates with minimum image, so
     ``∂x*/∂θ = L ⊙ P(∂q/∂θ) + q* ⊙ ∂L/∂θ`` in the same gauge ``P`` as the
     implicit derivative.
     """
+    shape = jnp.shape(params[name])
+    if index is None:
+        each = [finite_difference(system, q, params, name, i, h, observe, ftol, polish) for i in np.ndindex(*shape)]
+        return {key: np.stack([e[key] for e in each]).reshape(shape + each[0][key].shape) for key in each[0]}
+    index = tuple(int(i) for i in index)
+    if len(index) != len(shape) or any(not 0 <= i < n for i, n in zip(index, shape)):
+        raise ValueError(f"index {index} of {name!r} (shape {tuple(shape)}): give one entry per axis, "
+                         "or index=None for each element separately")
     observe = {} if observe is None else observe
     params = {k: jnp.asarray(v) for k, v in params.items()}
     rattler = observables.rattlers(system, q, params)
@@ -287,7 +315,7 @@ def finite_difference(
     states = []
     for sign in (+1.0, -1.0):
         p = dict(params)
-        p[name] = params[name].at[index].add(sign * h) if params[name].ndim else params[name] + sign * h
+        p[name] = params[name].at[index].add(sign * h)
         qs, _ = relax(system, p, q0=q, ftol=ftol, max_steps=200_000)
         if polish:
             qs = newton_polish(system, qs, p, rattler)

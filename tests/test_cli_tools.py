@@ -176,37 +176,24 @@ def test_progress_display_on_a_terminal():
 
 @pytest.mark.slow
 def test_chunking_overhead():
-    """run_chunked vs one while_loop (minimize.run), same steps. Run with
-    ``pytest -m slow -k overhead -s`` to see the numbers."""
+    """relax.relax in chunks of 100, 500 and 2000 steps: the same steps, and the
+    time per chunk boundary. Run with ``pytest -m slow -k overhead -s``."""
     import time
 
-    import jax
+    import jax.numpy as jnp
 
-    from mdsens import minimize, sensitivity, systems
+    from mdsens import relax, systems
 
     system = systems.get("bidisperse").build(n=512, seed=0)
-    params = dict(system.params)
-    mini = sensitivity.minimizer_for(system)
-    x0 = np.asarray(system.positions)
-    unchunked = jax.jit(lambda x, p: minimize.run(mini, system.energy_real, x, p, 1e-10, 100_000))
-    jax.block_until_ready(unchunked(x0, params))
-
-    def best(fn, repeats=3):
-        # (seconds without compilation, output): run_chunked compiles ahead of time on
-        # every call and reports it, so its compile time is subtracted.
-        times = []
-        for _ in range(repeats):
+    params = {k: jnp.asarray(v) for k, v in system.params.items()}
+    base = relax.relax(system, params, chunk=100_000)
+    times = {}
+    for chunk in (100_000, 100, 500, 2000):
+        runs = []
+        for _ in range(3):
             start = time.perf_counter()
-            out = fn()
-            jax.block_until_ready(out[0])
-            compile_s = out[2] if len(out) == 3 else 0.0
-            times.append(time.perf_counter() - start - compile_s)
-        return min(times), out
-
-    base, (_, info) = best(lambda: unchunked(x0, params))
-    print(f"\nN={system.n}: {int(info.steps)} steps, one while_loop {base:.3f} s")
-    for chunk in (100, 500, 2000):
-        t, (_, info_c, _) = best(lambda: minimize.run_chunked(mini, system.energy_real, x0, params, 1e-10, 100_000,
-                                                              chunk, lambda *a: None))
-        print(f"  chunk {chunk:5d}: {t:.3f} s  ({100 * (t / base - 1):+.1f}%)")
-        assert int(info_c.steps) == int(info.steps)
+            out = relax.relax(system, params, chunk=chunk)
+            runs.append(time.perf_counter() - start - out.compile_s)
+        times[chunk] = min(runs)
+        assert int(out.info.steps) == int(base.info.steps)
+        print(f"  chunk {chunk:6d}: {times[chunk]:.3f} s  ({100 * (times[chunk] / times[100_000] - 1):+.1f}%)")

@@ -1,11 +1,11 @@
 """Minimizers: FIRE 2.0 and gradient descent reach the force tolerance; the
-chunked driver is the same loop."""
+chunked driver on a neighbor table reaches the same minimum."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens import minimize, sensitivity, systems
+from mdsens import minimize, relax, sensitivity, systems
 
 
 def test_fire_reaches_tight_tolerance_and_chunks_are_the_same_loop():
@@ -20,12 +20,16 @@ def test_fire_reaches_tight_tolerance_and_chunks_are_the_same_loop():
     f = -jax.grad(system.energy_real)(x, params)
     assert abs(float(jnp.max(jnp.linalg.norm(f, axis=1))) - float(info.max_force)) < 1e-14
     seen = []
-    xc, infoc, _ = minimize.run_chunked(mini, system.energy_real, x0, params, 1e-12, 50_000, chunk=100,
-                                        callback=lambda step, fmax, t: seen.append(step))
-    # Chunk boundaries only return control to Python: the same arithmetic.
-    np.testing.assert_array_equal(np.asarray(xc), np.asarray(x))
-    assert int(infoc.steps) == int(info.steps)
-    assert seen == sorted(seen) and seen[-1] == int(info.steps) and len(seen) > 1
+    out = relax.relax(system, params, x0, ftol=1e-12, max_steps=50_000, chunk=100,
+                      callback=lambda step, fmax, t: seen.append(step))
+    # The driver: the same FIRE on a neighbor table, in chunks. The same minimum;
+    # the force sums differ in round-off, so not bit for bit the same path.
+    assert bool(out.info.converged) and float(out.info.max_force) < 1e-12
+    d = np.asarray(out.x) - np.asarray(x)
+    d -= np.asarray(params["box"]) * np.round(d / np.asarray(params["box"]))
+    assert np.max(np.abs(d - d.mean(axis=0))) < 1e-8
+    assert abs(int(out.info.steps) - int(info.steps)) <= 0.05 * int(info.steps)
+    assert seen == sorted(seen) and seen[-1] == int(out.info.steps) and len(seen) > 1
 
 
 def test_gradient_descent_converges_and_cap_is_reported():

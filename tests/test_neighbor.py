@@ -1,4 +1,5 @@
-"""Neighbor-list energies agree with all pairs at one shared x*; overflow reallocates."""
+"""The neighbor table (mdsens.relax): its pairs give all-pairs energies and derivatives
+at a shared x*; its forces are the energy's; overflow reallocates; it matches brute force."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens import neighbors, observables, sensitivity, systems
+from mdsens import minimize, observables, relax, sensitivity, systems
 from mdsens.job import Job, execute
 
 from helpers import relaxed, relative_error
@@ -14,8 +15,9 @@ from helpers import relaxed, relative_error
 
 def _shared(n=96, phi=0.9):
     system, q, params, rattler = relaxed("bidisperse", n=n, dim=2, phi=phi)
-    nbrs = neighbors.build(system, system.to_real(q, params), params)
-    return system, system.with_pairs(nbrs.idx), q, params, rattler
+    table = relax.Table(system, params)
+    nbrs = table.allocate(system.to_real(q, params))
+    return system, system.with_pairs(jnp.asarray(relax.pairs_from_table(nbrs.idx, system.n))), q, params, rattler
 
 
 def test_energy_forces_observables_agree_at_shared_minimum():
@@ -44,46 +46,95 @@ def test_derivatives_agree_at_shared_minimum():
     assert relative_error(gb["diameter"], ga["diameter"]) < 1e-10
 
 
-def test_overflow_is_detected_and_reallocated():
-    system = systems.get("bidisperse").build(n=256, dim=2, phi=0.9)
-    params = {k: jnp.asarray(v) for k, v in system.params.items()}
-    fns = neighbors.neighbor_fns(system, params)
-    x0 = jnp.asarray(system.positions)
-    nbrs = fns.allocate(x0)
-    # A list too small for a denser configuration: jax-md flags it (a uint8 bitmask).
-    squeezed = fns.update(x0 * 0.5, nbrs)
-    assert neighbors.overflowed(squeezed)
-    bigger = neighbors.allocate(fns, x0 * 0.5)
-    assert not neighbors.overflowed(bigger) and bigger.idx.shape[1] > nbrs.idx.shape[1]
+def _brute_force(system, x, params, reach):
+    n = system.n
+    dr = np.asarray(x)[:, None, :] - np.asarray(x)[None, :, :]
+    if system.periodic:
+        box = np.asarray(params["box"])
+        dr = dr - box * np.round(dr / box)
+    near = np.sum(dr**2, axis=-1) < reach**2
+    np.fill_diagonal(near, False)
+    return [set(np.nonzero(row)[0]) for row in near]
 
 
-def test_relax_recovers_from_a_too_small_list(monkeypatch):
-    # Start from a list with almost no room: the chunk must be redone on a bigger one.
+def test_table_matches_brute_force_with_and_without_cells():
+    # 2D and 3D, the cell list (N ≥ CELL_LIST_THRESHOLD, box ≥ 3 cells) and the all-pairs build.
+    for dim, n in ((2, 600), (3, 1200), (2, 40)):
+        system = systems.get("bidisperse").build(n=n, dim=dim, phi=0.9, seed=3)
+        params = {k: jnp.asarray(v) for k, v in system.params.items()}
+        table = relax.Table(system, params)
+        assert table.cell_list == (n >= relax.CELL_LIST_THRESHOLD)
+        x = jnp.asarray(system.positions)
+        nbrs = table.allocate(x)
+        assert not relax.overflowed(nbrs)
+        want = _brute_force(system, x, params, table.reach)
+        got = [set(int(j) for j in row if j < n) for row in np.asarray(nbrs.idx)]
+        assert got == want
+
+
+def test_table_forces_are_the_energy_gradient():
+    for family, config in (("bidisperse", {"n": 40, "dim": 2}), ("polydisperse", {"n": 30, "dim": 3}),
+                           ("lj_crystal", {"dim": 2}), ("morse_cluster", {"n": 7, "dim": 3})):
+        system = systems.get(family).build(seed=1, **config)
+        params = {k: jnp.asarray(v) for k, v in system.params.items()}
+        x = jnp.asarray(system.positions)
+        nbrs = relax.Table(system, params).allocate(x)
+        f = relax.pair_force_fn(system)(x, nbrs.idx, params)
+        g = -jax.grad(system.energy_real)(x, params)
+        assert relative_error(f, g) < 1e-12, family
+        e = relax.table_energy(system, x, nbrs.idx, params)
+        assert abs(float(e) - float(system.energy_real(x, params))) <= 1e-12 * abs(float(e)), family
+
+
+def test_overflow_is_detected_and_the_chunk_redone(monkeypatch):
     system = systems.get("bidisperse").build(n=128, dim=2, phi=0.9)
     params = {k: jnp.asarray(v) for k, v in system.params.items()}
-    real = neighbors.neighbor_fns
+    table = relax.Table(system, params)
+    x0 = jnp.asarray(system.positions)
+    nbrs = table.allocate(x0)
+    # The same capacity cannot hold a denser configuration: flagged, not truncated silently.
+    assert bool(table.build(x0 * 0.5, nbrs.idx.shape[1], nbrs.cells.shape[1]).overflow)
+    # A first table with almost no room: relax must redo its chunk on a bigger one
+    # and reach the same minimum as a run that never overflowed.
+    reference = relax.relax(system, params, chunk=200)
+    original, first = relax.Table.allocate, []
 
-    def tight(*args, **kwargs):
-        kwargs["capacity_multiplier"] = 0.3
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(neighbors, "neighbor_fns", tight)
-    original, first = neighbors.allocate, []
-
-    def allocate(fns, x, extra=0, attempts=8):
-        if not first:  # the initial list: as allocated, overflowing (capacity 0.3× the need)
+    def allocate(self, x, grow=1.0):
+        if not first:
             first.append(True)
-            return fns.allocate(x)
-        return original(fns, x, extra, attempts)
+            return self._build(jnp.asarray(x), 3, 0)  # too small: overflows at its first rebuild
+        return original(self, x, grow)
 
-    monkeypatch.setattr(neighbors, "allocate", allocate)
-    x, info, _, nbrs, stats = neighbors.relax(system, jnp.asarray(system.positions), params, chunk=200)
-    assert bool(info.converged)
-    assert stats.reallocations >= 1
-    assert not neighbors.overflowed(nbrs)
+    monkeypatch.setattr(relax.Table, "allocate", allocate)
+    relax._CACHE.clear()
+    out = relax.relax(system, params, chunk=200)
+    assert bool(out.info.converged) and out.stats.reallocations >= 1
+    assert int(out.info.steps) == int(reference.info.steps)
+    np.testing.assert_allclose(np.asarray(out.x), np.asarray(reference.x), atol=1e-12)
+
+
+def test_second_relaxation_compiles_nothing():
+    system = systems.get("bidisperse").build(n=64, dim=2, phi=0.9)
+    params = {k: jnp.asarray(v) for k, v in system.params.items()}
+    first = relax.relax(system, params)
+    # New parameter values, a warm start: the compiled chunk is reused.
+    other = dict(params, diameter=params["diameter"] * 1.001)
+    second = relax.relax(system, other, x0=first.x)
+    assert bool(second.info.converged) and second.compile_s < 0.1 * first.compile_s
+
+
+def test_fire_stops_after_too_many_uphill_steps():
+    # FIRE 2.0's N_P− rule: a minimizer that never goes downhill gives up.
+    system = systems.get("bidisperse").build(n=16, dim=2, phi=0.9)
+    mini = minimize.fire(system.energy_real, minimize.periodic_shift, n_neg_max=3)
+    state = mini.init(jnp.asarray(system.positions), system.params)
+    state = state._replace(v=-state.force)  # power F·v < 0 at every step from here
+    for _ in range(4):
+        state = mini.step(state._replace(v=-state.force), system.params)
+    assert bool(mini.stalled(state))
 
 
 def test_job_neighbor_list_path_runs():
     result = execute(Job(overrides={"n": "64"}, neighbor_list=True, wrt=["diameter[1]"]))
-    assert result.converged and result.meta["neighbor_list"]["used"]
+    assert result.converged and result.meta["neighbor_list"]["pairs"] > 0
     assert np.all(np.isfinite(np.asarray(result.sensitivity["diameter[1]"].values["position"])))

@@ -1,0 +1,453 @@
+"""The relaxation driver: FIRE or gradient descent to a force tolerance, fast.
+
+One driver for every system (docs/design.md, "Relaxation"). The minimizer
+sees real-space positions and a *neighbor table* ``idx`` (N, K): row i lists
+the particles that may interact with i (each pair appears in both rows),
+padded with N. Forces come from the pair potential alone, as a gather and a
+row sum per particle:
+
+    F_i = −Σ_k φ'(r_ik) (x_i − x_{idx[i,k]}) / r_ik,
+
+with ``φ'`` the elementwise derivative of ``System.pair`` in r — no scatter,
+no autodiff through the pair sum. On XLA:CPU this is the cheapest force we
+measured (a scatter-add of the pair gradient costs as much as the rest of the
+step), and it is the same sum of pair terms as ``System.energy``, so the
+minimum is the energy's minimum.
+
+The table comes from jax-md's cell list (``Dense`` format) over pairs closer
+than ``cutoff + skin``. It is rebuilt, inside the compiled loop, only when a
+particle has moved more than ``skin / 2`` since the last build: the check is
+one O(N) reduction per step; the rebuild is jax-md's ``update`` under a
+``lax.cond``. A chunk that overflows the table stops early and is redone
+from its start on a reallocated, bigger table, so no step is ever taken on a
+truncated list. An interaction without a finite range (Morse) gets the static
+table of all other particles (exactly all pairs, never rebuilt).
+
+Compiled chunks are cached per (system, table shape, minimizer, ftol), so a
+second relaxation of the same model — a finite difference, a warm restart, an
+optimizer step — compiles nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mdsens import minimize
+from mdsens.system import Params, System
+
+Array = jax.Array
+
+DEFAULT_SKIN = 0.3
+#: jax-md's cell list from this many particles (an O(N²) table build below:
+#: it runs only every few tens of steps, and is cheaper than cells there).
+CELL_LIST_THRESHOLD = 512
+#: tables are built for ``cutoff × CUTOFF_SLACK`` and reused for cutoffs down to
+#: ``1 / CUTOFF_SLACK`` of that.
+CUTOFF_SLACK = 1.01
+
+
+class RelaxStats(NamedTuple):
+    """capacity: table entries per particle (K); reallocations: overflows
+    recovered; rebuilds: table rebuilds inside the loop; cell_list: whether
+    the table came from cells."""
+
+    capacity: int
+    reallocations: int
+    rebuilds: int
+    cell_list: bool
+
+
+class Relaxed(NamedTuple):
+    """``x``: real-space x* (periodic: in [0, L)); ``info``; ``compile_s``;
+    ``idx``: the table at x* (every pair closer than the cutoff is in it);
+    ``stats``."""
+
+    x: Array
+    info: minimize.RelaxInfo
+    compile_s: float
+    idx: Array
+    stats: RelaxStats
+
+
+# -- forces from a table ------------------------------------------------------------
+
+
+def pair_force_fn(system: System) -> Callable[[Array, Array, Params], Array]:
+    """``force(x, idx, θ) -> (N, d)``: real-space forces summed over the table ``idx``."""
+    n = system.n
+    periodic = system.periodic
+
+    def force(x: Array, idx: Array, params: Params) -> Array:
+        valid = idx < n
+        rows = jnp.arange(n, dtype=idx.dtype)[:, None]
+        j = jnp.where(valid, idx, rows)  # padding points at itself: r = 0, masked below
+        dr = x[:, None, :] - x[j]
+        if periodic:
+            box = params["box"]
+            dr = dr - box * jnp.round(dr / box)
+        r2 = jnp.sum(dr * dr, axis=-1)
+        r = jnp.sqrt(jnp.where(r2 > 0, r2, 1.0))
+        # i as a column: the model's per-particle lookups (species, diameter)
+        # gather N values, not N·K.
+        dphi = jax.grad(lambda r_: jnp.sum(system.pair(r_, rows, j, params)))(r)
+        scale = jnp.where(valid & (r2 > 0), dphi / r, 0.0)
+        return -jnp.sum(scale[..., None] * dr, axis=1)
+
+    return force
+
+
+def table_energy(system: System, x: Array, idx: Array, params: Params) -> Array:
+    """``E = ½ Σ_i Σ_k φ(r_ik)`` over the table (each pair is in two rows)."""
+    n = system.n
+    valid = idx < n
+    rows = jnp.arange(n, dtype=idx.dtype)[:, None]
+    j = jnp.where(valid, idx, rows)
+    dr = x[:, None, :] - x[j]
+    if system.periodic:
+        box = params["box"]
+        dr = dr - box * jnp.round(dr / box)
+    r2 = jnp.sum(dr * dr, axis=-1)
+    r = jnp.sqrt(jnp.where(r2 > 0, r2, 1.0))
+    phi = system.pair(r, rows, j, params)
+    return 0.5 * jnp.sum(jnp.where(valid & (r2 > 0), phi, 0.0))
+
+
+def pairs_from_table(idx: Array, n: int) -> np.ndarray:
+    """(2, M) int32 pairs ``i < j`` of a table (the format of :meth:`System.with_pairs`)."""
+    idx = np.asarray(idx)
+    i = np.repeat(np.arange(n), idx.shape[1])
+    j = idx.ravel()
+    keep = (j < n) & (i < j)
+    return np.stack([i[keep], j[keep]]).astype(np.int32)
+
+
+# -- the table ------------------------------------------------------------------------
+
+
+class Neighbors(NamedTuple):
+    """The table and what its rebuild needs; every capacity is a shape, so a
+    compiled loop is specialised to it and a bigger one is a new compile.
+
+    idx: (N, K) neighbors of each particle, padded with N.
+    reference: (N, d) positions at the last build.
+    cells: (n_cells, C) the cell list of the last build (C: cell capacity), or
+        (0, 0) when the table is built from all pairs.
+    overflow: True when the last build did not fit (K or C too small).
+    """
+
+    idx: Array
+    reference: Array
+    cells: Array
+    overflow: Array
+
+
+def _all_others(n: int) -> np.ndarray:
+    rows = np.arange(n)[:, None]
+    cols = np.arange(n - 1)[None, :]
+    return (cols + (cols >= rows)).astype(np.int32)
+
+
+class Table:
+    """Builds and refreshes the neighbor table of one system at one box: the
+    particles closer than ``cutoff + skin``, from a cell list of side at least
+    ``cutoff + skin`` (periodic boxes at least three cells wide, from
+    :data:`CELL_LIST_THRESHOLD` particles) or from all pairs; every other
+    particle when the interaction has no cutoff."""
+
+    def __init__(self, system: System, params: Params, skin: float = DEFAULT_SKIN, cutoff: float | None = None):
+        self.n, self.dim = system.n, system.dim
+        self.skin = float(skin)
+        # A table for a larger cutoff than the interaction's holds extra pairs
+        # (whose force is zero), never too few: any cutoff up to this one may use it.
+        self.cutoff = float(system.cutoff(params)) if cutoff is None else float(cutoff)
+        self.static = not math.isfinite(self.cutoff)
+        self.periodic = system.periodic
+        self.reach = self.cutoff + self.skin
+        self.box = np.asarray(params["box"], dtype=float) if self.periodic else None
+        self.grid = None
+        self._build = jax.jit(self.build, static_argnums=(1, 2))
+        self._count = jax.jit(self.count, static_argnums=1)
+        self._sticky = (0, 0)
+        if not self.static and self.periodic and self.n >= CELL_LIST_THRESHOLD:
+            grid = np.floor(self.box / self.reach).astype(int)
+            if np.all(grid >= 3):
+                self.grid = grid
+                self.neighbor_cells = self._neighbor_cells(grid)
+
+    @property
+    def cell_list(self) -> bool:
+        return self.grid is not None
+
+    @staticmethod
+    def _neighbor_cells(grid: np.ndarray) -> np.ndarray:
+        """(n_cells, 3^d): each cell and its periodic neighbors (distinct: grid ≥ 3)."""
+        dim = len(grid)
+        coords = np.stack(np.meshgrid(*[np.arange(g) for g in grid], indexing="ij"), -1).reshape(-1, dim)
+        offsets = np.stack(np.meshgrid(*[[-1, 0, 1]] * dim, indexing="ij"), -1).reshape(-1, dim)
+        around = (coords[:, None, :] + offsets[None, :, :]) % grid
+        strides = np.cumprod([1] + list(grid[:0:-1]))[::-1]
+        return (around @ strides).astype(np.int32)
+
+    def _cell_of(self, x: Array) -> Array:
+        grid = jnp.asarray(self.grid)
+        c = jnp.clip(jnp.floor(x / jnp.asarray(self.box) * grid).astype(jnp.int32), 0, grid - 1)
+        strides = np.cumprod([1] + list(self.grid[:0:-1]))[::-1].astype(np.int32)
+        return c @ jnp.asarray(strides)
+
+    def _candidates(self, x: Array, cell_capacity: int) -> tuple[Array, Array, Array]:
+        """(N, width) candidate neighbors (padded with N), the cells, and
+        whether some cell held more than ``cell_capacity`` particles."""
+        n = self.n
+        if self.grid is None:
+            if self.static:
+                return jnp.asarray(_all_others(n)), jnp.zeros((0, 0), jnp.int32), jnp.zeros((), bool)
+            return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (n, n)), jnp.zeros((0, 0), jnp.int32), \
+                jnp.zeros((), bool)
+        n_cells = int(np.prod(self.grid))
+        cell = self._cell_of(x)
+        order = jnp.argsort(cell)
+        sorted_cell = cell[order]
+        counts = jnp.zeros(n_cells, jnp.int32).at[cell].add(1)
+        first = jnp.cumsum(counts) - counts
+        slot = jnp.arange(n, dtype=jnp.int32) - first[sorted_cell]
+        cells = jnp.full((n_cells, cell_capacity), n, jnp.int32)
+        cells = cells.at[sorted_cell, slot].set(order.astype(jnp.int32), mode="drop")
+        around = jnp.asarray(self.neighbor_cells)[cell]  # (N, 3^d)
+        return cells[around].reshape(n, -1), cells, jnp.max(counts) > cell_capacity
+
+    def build(self, x: Array, capacity: int, cell_capacity: int) -> Neighbors:
+        """The table at ``x`` with ``capacity`` entries per particle (jittable)."""
+        n = self.n
+        cand, cells, cell_overflow = self._candidates(x, cell_capacity)
+        if self.static:
+            return Neighbors(cand, x, cells, cell_overflow)
+        rows = jnp.arange(n, dtype=jnp.int32)[:, None]
+        safe = jnp.where(cand < n, cand, rows)
+        dr = x[:, None, :] - x[safe]
+        if self.periodic:
+            box = jnp.asarray(self.box)
+            dr = dr - box * jnp.round(dr / box)
+        near = (cand < n) & (cand != rows) & (jnp.sum(dr * dr, axis=-1) < self.reach**2)
+        count = jnp.sum(near, axis=1)
+        # Compaction: the near candidates first (sorted by index; a row sort was
+        # measured cheaper on XLA:CPU than top_k or a cumsum-and-scatter).
+        key = jnp.sort(jnp.where(near, cand, n), axis=1)
+        width = key.shape[1]
+        if capacity <= width:
+            key = key[:, :capacity]
+        else:
+            key = jnp.concatenate([key, jnp.full((n, capacity - width), n, key.dtype)], axis=1)
+        return Neighbors(key, x, cells, cell_overflow | (jnp.max(count) > capacity))
+
+    def allocate(self, x: Array, grow: float = 1.0) -> Neighbors:
+        """A table at ``x`` sized from the counts there (×1.25, and ×``grow``).
+
+        Capacities only grow for a given Table (and the Table is cached with the
+        compiled chunk): a warm restart from a relaxed state, which has fewer
+        neighbors than a random start, reuses the compiled loop instead of
+        compiling one for a smaller table."""
+        x = jnp.asarray(x)
+        if self.static:
+            return self.build(x, self.n - 1, 0)
+        cell_capacity = 0
+        if self.grid is not None:
+            cell = np.asarray(self._cell_of(x))
+            occupancy = int(np.bincount(cell, minlength=int(np.prod(self.grid))).max())
+            cell_capacity = max(self._sticky[1], int(math.ceil(occupancy * 1.5 * grow)) + 2)
+        count = int(self._count(x, cell_capacity))
+        capacity = max(self._sticky[0], int(math.ceil(count * 1.25 * grow)) + 1)
+        if self.grid is None:
+            capacity = min(capacity, self.n)
+        self._sticky = (capacity, cell_capacity)
+        return self._build(x, capacity, cell_capacity)
+
+    def count(self, x: Array, cell_capacity: int) -> Array:
+        """The most neighbors any particle has at ``x`` (jittable)."""
+        n = self.n
+        cand, _, _ = self._candidates(x, cell_capacity)
+        rows = jnp.arange(n, dtype=jnp.int32)[:, None]
+        dr = x[:, None, :] - x[jnp.where(cand < n, cand, rows)]
+        if self.periodic:
+            box = jnp.asarray(self.box)
+            dr = dr - box * jnp.round(dr / box)
+        near = (cand < n) & (cand != rows) & (jnp.sum(dr * dr, axis=-1) < self.reach**2)
+        return jnp.max(jnp.sum(near, axis=1))
+
+    def moved(self, x: Array, nbrs: Neighbors) -> Array:
+        """Whether some particle moved more than ``skin / 2`` since the table's build."""
+        if self.static:
+            return jnp.zeros((), bool)
+        dx = x - nbrs.reference
+        if self.periodic:
+            box = jnp.asarray(self.box)
+            dx = dx - box * jnp.round(dx / box)
+        return jnp.max(jnp.sum(dx * dx, axis=-1)) > (0.5 * self.skin) ** 2
+
+
+def overflowed(nbrs: Neighbors) -> bool:
+    return bool(np.asarray(nbrs.overflow))
+
+
+# -- the driver --------------------------------------------------------------------------
+
+
+def _minimizer(system: System, table: Table, method: str) -> minimize.Minimizer:
+    force = pair_force_fn(system)
+    shift = minimize.periodic_shift if system.periodic else minimize.free_shift
+
+    def force_fn(x: Array, env: tuple[Params, Array]) -> Array:
+        return force(x, env[1], env[0])
+
+    def shift_fn(x: Array, dx: Array, env: tuple[Params, Array]) -> Array:
+        return shift(x, dx, env[0])
+
+    if method == "fire":
+        return minimize.fire(shift_fn=shift_fn, force_fn=force_fn)
+    if method == "gd":
+        return minimize.gradient_descent(shift_fn=shift_fn, force_fn=force_fn)
+    raise ValueError(f"unknown minimizer {method!r}: choose 'fire' or 'gd'")
+
+
+class _Compiled(NamedTuple):
+    init: Callable
+    advance: Callable
+    refresh: Callable
+    summary: Callable
+    executables: dict
+
+    def chunk(self, state: Any, nbrs: Any, params: Params, until: Array) -> Callable:
+        """The chunk and the summary ``(max|F|, stalled, E)`` compiled for these
+        shapes (once per table capacity)."""
+        key = (nbrs.idx.shape, nbrs.cells.shape, state.x.dtype)
+        if key not in self.executables:
+            self.executables[key] = (self.advance.lower(state, nbrs, params, until).compile(),
+                                     self.summary.lower(state, nbrs, params).compile())
+        return self.executables[key]
+
+
+_CACHE: "weakref.WeakKeyDictionary[System, dict]" = weakref.WeakKeyDictionary()
+
+
+def _programs(system: System, params: Params, method: str, ftol: float, skin: float) -> tuple[Table, _Compiled]:
+    """The table and the jitted init and chunk functions, cached per system
+    (and box, minimizer, tolerance, skin): a second relaxation compiles nothing."""
+    box = tuple(np.asarray(params["box"]).tolist()) if system.periodic else None
+    cutoff = float(system.cutoff(params))
+    key = (method, float(ftol), float(skin), box)
+    per_system = _CACHE.setdefault(system, {})
+    for table, programs in per_system.get(key, []):
+        # A cached table serves a slightly smaller cutoff too (a finite
+        # difference in a diameter, a design step): no new compile.
+        if cutoff <= table.cutoff <= CUTOFF_SLACK**2 * cutoff or (math.isinf(cutoff) and table.static):
+            return table, programs
+    table = Table(system, params, skin, cutoff * CUTOFF_SLACK if math.isfinite(cutoff) else None)
+    mini = _minimizer(system, table, method)
+
+    def init(x: Array, nbrs: Any, params: Params):
+        return mini.init(x, (params, nbrs.idx))
+
+    def refresh(state: Any, nbrs: Any, params: Params):
+        return mini.step_force(state, (params, nbrs.idx))
+
+    def advance(state: Any, nbrs: Any, params: Params, until: Array):
+        """Steps until converged, ``until``, stalled, or the table overflows.
+
+        Two loops, so that a step pays no branch: the inner one steps on a fixed
+        table while every particle stays within ``skin / 2`` of the table's
+        reference positions; the outer one rebuilds the table and re-evaluates
+        the force that the inner loop took on the old one (one extra force per
+        rebuild, about one step in thirty)."""
+
+        def go(s, nb):
+            return minimize.running(mini, s, ftol, until) & ~nb.overflow
+
+        def inner(c):
+            def body(c):
+                s, nb, _, rebuilds = c
+                s = mini.step(s, (params, nb.idx))
+                return s, nb, table.moved(s.x, nb), rebuilds
+
+            return jax.lax.while_loop(lambda c: go(c[0], c[1]) & ~c[2], body, c)
+
+        def outer(c):
+            s, nb, stale, rebuilds = c
+            s, nb, rebuilds = jax.lax.cond(stale, rebuild, lambda s, nb, k: (s, nb, k), s, nb, rebuilds)
+            return inner((s, nb, jnp.zeros((), bool), rebuilds))
+
+        def rebuild(s, nb, rebuilds):
+            nb = table.build(s.x, nb.idx.shape[1], nb.cells.shape[1])
+            return mini.step_force(s, (params, nb.idx)), nb, rebuilds + 1
+
+        start = (state, nbrs, table.moved(state.x, nbrs), jnp.zeros((), jnp.int32))
+        s, nb, _, rebuilds = jax.lax.while_loop(lambda c: go(c[0], c[1]), outer, start)
+        return s, nb, rebuilds
+
+    def summary(state: Any, nbrs: Any, params: Params):
+        return minimize.max_force(state.force), mini.stalled(state), table_energy(system, state.x, nbrs.idx, params)
+
+    programs = _Compiled(jax.jit(init), jax.jit(advance), jax.jit(refresh), jax.jit(summary), {})
+    per_system.setdefault(key, []).append((table, programs))
+    return table, programs
+
+
+def relax(
+    system: System,
+    params: Params,
+    x0: Array | None = None,
+    method: str = "fire",
+    ftol: float = 1e-10,
+    max_steps: int = 100_000,
+    chunk: int = 2_000,
+    callback: Callable[[int, float, float], None] | None = None,
+    skin: float = DEFAULT_SKIN,
+) -> Relaxed:
+    """Relax ``system`` at parameters ``params`` from real-space ``x0``
+    (default: its initial positions) until ``max_i |F_i| < ftol`` or
+    ``max_steps``, in compiled chunks of ``chunk`` steps with
+    ``callback(step, max_force, elapsed_s)`` between them."""
+    params = {k: jnp.asarray(v) for k, v in params.items()}
+    x = jnp.asarray(system.positions if x0 is None else x0)
+    if system.periodic:
+        x = jnp.mod(x, params["box"])
+    start = time.perf_counter()
+    table, programs = _programs(system, params, method, ftol, skin)
+    nbrs = table.allocate(x)
+    state = programs.init(x, nbrs, params)
+    until = jnp.asarray(0, jnp.int32)
+    step_chunk, summary = programs.chunk(state, nbrs, params, until)
+    compile_s = time.perf_counter() - start
+    reallocations = rebuilds = 0
+    start = time.perf_counter()
+    while True:
+        until = np.int32(min(int(state.step) + chunk, max_steps))
+        new_state, new_nbrs, new_rebuilds = step_chunk(state, nbrs, params, until)
+        if overflowed(new_nbrs):
+            # Redo this chunk from its start on a bigger table built there.
+            reallocations += 1
+            if reallocations > 20:
+                raise RuntimeError("neighbor table overflowed 20 times; giving up")
+            t = time.perf_counter()
+            nbrs = table.allocate(state.x, grow=1.5**reallocations)
+            state = programs.refresh(state, nbrs, params)
+            step_chunk, summary = programs.chunk(state, nbrs, params, until)
+            compile_s += time.perf_counter() - t
+            continue
+        state, nbrs = new_state, new_nbrs
+        rebuilds += int(new_rebuilds)
+        fmax, stalled, energy = summary(state, nbrs, params)
+        steps = int(state.step)
+        if callback is not None:
+            callback(steps, float(fmax), time.perf_counter() - start)
+        if float(fmax) < ftol or steps >= max_steps or bool(stalled):
+            break
+    x = jax.block_until_ready(state.x)
+    info = minimize.RelaxInfo(state.step, fmax, energy, fmax < ftol)
+    stats = RelaxStats(int(nbrs.idx.shape[1]), reallocations, rebuilds, table.cell_list)
+    return Relaxed(x, info, compile_s, nbrs.idx, stats)
