@@ -41,7 +41,7 @@ def rigid_body(x: Array, rattler: Array) -> Callable[[Array], Array]:
 
     Rotations are the infinitesimal generators ``(x_i − x̄) A`` for the
     ``d(d−1)/2`` antisymmetric ``A``; with the translations they are
-    orthonormalised (QR) over the held particles. ``x``: (N, d) positions at
+    orthonormalised (SVD) over the held particles. ``x``: (N, d) positions at
     the minimum (treated as data: the gauge itself is not differentiated).
     """
     n, d = x.shape
@@ -57,11 +57,30 @@ def rigid_body(x: Array, rattler: Array) -> Callable[[Array], Array]:
             generator = generator.at[:, a].set(-centered[:, b]).at[:, b].set(centered[:, a])
             modes.append(generator)
     basis = jnp.stack([m.ravel() for m in modes], axis=1)
-    q, r = jnp.linalg.qr(basis)
-    # A degenerate mode (all particles on a line have one rotation fewer in 3D,
-    # a single held particle has none) has a zero diagonal in R: drop it.
-    keep = (jnp.abs(jnp.diag(r)) > 1e-10 * jnp.max(jnp.abs(jnp.diag(r)))).astype(x.dtype)
-    q = q * keep[None, :]
+    # Orthonormalise by a thin SVD of the unit-normalised modes, not by QR: a
+    # degenerate mode (all particles on a line have one rotation fewer in 3D, a
+    # single held particle has none) gives a zero singular value, and the left
+    # singular vectors of the others span exactly the modes' span. (With
+    # Householder QR a zero column that is not the last one, e.g. the rotation
+    # about the axis of a chain along z, gets an arbitrary Q column that the
+    # later, genuine columns have components along: dropping it loses part of
+    # those rotations and keeps them in the derivative.)
+    norms = jnp.linalg.norm(basis, axis=0)
+    unit = basis / jnp.where(norms > 0, norms, 1.0)
+    u, s, _ = jnp.linalg.svd(unit, full_matrices=False)
+    # The "zero" singular value is round-off, ~eps (1e-7 in float32, 1e-16 in
+    # float64), so the threshold must scale with the dtype: an absolute 1e-10
+    # keeps float32 noise as a spurious, arbitrary direction, and the gauge then
+    # projects a real displacement away (the float32 Morse dimer's dx*/dσ came
+    # out 1e-12 instead of 1/√2). The cut is sqrt(eps) relative to the largest
+    # (1.5e-8 in float64, 3.5e-4 in float32): far above round-off (eps times a
+    # modest factor), and the errors are one-sided: a kept spurious mode
+    # silently corrupts every derivative, while dropping a genuine but nearly
+    # degenerate rotation (a cluster collinear to within sqrt(eps), whose
+    # direction round-off could not resolve anyway) only leaves an exact zero
+    # mode of H that the right-hand side does not excite.
+    keep = (s > jnp.sqrt(jnp.finfo(x.dtype).eps) * jnp.max(s)).astype(x.dtype)
+    q = u * keep[None, :]
 
     def project(v: Array) -> Array:
         flat = (held * v).ravel()

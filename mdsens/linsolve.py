@@ -48,11 +48,15 @@ def cg(
 ) -> Callable[[MatVec, Array], tuple[Array, SolveInfo]]:
     """Conjugate gradients for a symmetric positive (semi)definite ``matvec``.
 
-    Stops when ``||r|| <= max(rtol * ||b||, atol)`` or after ``maxiter``
-    iterations (default ``10 * b.size``). The absolute floor matters: a
-    cotangent such as ``grad E(x*) ~ 1e-10`` makes a purely relative tolerance
-    unreachable in round-off, and CG would run to its cap and wander off. A
-    zero ``b`` returns zero with no iteration.
+    Stops when ``||r|| <= max(max(rtol, 4 eps) * ||b||, atol)`` or after
+    ``maxiter`` iterations (default ``10 * b.size``), ``eps`` being the machine
+    epsilon of ``b``'s dtype. The floor on ``rtol`` matters in float32: no
+    residual is meaningful below ~eps·||b|| (the matvec itself rounds at that
+    level), so the default ``rtol = 1e-10`` would only spend iterations up to
+    the cap while the recursion drifts from the true residual. The absolute
+    floor matters too: a cotangent such as ``grad E(x*) ~ 1e-10`` makes a
+    purely relative tolerance unreachable in round-off, and CG would run to its
+    cap and wander off. A zero ``b`` returns zero with no iteration.
 
     ``preconditioner`` is an optional symmetric positive definite map
     approximating ``M^{-1}``.
@@ -62,7 +66,8 @@ def cg(
         cap = 10 * b.size if maxiter is None else maxiter
         precond = (lambda r: r) if preconditioner is None else preconditioner
         b_norm = jnp.linalg.norm(b.ravel())
-        threshold = jnp.maximum(rtol * b_norm, atol)
+        floor = 4 * float(jnp.finfo(b.dtype).eps)
+        threshold = jnp.maximum(max(rtol, floor) * b_norm, atol)
 
         x0 = jnp.zeros_like(b)
         r0 = b
@@ -112,5 +117,3 @@ def dense() -> Callable[[MatVec, Array], tuple[Array, SolveInfo]]:
 
     return solve
 
-
-SOLVERS = {"cg": cg, "dense": dense}

