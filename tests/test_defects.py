@@ -149,3 +149,40 @@ def test_cg_relative_tolerance_is_floored_at_the_dtype_round_off():
         x, info = linsolve.cg(rtol=1e-10)(lambda v: a @ v, b)
         assert int(info.iterations) < 400
         assert float(info.residual) < 1e-4
+
+
+# -- 2. contact_number is O(pairs) ------------------------------------------------
+
+
+def _shapes(jaxpr) -> set[tuple[int, ...]]:
+    """Every intermediate shape in a (closed) jaxpr, sub-jaxprs included."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            found.add(tuple(getattr(v.aval, "shape", ())))
+        for param in eqn.params.values():
+            subs = param if isinstance(param, (list, tuple)) else [param]
+            for sub in subs:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found |= _shapes(inner)
+    return found
+
+
+def test_contact_number_builds_no_n_by_n_matrix_on_a_neighbor_list():
+    system, q, params, rattler = relaxed("polydisperse", n=32, dim=2, phi=0.9, spread=0.2)
+    listed = system.with_pairs(jnp.asarray(system.interacting_pairs(q, params, margin=0.2)))
+    n = system.n
+    jaxpr = jax.make_jaxpr(lambda q_, p_: observables.contact_number(listed, q_, p_))(q, params).jaxpr
+    shapes = _shapes(jaxpr)
+    assert not any(s[:2] == (n, n) for s in shapes if len(s) >= 2), sorted(shapes)
+    # Same value as all pairs and as an independent dense count.
+    x = np.asarray(system.to_real(q, params))
+    box, d = np.asarray(params["box"]), np.asarray(params["diameter"])
+    delta = x[:, None] - x[None]
+    delta -= box * np.round(delta / box)
+    touching = (np.sqrt(np.sum(delta**2, -1)) < 0.5 * (d[:, None] + d[None])) & ~np.eye(n, dtype=bool)
+    held = ~np.asarray(rattler)
+    z = np.sum(touching[np.ix_(held, held)]) / np.sum(held)
+    assert float(observables.contact_number(listed, q, params)) == pytest.approx(z, rel=1e-14)
+    assert float(observables.contact_number(system, q, params)) == pytest.approx(z, rel=1e-14)

@@ -26,7 +26,6 @@ MODULI = {
 def test_registry_names():
     assert {"energy", "energy_per_particle", "pressure", "stress", "contact_number", "rattler_fraction",
             "elastic_tensor", "bulk_modulus", "shear_modulus"} <= set(observables.OBSERVABLES)
-    assert observables.COSTLY == {"elastic_tensor", "bulk_modulus", "shear_modulus"}
 
 
 def test_stress_pressure_energy_per_particle():
