@@ -43,10 +43,19 @@ FORMAT_VERSION = (1, 1)
 
 LENGTH, ENERGY, TIME = "sigma", "epsilon", "tau"
 
-# Units of each parameter; (system, name) overrides the name alone.
+# Units of each parameter; (potential, name) overrides the name alone. The
+# unit of a parameter is the potential's, not the system's: α is the
+# dimensionless stiffness exponent of soft spheres but the Morse width (1/σ),
+# and a from_file system can carry either.
 _PARAMETER_UNITS: dict[Any, str] = {
-    "diameter": LENGTH, "sigma": LENGTH, "box": LENGTH, "epsilon": ENERGY, "alpha": "1",
-    ("morse_cluster", "alpha"): f"{LENGTH}-1",
+    "diameter": LENGTH, "sigma": LENGTH, "box": LENGTH, "epsilon": ENERGY,
+    ("harmonic", "alpha"): "1",
+    ("morse", "alpha"): f"{LENGTH}-1",
+}
+# The potential of each catalogue system; from_file records its own in the
+# configuration (key "potential": harmonic, lj or morse).
+_SYSTEM_POTENTIALS = {
+    "bidisperse": "harmonic", "polydisperse": "harmonic", "lj_crystal": "lj", "morse_cluster": "morse",
 }
 _PARAMETER_DESCRIPTIONS = {
     "diameter": "particle diameters (per species, or per particle)",
@@ -135,9 +144,25 @@ def divide_units(numerator: str | None, denominator: str | None) -> str | None:
     return _format_unit(fa / fb, pa)
 
 
-def parameter_unit(system: str, name: str) -> str | None:
-    """Unit string of parameter ``name`` of ``system`` (None when not known)."""
-    return _PARAMETER_UNITS.get((system, name), _PARAMETER_UNITS.get(name))
+def potential_of(meta: Mapping[str, Any]) -> str | None:
+    """The potential a run used (harmonic, lj, morse), from its metadata: the
+    ``potential`` of its configuration (from_file), else the catalogue system's."""
+    config = meta.get("configuration")
+    if isinstance(config, Mapping) and config.get("potential") is not None:
+        return str(config["potential"])
+    return _SYSTEM_POTENTIALS.get(str(meta.get("system", "")))
+
+
+def parameter_unit(system: str, name: str, potential: str | None = None) -> str | None:
+    """Unit string of parameter ``name`` (None when not known).
+
+    The unit depends on the potential (``alpha``: dimensionless for soft
+    spheres, ``sigma-1`` for Morse); ``potential`` defaults to the catalogue
+    ``system``'s. A name whose unit depends on an unknown potential (``alpha``
+    of a from_file system without its configuration) has no known unit."""
+    if potential is None:
+        potential = _SYSTEM_POTENTIALS.get(system)
+    return _PARAMETER_UNITS.get((potential, name), _PARAMETER_UNITS.get(name))
 
 
 def observable_unit(name: str, dim: int) -> str | None:
@@ -226,6 +251,7 @@ def write(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
     n, d = positions.shape
     meta = record.get("meta", {})
     system = str(meta.get("system", ""))
+    potential = potential_of(meta)
     with atomic_h5(path) as f:
         f.attrs["description"] = ("mdsens: a relaxed particle packing and the exact derivatives of its "
                                   "equilibrium (H5MD 1.1; see /h5md/modules/mdsens)")
@@ -273,7 +299,7 @@ def write(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
         _label(parameters, "the differentiable parameters theta; attributes record how the file was made")
         for name, value in record["parameters"].items():
             ds = parameters.create_dataset(name, data=np.asarray(value))
-            _label(ds, _PARAMETER_DESCRIPTIONS.get(name, f"parameter {name}"), parameter_unit(system, name))
+            _label(ds, _PARAMETER_DESCRIPTIONS.get(name, f"parameter {name}"), parameter_unit(system, name, potential))
         for key, value in meta.items():
             parameters.attrs[key] = _attr(value)
 
@@ -302,10 +328,10 @@ def write(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
                         param = key.split("[")[0]
                         what = "position x*" if name == "position" else name
                         _label(ds, f"d{what}/d{key} along the equilibrium",
-                               divide_units(observable_unit(name, d), parameter_unit(system, param)))
+                               divide_units(observable_unit(name, d), parameter_unit(system, param, potential)))
                     else:
                         _label(ds, f"d{key}/d{name} along the equilibrium (reverse mode)",
-                               divide_units(observable_unit(key, d), parameter_unit(system, name)))
+                               divide_units(observable_unit(key, d), parameter_unit(system, name, potential)))
                 sub.attrs["iterations"] = np.asarray(entry["iterations"])
                 sub.attrs["residual"] = np.asarray(entry["residual"])
                 _label(sub, "linear solves: iterations and true residual |H u - b| of each")

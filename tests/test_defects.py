@@ -186,3 +186,34 @@ def test_contact_number_builds_no_n_by_n_matrix_on_a_neighbor_list():
     z = np.sum(touching[np.ix_(held, held)]) / np.sum(held)
     assert float(observables.contact_number(listed, q, params)) == pytest.approx(z, rel=1e-14)
     assert float(observables.contact_number(system, q, params)) == pytest.approx(z, rel=1e-14)
+
+
+# -- 3. units follow the potential ----------------------------------------------
+
+
+def test_from_file_morse_units(tmp_path):
+    source = tmp_path / "dimer.h5"
+    first = execute(Job(system="morse_cluster", overrides={"n": "3", "dim": "2"}, wrt=["alpha"]))
+    io.write(source, first.record())
+    units = io.units_of(source)
+    assert units["/parameters/alpha"] == "sigma-1"
+    assert units["/sensitivity/alpha/position"] == "sigma+2"
+    result = execute(Job(system="from_file", overrides={"path": str(source), "potential": "morse"},
+                         wrt=["alpha", "sigma"], grad=["energy"]))
+    assert result.converged
+    out = tmp_path / "from_file.h5"
+    io.write(out, result.record())
+    units = io.units_of(out)
+    assert units["/parameters/alpha"] == "sigma-1"
+    assert units["/parameters/sigma"] == "sigma"
+    assert units["/sensitivity/alpha/position"] == "sigma+2"
+    assert units["/sensitivity/alpha/energy"] == "epsilon sigma"
+    assert units["/sensitivity/sigma/position"] == "1"
+    assert units["/gradient/energy/alpha"] == "epsilon sigma"
+    # A harmonic from_file run: α is the stiffness exponent, dimensionless.
+    assert io.parameter_unit("from_file", "alpha", potential="harmonic") == "1"
+    assert io.parameter_unit("bidisperse", "alpha") == "1"
+    assert io.parameter_unit("morse_cluster", "alpha") == "sigma-1"
+    # Without knowing the potential, α of from_file has no known unit (not a wrong one).
+    assert io.parameter_unit("from_file", "alpha") is None
+    assert io.potential_of({"system": "from_file", "configuration": {"potential": "morse"}}) == "morse"
