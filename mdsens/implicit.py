@@ -15,7 +15,7 @@ other. The solver's own iterations are never differentiated.
 
 Gauge. ``A`` is singular (translations, rotations, rattlers). A ``gauge(x,
 params)`` returns ``P``, the orthogonal projector onto the complement of the
-known null space. The engine solves with ``M = P A P + λP + (I − P)``
+known null space. The engine solves with ``M = P A P + (I − P)``
 (non-singular, symmetric) on ``b = P(−∂θF·δθ)``: the derivative has no
 null-space component, and a cotangent along a zero mode can no longer make the
 reverse system inconsistent.
@@ -44,10 +44,9 @@ def _identity(v: Array) -> Array:
 
 
 def _operator(
-    optimality_fn: OptimalityFn, x: Array, params: Params, gauge: Gauge | None, tether: float,
-    hvp: HVP | None = None,
+    optimality_fn: OptimalityFn, x: Array, params: Params, gauge: Gauge | None, hvp: HVP | None = None,
 ) -> tuple[Callable[[Array], Array], Projector]:
-    """The gauge-fixed operator ``M v = P A P v + λ P v + (I − P) v`` and ``P``.
+    """The gauge-fixed operator ``M v = P A P v + (I − P) v`` and ``P``.
 
     ``A v`` is ``jvp(F)`` by default, or ``hvp(x, params)(v)`` when the caller
     has a cheaper assembled product (it must equal ∂ₓF exactly)."""
@@ -61,7 +60,7 @@ def _operator(
 
     def matvec(v: Array) -> Array:
         pv = project(v)
-        return project(jacobian_vp(pv)) + tether * pv + (v - pv)
+        return project(jacobian_vp(pv)) + (v - pv)
 
     return matvec, project
 
@@ -73,7 +72,6 @@ def tangent(
     dparams: Params,
     solve: Solve | None = None,
     gauge: Gauge | None = None,
-    tether: float = 0.0,
     hvp: HVP | None = None,
 ) -> tuple[Array, linsolve.SolveInfo]:
     """Forward mode: ``u = ∂x*/∂θ · δθ``, solving ``M u = −P ∂θF·δθ``.
@@ -82,7 +80,7 @@ def tangent(
     Differentiable (the solve is a ``custom_linear_solve``).
     """
     solve = linsolve.cg() if solve is None else solve
-    matvec, project = _operator(optimality_fn, x, params, gauge, tether, hvp)
+    matvec, project = _operator(optimality_fn, x, params, gauge, hvp)
     _, dF = jax.jvp(lambda p: optimality_fn(x, p), (params,), (dparams,))
     b = -project(dF)
     u, info = jax.lax.custom_linear_solve(matvec, b, solve, symmetric=True, has_aux=True)
@@ -96,7 +94,6 @@ def cotangent(
     x_bar: Array,
     solve: Solve | None = None,
     gauge: Gauge | None = None,
-    tether: float = 0.0,
     hvp: HVP | None = None,
 ) -> tuple[Params, linsolve.SolveInfo]:
     """Reverse mode: ``θ̄ = (∂x*/∂θ)ᵀ x̄ = −(∂θF)ᵀ w`` with ``M w = P x̄``.
@@ -105,7 +102,7 @@ def cotangent(
     ``params``) and the solve's info.
     """
     solve = linsolve.cg() if solve is None else solve
-    matvec, project = _operator(optimality_fn, x, params, gauge, tether, hvp)
+    matvec, project = _operator(optimality_fn, x, params, gauge, hvp)
     w, info = solve(matvec, project(x_bar))
     _, vjp = jax.vjp(lambda p: optimality_fn(x, p), params)
     (params_bar,) = vjp(-project(w))
@@ -116,7 +113,6 @@ def custom_root(
     optimality_fn: OptimalityFn,
     solve: Solve | None = None,
     gauge: Gauge | None = None,
-    tether: float = 0.0,
     hvp: HVP | None = None,
 ) -> Callable[[Callable[[Array, Params], Array]], Callable[[Array, Params], Array]]:
     """Decorator: make ``solver(init, params) -> x*`` differentiable in ``params``.
@@ -143,7 +139,7 @@ def custom_root(
             init, params = primals
             _, dparams = tangents
             x = root(init, params)
-            matvec, project = _operator(optimality_fn, x, params, gauge, tether, hvp)
+            matvec, project = _operator(optimality_fn, x, params, gauge, hvp)
             _, dF = jax.jvp(lambda p: optimality_fn(x, p), (params,), (dparams,))
             u = jax.lax.custom_linear_solve(matvec, -project(dF), solution_only, symmetric=True)
             return x, project(u)
@@ -157,12 +153,27 @@ def custom_fixed_point(
     fixed_point_fn: Callable[[Array, Params], Array],
     solve: Solve | None = None,
     gauge: Gauge | None = None,
-    tether: float = 0.0,
+    hvp: HVP | None = None,
 ) -> Callable[[Callable[[Array, Params], Array]], Callable[[Array, Params], Array]]:
-    """``custom_root(T(x, θ) − x)``: differentiate a fixed point ``x* = T(x*, θ)``.
+    """Differentiate a fixed point ``x* = T(x*, θ)``: ``custom_root(x − T(x, θ))``.
 
-    For gradient descent ``T(x) = x − η∇ₓE`` the root condition is ``∇ₓE = 0``;
-    the Jacobian ``∂T/∂x − I = −ηH`` is symmetric (negative semidefinite, which
-    CG handles like its negative). ``T`` must have a symmetric Jacobian.
+    The root is written ``x − T``, not ``T − x``: for gradient descent
+    ``T(x) = x − η∇ₓE`` its Jacobian ``I − ∂T/∂x = ηH`` is positive
+    semidefinite, so CG sees ``η P H P + (I − P)``, symmetric positive
+    definite. (With ``T − x`` it would see ``−η P H P + (I − P)``: indefinite,
+    since the ``I − P`` block stays +1.) The derivative is the same either way:
+    flipping the sign of ``F`` flips both sides of ``A ∂x* = −∂θF``. ``T`` must
+    have a symmetric Jacobian with ``I − ∂T/∂x`` positive semidefinite on the
+    gauge's complement (for gradient descent: at a minimum, for any η > 0).
+
+    ``hvp(x, params)``, if given, returns ``v ↦ (∂T/∂x) v``, an assembled
+    product with the Jacobian of ``T`` (e.g. ``v − η H v``); the engine uses
+    ``v ↦ v − hvp(x, params)(v)``.
     """
-    return custom_root(lambda x, p: fixed_point_fn(x, p) - x, solve=solve, gauge=gauge, tether=tether)
+    root_hvp = None
+    if hvp is not None:
+        def root_hvp(x: Array, params: Params) -> Callable[[Array], Array]:
+            jacobian_t = hvp(x, params)
+            return lambda v: v - jacobian_t(v)
+
+    return custom_root(lambda x, p: x - fixed_point_fn(x, p), solve=solve, gauge=gauge, hvp=root_hvp)

@@ -217,3 +217,64 @@ def test_from_file_morse_units(tmp_path):
     # Without knowing the potential, α of from_file has no known unit (not a wrong one).
     assert io.parameter_unit("from_file", "alpha") is None
     assert io.potential_of({"system": "from_file", "configuration": {"potential": "morse"}}) == "morse"
+
+
+# -- 4. custom_fixed_point solves a positive system and takes an hvp ---------------
+
+
+def _fixed_point_setup():
+    system, q, params, rattler = relaxed("bidisperse", seed=1, n=16, dim=2, phi=0.95)
+    gauge_fn = sensitivity.gauge_for(system, rattler)
+    d = {k: jnp.zeros_like(v) for k, v in params.items()}
+    d["diameter"] = jnp.array([1.0, -0.5])
+    return system, q, params, gauge_fn, d
+
+
+def test_fixed_point_hands_cg_a_positive_operator():
+    system, q, params, gauge_fn, d = _fixed_point_setup()
+    grad_e = jax.grad(system.energy)
+    eta = 0.05
+    seen = []
+
+    def spy(matvec, b):  # the operator the solver is handed, its spectrum recorded at run time
+        matrix = jax.vmap(lambda e: matvec(e.reshape(b.shape)).ravel())(jnp.eye(b.size, dtype=b.dtype))
+        jax.debug.callback(lambda lam: seen.append(np.asarray(lam)), jnp.linalg.eigvalsh(0.5 * (matrix + matrix.T)))
+        return linsolve.dense()(matvec, b)
+
+    @implicit.custom_fixed_point(lambda x, p: x - eta * grad_e(x, p), solve=spy, gauge=gauge_fn)
+    def fixed(x0, p):
+        return x0
+
+    jax.block_until_ready(jax.jvp(lambda p: fixed(q, p), (params,), (d,)))
+    lam = seen[0]
+    assert lam.min() > -1e-10 * lam.max(), lam[:5]
+
+
+def test_fixed_point_equals_root_with_cg_and_with_hvp():
+    system, q, params, gauge_fn, d = _fixed_point_setup()
+    grad_e = jax.grad(system.energy)
+    eta = 0.05
+    calls = []
+
+    def jacobian_of_t(x, p):  # ∂T/∂x = I − ηH, assembled from the pair blocks
+        calls.append(1)
+        h = system.hessian_vp(x, p)
+        return lambda v: v - eta * h(v)
+
+    @implicit.custom_root(grad_e, solve=linsolve.cg(rtol=1e-12), gauge=gauge_fn)
+    def root(x0, p):
+        return x0
+
+    b = jax.jvp(lambda p: root(q, p), (params,), (d,))[1]
+    for hvp in (None, jacobian_of_t):
+        @implicit.custom_fixed_point(lambda x, p: x - eta * grad_e(x, p), solve=linsolve.cg(rtol=1e-12),
+                                     gauge=gauge_fn, hvp=hvp)
+        def fixed(x0, p):
+            return x0
+
+        a = jax.jvp(lambda p: fixed(q, p), (params,), (d,))[1]
+        assert relative_error(a, b) < 1e-9
+        g = jax.grad(lambda p: jnp.sum(fixed(q, p) * b))(params)
+        g_root = jax.grad(lambda p: jnp.sum(root(q, p) * b))(params)
+        assert relative_error(g["diameter"], g_root["diameter"]) < 1e-9
+    assert calls, "the hvp was not used"
