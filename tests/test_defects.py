@@ -278,3 +278,27 @@ def test_fixed_point_equals_root_with_cg_and_with_hvp():
         g_root = jax.grad(lambda p: jnp.sum(root(q, p) * b))(params)
         assert relative_error(g["diameter"], g_root["diameter"]) < 1e-9
     assert calls, "the hvp was not used"
+
+
+# -- 6. finite_difference: each element separately by default -----------------------
+
+
+def test_finite_difference_default_is_each_element_like_forward():
+    system, q, params, rattler = relaxed("bidisperse", seed=1, n=16, dim=2, phi=0.95)
+    observe = {"energy": observables.energy}
+    fw = sensitivity.forward(system, q, params, "diameter", observe, rattler)
+    fd = sensitivity.finite_difference(system, q, params, "diameter", observe=observe)
+    assert fd["position"].shape == fw.values["position"].shape == (2, system.n, 2)
+    assert fd["energy"].shape == (2,)
+    assert relative_error(fd["position"], fw.values["position"]) < 1e-6
+    np.testing.assert_allclose(fd["energy"], fw.values["energy"], rtol=1e-6)
+    one = sensitivity.finite_difference(system, q, params, "diameter", (1,))
+    assert one["position"].shape == (system.n, 2)
+    assert relative_error(one["position"], fw.values["position"][1]) < 1e-6
+    with pytest.raises(ValueError, match="index"):
+        sensitivity.finite_difference(system, q, params, "diameter", ())
+
+
+def test_forward_docstring_names_the_batching():
+    doc = sensitivity.forward.__doc__
+    assert "batched with vmap" not in doc and "lax.map" in doc
