@@ -302,3 +302,27 @@ def test_finite_difference_default_is_each_element_like_forward():
 def test_forward_docstring_names_the_batching():
     doc = sensitivity.forward.__doc__
     assert "batched with vmap" not in doc and "lax.map" in doc
+
+
+# -- 7. the two-level preconditioner with several coarse cells ---------------------
+
+
+def test_two_level_with_several_coarse_cells():
+    system, q, params, rattler = relaxed("bidisperse", n=256, dim=2, phi=0.9)
+    cells = precondition._cells(system, q, 32, 1024)[1]
+    assert cells == 9
+    project = sensitivity.gauge_for(system, rattler)(q, params)
+    two = precondition.two_level(system, q, params, rattler, project)
+    jacobi = precondition.block_jacobi(system, q, params, project)
+    r = project(jax.random.normal(jax.random.PRNGKey(1), q.shape))
+    # The coarse correction is a substantial part of the preconditioner here.
+    assert relative_error(two(r), jacobi(r)) > 0.1
+    observe = {"pressure": observables.pressure}
+    listed = system.with_pairs(jnp.asarray(system.interacting_pairs(q, params, margin=0.1)))
+    plain = sensitivity.forward(listed, q, params, "diameter", observe, rattler, linsolve.cg(rtol=1e-12))
+    pre = sensitivity.forward(listed, q, params, "diameter", observe, rattler,
+                              linsolve.cg(rtol=1e-12, preconditioner=two))
+    assert relative_error(pre.values["position"], plain.values["position"]) < 1e-8
+    np.testing.assert_allclose(pre.values["pressure"], plain.values["pressure"], rtol=1e-8)
+    assert np.all(np.asarray(pre.iterations) < np.asarray(plain.iterations))
+    assert np.all(np.asarray(pre.residual) < 1e-11)
