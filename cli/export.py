@@ -12,18 +12,20 @@ from mdsens.cli.app import EXIT_USAGE, app, errors, fail, log
 @app.command()
 def export(
     file: Path = typer.Argument(..., help="An mdsens HDF5 file."),
-    fmt: str = typer.Option(..., "--format", "-f", help="extxyz (ASE, OVITO) or h5md3d (MDAnalysis)."),
+    fmt: str = typer.Option(..., "--format", "-f",
+                             help="extxyz (ASE, OVITO), h5md3d (MDAnalysis) or gsd (HOOMD, OVITO)."),
     output: Path = typer.Option(..., "-o", "--output", help="File to write."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No log line."),
 ) -> None:
-    """Export to extended XYZ (species, diameter, rattler, one dx*/dθ vector per parameter element)
-    or to a 3D-embedded H5MD file that MDAnalysis reads."""
+    """Export to extended XYZ (species, diameter, rattler, one dx*/dθ vector per parameter element),
+    to a 3D-embedded H5MD file that MDAnalysis reads, or to one frame of HOOMD's GSD
+    (centered box, typeid, diameter, dimensions; float32)."""
     from mdsens import export as _export
 
     with errors():
         if fmt not in _export.FORMATS:
-            fail(f"--format {fmt!r}: choose {' or '.join(_export.FORMATS)}", EXIT_USAGE)
+            fail(f"--format {fmt!r}: choose {', '.join(_export.FORMATS)}", EXIT_USAGE)
         if output.exists() and not force:
             fail(f"{output} exists; pass --force to overwrite it, or -o another path", EXIT_USAGE)
         _export.export(file, fmt, output)

@@ -7,8 +7,14 @@
   ``particles/trajectory``, a 3D box (2D systems are embedded at z = 0 in a
   slab one largest diameter thick), time-dependent box edges, and ``unit`` /
   ``time`` attributes MDAnalysis recognises.
+- :func:`to_gsd`: one frame of HOOMD's GSD (HOOMD-blue, OVITO, freud) through
+  the ``gsd`` package: positions in the centered box [−L/2, L/2), box,
+  ``typeid``, ``types``, ``diameter`` and ``dimensions`` (a 2D box has
+  Lz = 0). GSD stores float32. A free-space system gets a box that encloses
+  it with a margin, marked ``log/mdsens/free_space`` = 1 so that
+  ``from_file`` reads it back as free space.
 
-Both take the record of :func:`mdsens.io.read`. Lengths stay in reduced units
+All take the record of :func:`mdsens.io.read`. Lengths stay in reduced units
 (the reference length σ); in the H5MD export they are *labelled* ``A``
 (Ångström, MDAnalysis's native length, so it converts nothing) because
 MDAnalysis refuses reduced unit names — the ``reduced_unit`` attribute beside
@@ -26,7 +32,7 @@ import numpy as np
 
 from mdsens import io
 
-FORMATS = ("extxyz", "h5md3d")
+FORMATS = ("extxyz", "h5md3d", "gsd")
 
 # Placeholder chemical symbols: ASE only accepts element names in the species
 # column, so species s is written as the element of atomic number s + 1; the
@@ -217,9 +223,72 @@ def to_h5md3d(record: Mapping[str, Any], path: str | os.PathLike) -> None:
             parameters.attrs[key] = io._attr(value)
 
 
+def _gsd_module():
+    try:
+        import gsd.hoomd
+    except ImportError:
+        raise RuntimeError("the gsd export needs the gsd package: pip install gsd") from None
+    return gsd.hoomd
+
+
+def gsd_type_name(species: int) -> str:
+    """HOOMD type name of species index ``species``: A, B, ..., Z, then T26, T27, ..."""
+    return chr(ord("A") + species) if species < 26 else f"T{species}"
+
+
+def to_gsd(record: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write ``record`` as one HOOMD GSD frame (atomically)."""
+    import tempfile
+
+    hoomd = _gsd_module()
+    positions = np.asarray(record["positions"], dtype=np.float64)
+    n, d = positions.shape
+    species = np.asarray(record["species"], dtype=np.int64).reshape(-1)
+    diameter = np.asarray(record["diameter"], dtype=np.float64).reshape(-1)
+    periodic = record["box"] is not None
+    if periodic:
+        edges = np.asarray(record["box"], dtype=np.float64).reshape(-1)
+        centered = positions - edges * (np.floor(positions / edges) + 0.5)  # in [-L/2, L/2)
+    else:  # a box that holds the cluster with a margin of two diameters on each side
+        low, high = positions.min(axis=0), positions.max(axis=0)
+        edges = (high - low) + 4 * _slab(record)
+        centered = positions - (low + high) / 2
+    half = (edges / 2).astype(np.float32)
+    stored = centered.astype(np.float32)
+    stored = np.where(stored >= half, -half, stored)  # float32 rounding up to +L/2 wraps to -L/2
+    box = [float(np.float32(e)) for e in edges] + ([0.0] if d == 2 else [])
+
+    frame = hoomd.Frame()
+    frame.configuration.step = int(record.get("meta", {}).get("steps", 0))
+    frame.configuration.dimensions = d
+    frame.configuration.box = box + [0.0, 0.0, 0.0]
+    frame.particles.N = n
+    frame.particles.position = _embed(stored).astype(np.float32)
+    count = int(species.max()) + 1 if n else 1
+    frame.particles.types = [gsd_type_name(k) for k in range(count)]
+    frame.particles.typeid = species.astype(np.uint32)
+    frame.particles.diameter = diameter.astype(np.float32)
+    if not periodic:
+        frame.log["mdsens/free_space"] = np.array([1], dtype=np.int8)
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        with hoomd.open(tmp, "w") as trajectory:
+            trajectory.append(frame)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_WRITERS = {"extxyz": to_extxyz, "h5md3d": to_h5md3d, "gsd": to_gsd}
+
+
 def export(source: str | os.PathLike, fmt: str, output: str | os.PathLike) -> None:
     """Read the mdsens file ``source`` and write it to ``output`` in format ``fmt``."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}: choose {' or '.join(FORMATS)}")
+        raise ValueError(f"unknown export format {fmt!r}: choose {', '.join(FORMATS)}")
     record = io.read(source)
-    (to_extxyz if fmt == "extxyz" else to_h5md3d)(record, output)
+    _WRITERS[fmt](record, output)

@@ -264,7 +264,9 @@ def test_from_file_extxyz_round_trip():
 def test_from_file_free_space_morse(tmp_path):
     path = tmp_path / "dimer.xyz"
     path.write_text('2\npbc="F F F" Properties=species:S:1:pos:R:3\nX 0 0 0\nX 1.1 0 0\n')
-    loaded = systems.get("from_file").build(path=str(path), potential="morse")
+    # All z equal and z not periodic: 2D unless dim=3 says otherwise.
+    assert systems.get("from_file").build(path=str(path), potential="morse").dim == 2
+    loaded = systems.get("from_file").build(path=str(path), potential="morse", dim=3)
     assert not loaded.periodic and loaded.dim == 3 and set(loaded.params) == {"sigma", "epsilon", "alpha"}
     q, info = sensitivity.relax(loaded, ftol=1e-12)
     # Morse minimum at r = σ = 1; FIRE to max|F| < 1e-12 with stiffness 2εα² = 72.
@@ -276,7 +278,7 @@ def test_from_file_free_space_morse(tmp_path):
     [
         (None, dict(path=""), "needs path"),
         (None, dict(path="/nonexistent/run.h5"), "no such file"),
-        ("hello\n", dict(), "cannot read as extended XYZ"),
+        ("hello\n", dict(), "cannot read as extxyz"),
         ('2\npbc="F F F"\nX 0 0 0\nX 1 0 0\n', dict(potential="yukawa"), "potential"),
         ('2\nLattice="3 0 0 0 3 0 0 0 3" pbc="T T T"\nX 0 0 0\nX 1 0 0\n', dict(potential="lj"), "too small"),
     ],
