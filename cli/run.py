@@ -130,6 +130,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout; logs go to stderr."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no summary."),
     neighbor_list: Optional[bool] = typer.Option(None, "--neighbor-list/--all-pairs", help="Derivatives over the pairs of the relaxation's neighbor table (O(N)) or over all pairs (O(N²), same result); default: the table above 64 particles. The relaxation always uses the table."),
+    polish: Optional[float] = typer.Option(None, "--polish", metavar="FTOL", help="Newton polish: the minimizer stops at this coarser max|F| and damped Newton steps (CG on the pair Hessian; a step never climbs) finish to --ftol; the minimizer takes over again if a step fails. Off by default: measured to pay only for some large packings (see README, Scale)."),
     preconditioner: str = typer.Option("twolevel", help="CG preconditioner: twolevel (block-Jacobi plus a coarse correction on cell translations; fewest iterations), jacobi (block-Jacobi from the pair terms) or none."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not use the persistent compilation cache (~/.cache/mdsens/jax; also MDSENS_NO_CACHE=1)."),
 ) -> None:
@@ -162,7 +163,7 @@ def run(
         job = Job(system=system, overrides=_parse_sets(set_), seed=seed, wrt=list(wrt),
                   observe=list(observe) if observe else None, grad=list(grad), minimizer=minimizer,
                   ftol=ftol, max_steps=max_steps, solver=solver, rtol=rtol,
-                  neighbor_list=neighbor_list, preconditioner=preconditioner,
+                  neighbor_list=neighbor_list, preconditioner=preconditioner, polish=polish,
                   command=shlex.join(["mdsens", *sys.argv[1:]]))
         callback = _progress.relaxation_progress(ftol, quiet)
         try:

@@ -45,6 +45,7 @@ class Job:
     neighbor_list: bool | None = None  # derivative pairs from the table; None: when N > 64 and the cutoff is finite
     skin: float = relax.DEFAULT_SKIN
     preconditioner: str = "twolevel"
+    polish: float | None = None  # hand over from the minimizer to Newton steps at this max|F| (None: never)
 
 
 @dataclass
@@ -233,6 +234,9 @@ def prepare(job: Job) -> tuple[System, dict[str, Callable], list[tuple[str, str,
         raise UsageError(f"unknown minimizer {job.minimizer!r}: choose 'fire' or 'gd'")
     if not job.ftol > 0:
         raise UsageError(f"--ftol must be positive, got {job.ftol}")
+    if job.polish is not None and not job.polish > job.ftol:
+        raise UsageError(f"--polish {job.polish:g} must exceed --ftol {job.ftol:g} (it is the coarser tolerance at "
+                         "which Newton steps take over)")
     params = dict(system.params)
     requested = job.wrt if job.wrt else [next(k for k in family.parameters if k in params)]
     wrts = [(text, *parse_wrt(text, params)) for text in requested]
@@ -264,10 +268,14 @@ def relax_system(
     pairs); None means all pairs.
     """
     x0 = jnp.asarray(system.positions if x0 is None else x0)
-    out = relax.relax(system, params, x0, job.minimizer, job.ftol, job.max_steps, job.chunk, progress, job.skin)
+    out = relax.relax(system, params, x0, job.minimizer, job.ftol, job.max_steps, job.chunk, progress, job.skin,
+                      job.polish)
     q = system.to_solver(jax.block_until_ready(out.x), params)
     meta = {"cell_list": out.stats.cell_list, "skin": job.skin, "capacity": out.stats.capacity,
             "reallocations": out.stats.reallocations, "rebuilds": out.stats.rebuilds}
+    if job.polish is not None:
+        meta.update(polish=job.polish, newton_steps=out.stats.newton_steps, cg_iterations=out.stats.cg_iterations,
+                    newton_s=out.stats.newton_s, fallback=out.stats.fallback)
     if use_neighbor_list(job, system):
         # Every pair closer than the cutoff at x* is in the table (no particle
         # moved more than skin/2 since its build): the others contribute exactly
