@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens import linsolve, observables, precondition, relax, sensitivity, systems
+from mdsens import linsolve, memory, observables, precondition, relax, sensitivity, systems
 from mdsens.minimize import RelaxInfo
 from mdsens.system import System
 from mdsens.systems import UsageError
@@ -113,7 +113,26 @@ class Result:
             for key, (values, info) in self.gradient.items()
         }
         out["timings"] = dict(self.timings)
+        out["memory"] = self.memory()
         return out
+
+    def __post_init__(self) -> None:
+        # The preflight's estimate beside the peak so far, in the file's attributes too.
+        if isinstance(self.meta, dict):
+            self.meta.setdefault("memory", self.memory())
+
+    def memory(self) -> dict[str, float]:
+        """``estimate_mb``: the preflight's estimated peak of the whole process
+        (:func:`mdsens.memory.estimate` plus the bare process,
+        :data:`mdsens.memory.RUNTIME_BYTES`); ``peak_rss_mb``: the peak resident
+        set size measured so far (``ru_maxrss``). MB = 10^6 bytes."""
+        items = memory.recall(self.system)
+        if items is None:
+            items = memory.job_estimate(self.system, observe=list(self.observables), skin=self.job.skin,
+                                        wrt_elements=max(1, len(self.sensitivity)),
+                                        neighbor_list=self.job.neighbor_list)
+        return {"estimate_mb": round((items["total"] + memory.RUNTIME_BYTES) / 1e6, 1),
+                "peak_rss_mb": round(memory.peak_rss() / 1e6, 1)}
 
 
 def parse_wrt(text: str, params: dict[str, jax.Array]) -> tuple[str, tuple[int, ...] | None]:
@@ -229,6 +248,14 @@ def prepare(job: Job) -> tuple[System, dict[str, Callable], list[tuple[str, str,
     usage errors surface in a second, not after a relaxation."""
     family = systems.get(job.system)
     config = family.resolve(job.overrides)
+    # Memory preflight, before the build allocates anything: N = 2e9 positions
+    # alone are 32 GB in NumPy. Checked again below with the built system.
+    itemsize = jnp.dtype(jnp.result_type(float)).itemsize
+    size = memory.particles(config)
+    if size is not None:
+        memory.check(memory.job_estimate(n=size[0], dim=size[1], observe=job.observe or ("energy", "pressure"),
+                                         neighbor_list=job.neighbor_list, skin=job.skin, itemsize=itemsize),
+                     memory.describe(job.system, job.overrides, *size))
     system = family.build_fn(seed=job.seed, **config)
     if job.minimizer not in ("fire", "gd"):
         raise UsageError(f"unknown minimizer {job.minimizer!r}: choose 'fire' or 'gd'")
@@ -249,6 +276,12 @@ def prepare(job: Job) -> tuple[System, dict[str, Callable], list[tuple[str, str,
         if shape != ():
             raise UsageError(f"--grad {name!r}: reverse mode needs a scalar observable, {name} has shape {shape}")
     _solver(job)
+    # The preflight with the real N, d, box and cutoff, and every tangent asked for.
+    elements = sum(1 if index is not None else int(np.size(params[name])) for _, name, index in wrts)
+    estimated = memory.job_estimate(system, observe=[*observe, *job.grad], wrt_elements=elements,
+                                    neighbor_list=job.neighbor_list, skin=job.skin, itemsize=itemsize)
+    memory.check(estimated, memory.describe(job.system, job.overrides, system.n, system.dim))
+    memory.remember(system, estimated)
     return system, observe, wrts
 
 
