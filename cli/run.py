@@ -132,6 +132,9 @@ def run(
     neighbor_list: Optional[bool] = typer.Option(None, "--neighbor-list/--all-pairs", help="Derivatives over the pairs of the relaxation's neighbor table (O(N)) or over all pairs (O(N²), same result); default: the table above 64 particles. The relaxation always uses the table."),
     polish: Optional[float] = typer.Option(None, "--polish", metavar="FTOL", help="Newton polish: the minimizer stops at this coarser max|F| and damped Newton steps (CG on the pair Hessian; a step never climbs) finish to --ftol; the minimizer takes over again if a step fails. Off by default: measured to pay only for some large packings (see README, Scale)."),
     preconditioner: str = typer.Option("twolevel", help="CG preconditioner: twolevel (block-Jacobi plus a coarse correction on cell translations; fewest iterations), jacobi (block-Jacobi from the pair terms) or none."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", metavar="PATH", help="Save the minimizer state (positions, velocities, FIRE's dt/α/counters, the step) to PATH, atomically, between relaxation chunks at least every --checkpoint-every seconds; continue with --resume PATH."),
+    checkpoint_every: float = typer.Option(60.0, "--checkpoint-every", metavar="SECONDS", help="Seconds between checkpoints (0: at every chunk of steps)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", metavar="PATH", help="Continue the relaxation saved in a checkpoint (same system, --set, --seed, --minimizer, --ftol; --max-steps counts the steps before the checkpoint too): the same minimum in the same total steps as an uninterrupted run."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not use the persistent compilation cache (~/.cache/mdsens/jax; also MDSENS_NO_CACHE=1)."),
 ) -> None:
     """Relax a system, differentiate its equilibrium, write an HDF5 file.
@@ -164,6 +167,8 @@ def run(
                   observe=list(observe) if observe else None, grad=list(grad), minimizer=minimizer,
                   ftol=ftol, max_steps=max_steps, solver=solver, rtol=rtol,
                   neighbor_list=neighbor_list, preconditioner=preconditioner, polish=polish,
+                  checkpoint=None if checkpoint is None else str(checkpoint), checkpoint_every=checkpoint_every,
+                  resume=None if resume is None else str(resume),
                   command=shlex.join(["mdsens", *sys.argv[1:]]))
         callback = _progress.relaxation_progress(ftol, quiet)
         try:

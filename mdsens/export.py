@@ -205,7 +205,7 @@ def to_h5md3d(record: Mapping[str, Any], path: str | os.PathLike) -> None:
         group.create_dataset("rattler", data=np.asarray(record["rattler"], dtype=bool))
         system = str(meta.get("system", ""))
         for name, label, u in derivative_fields(record):
-            unit = io.divide_units(io.LENGTH, io.parameter_unit(system, label.split("[")[0]))
+            unit = io.divide_units(io.LENGTH, io.parameter_unit(system, label.split("[")[0], io.potential_of(meta)))
             element = _time_series(group, name, _embed(u), step, None, f"dx*/d{label}, z = 0 for 2D")
             if unit is not None:
                 element["value"].attrs["reduced_unit"] = unit

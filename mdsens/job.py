@@ -46,6 +46,9 @@ class Job:
     skin: float = relax.DEFAULT_SKIN
     preconditioner: str = "twolevel"
     polish: float | None = None  # hand over from the minimizer to Newton steps at this max|F| (None: never)
+    checkpoint: str | None = None  # write the minimizer state here (atomically) every checkpoint_every seconds
+    checkpoint_every: float = 60.0
+    resume: str | None = None  # continue the relaxation saved in this checkpoint
 
 
 @dataclass
@@ -261,6 +264,15 @@ def prepare(job: Job) -> tuple[System, dict[str, Callable], list[tuple[str, str,
         raise UsageError(f"unknown minimizer {job.minimizer!r}: choose 'fire' or 'gd'")
     if not job.ftol > 0:
         raise UsageError(f"--ftol must be positive, got {job.ftol}")
+    if job.polish is not None and (job.checkpoint is not None or job.resume is not None):
+        raise UsageError("--checkpoint/--resume and --polish cannot be combined")
+    if job.checkpoint is not None and not job.checkpoint_every >= 0:
+        raise UsageError(f"--checkpoint-every must be 0 (every chunk) or more seconds, got {job.checkpoint_every}")
+    if job.resume is not None:
+        import os
+
+        if not os.path.exists(job.resume):
+            raise UsageError(f"--resume {job.resume}: no such file")
     if job.polish is not None and not job.polish > job.ftol:
         raise UsageError(f"--polish {job.polish:g} must exceed --ftol {job.ftol:g} (it is the coarser tolerance at "
                          "which Newton steps take over)")
@@ -301,8 +313,10 @@ def relax_system(
     pairs); None means all pairs.
     """
     x0 = jnp.asarray(system.positions if x0 is None else x0)
+    saver = None if job.checkpoint is None else lambda state: save_checkpoint(job.checkpoint, job, state)
+    resume = None if job.resume is None else load_checkpoint(job.resume, job)
     out = relax.relax(system, params, x0, job.minimizer, job.ftol, job.max_steps, job.chunk, progress, job.skin,
-                      job.polish)
+                      job.polish, saver, job.checkpoint_every, resume)
     q = system.to_solver(jax.block_until_ready(out.x), params)
     meta = {"cell_list": out.stats.cell_list, "skin": job.skin, "capacity": out.stats.capacity,
             "reallocations": out.stats.reallocations, "rebuilds": out.stats.rebuilds}
@@ -317,6 +331,42 @@ def relax_system(
         meta["pairs"] = int(pairs.shape[1])
         return q, out.info, out.compile_s, pairs, meta
     return q, out.info, out.compile_s, None, meta
+
+
+#: what a checkpoint must share with the run that resumes it
+_CHECKPOINT_KEYS = ("system", "overrides", "seed", "minimizer", "ftol", "skin")
+
+
+def save_checkpoint(path: str, job: Job, state: dict[str, np.ndarray]) -> None:
+    """The minimizer state and the job that made it, as ``.npz``, written to a
+    temporary file and renamed: a crash mid-write leaves the previous one."""
+    import json
+    import os
+
+    settings = json.dumps({k: getattr(job, k) for k in _CHECKPOINT_KEYS})
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        np.savez(fh, _job=np.asarray(settings), **state)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, job: Job) -> dict[str, np.ndarray]:
+    """A checkpoint's minimizer state, after checking it belongs to this job."""
+    import json
+
+    try:
+        with np.load(path) as data:
+            state = {k: data[k] for k in data.files if k != "_job"}
+            saved = json.loads(str(data["_job"]))
+    except (OSError, ValueError, KeyError) as err:
+        raise UsageError(f"--resume {path}: not a readable mdsens checkpoint ({err})") from None
+    current = json.loads(json.dumps({k: getattr(job, k) for k in _CHECKPOINT_KEYS}))
+    differ = [f"{k} {saved.get(k)!r} there, {current[k]!r} here" for k in _CHECKPOINT_KEYS if saved.get(k) != current[k]]
+    if differ:
+        raise UsageError(f"--resume {path}: the checkpoint is of another run ({'; '.join(differ)})")
+    if job.polish is not None:
+        raise UsageError("--resume and --polish cannot be combined")
+    return state
 
 
 def execute(job: Job, progress: Callable[[int, float, float], None] | None = None) -> Result:

@@ -106,8 +106,16 @@ def pair_force_fn(system: System) -> Callable[[Array, Array, Params], Array]:
         # i as a column: the model's per-particle lookups (species, diameter)
         # gather N values, not N·K.
         dphi = jax.grad(lambda r_: jnp.sum(system.pair(r_, rows, j, params)))(r)
-        scale = jnp.where(valid & (r2 > 0), dphi / r, 0.0)
-        return -jnp.sum(scale[..., None] * dr, axis=1)
+        terms = jnp.where(valid & (r2 > 0), dphi / r, 0.0)[..., None] * dr
+        # Summed column by column, in table order: padding and pairs beyond the
+        # cutoff add exact zeros, so the force is bitwise the same whatever
+        # the table's capacity or build point (a resumed or reallocated run
+        # retraces the uninterrupted one step for step); a tree reduction
+        # along K would regroup the terms with K.
+        total = terms[:, 0]
+        for k in range(1, idx.shape[1]):
+            total = total + terms[:, k]
+        return -total
 
     return force
 
@@ -419,6 +427,9 @@ def relax(
     callback: Callable[[int, float, float], None] | None = None,
     skin: float = DEFAULT_SKIN,
     polish: float | None = None,
+    checkpoint: Callable[[dict[str, np.ndarray]], None] | None = None,
+    checkpoint_every: float = 60.0,
+    resume: dict[str, np.ndarray] | None = None,
 ) -> Relaxed:
     """Relax ``system`` at parameters ``params`` from real-space ``x0``
     (default: its initial positions) until ``max_i |F_i| < ftol`` or
@@ -427,13 +438,23 @@ def relax(
 
     ``polish``: a coarser force tolerance at which the minimizer hands over to
     damped Newton steps (:func:`newton_polish`); the minimizer takes over again
-    from wherever a Newton step fails. None: the minimizer alone."""
+    from wherever a Newton step fails. None: the minimizer alone.
+
+    ``checkpoint(state)`` is called with the minimizer's whole state (NumPy
+    arrays: positions, velocities, FIRE's dt, α and counters, the step) at a
+    chunk boundary at least every ``checkpoint_every`` seconds; ``resume``
+    (such a state) continues from it instead of starting at ``x0``. The
+    force is a sum in a fixed order whatever the table's build point, so a
+    resumed run takes exactly the steps of an uninterrupted one."""
     params = {k: jnp.asarray(v) for k, v in params.items()}
     x = jnp.asarray(system.positions if x0 is None else x0)
     if system.periodic:
         x = jnp.mod(x, params["box"])
+    saving = (checkpoint, checkpoint_every, resume)
     if polish is None or polish <= ftol:
-        return _descend(system, params, x, method, ftol, max_steps, chunk, callback, skin)
+        return _descend(system, params, x, method, ftol, max_steps, chunk, callback, skin, saving)
+    if checkpoint is not None or resume is not None:
+        raise ValueError("checkpoints are not supported with the Newton polish")
     coarse = _descend(system, params, x, method, polish, max_steps, chunk, callback, skin)
     if not bool(coarse.info.converged):
         return coarse
@@ -455,12 +476,22 @@ def relax(
 
 
 def _descend(system: System, params: Params, x: Array, method: str, ftol: float, max_steps: int, chunk: int,
-             callback: Callable[[int, float, float], None] | None, skin: float) -> Relaxed:
-    """The minimizer in compiled chunks, from real-space ``x``."""
+             callback: Callable[[int, float, float], None] | None, skin: float,
+             saving: tuple[Any, float, dict | None] = (None, 60.0, None)) -> Relaxed:
+    """The minimizer in compiled chunks, from real-space ``x`` (or a resumed state)."""
+    checkpoint, checkpoint_every, resume = saving
     start = time.perf_counter()
     table, programs = _programs(system, params, method, ftol, skin)
+    if resume is not None:
+        x = jnp.asarray(resume["x"])
     nbrs = table.allocate(x)
     state = programs.init(x, nbrs, params)
+    if resume is not None:
+        missing = set(state._fields) - set(resume)
+        if missing:
+            raise ValueError(f"checkpoint lacks {', '.join(sorted(missing))} (another minimizer?)")
+        state = state._replace(**{k: jnp.asarray(resume[k], dtype=getattr(state, k).dtype) for k in state._fields})
+    last_save = time.perf_counter()
     until = jnp.asarray(0, jnp.int32)
     step_chunk, summary = programs.chunk(state, nbrs, params, until)
     compile_s = time.perf_counter() - start
@@ -491,7 +522,13 @@ def _descend(system: System, params: Params, x: Array, method: str, ftol: float,
         steps = int(state.step)
         if callback is not None:
             callback(steps, float(fmax), time.perf_counter() - start)
-        if float(fmax) < ftol or steps >= max_steps or bool(stalled):
+        done = float(fmax) < ftol or steps >= max_steps or bool(stalled)
+        if checkpoint is not None and not float(fmax) < ftol and (
+                done or time.perf_counter() - last_save >= checkpoint_every):
+            # Periodically, and where the step budget ran out: a run can go on from there.
+            checkpoint({k: np.asarray(v) for k, v in state._asdict().items()})
+            last_save = time.perf_counter()
+        if done:
             break
         if settle:
             settle = 0
