@@ -114,5 +114,7 @@ def errors(on_interrupt: Callable[[], str] | None = None) -> Iterator[None]:
         if on_interrupt is not None:
             exc.detail = on_interrupt()
         exit_interrupted(exc)
-    except (OSError, RuntimeError, ValueError) as err:
+    except (OSError, RuntimeError, ValueError, ArithmeticError, MemoryError) as err:
+        # ArithmeticError: e.g. an OverflowError from numpy on --set diameter=1e300,1;
+        # MemoryError: e.g. --set n=1000000000000 (numpy refuses the allocation at once).
         fail(f"{err.__class__.__name__}: {err}", EXIT_ERROR)

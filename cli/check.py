@@ -87,6 +87,9 @@ def verify(record: Mapping[str, Any], wrt: str | None = None, h: float = 1e-5, t
                 diff = float(np.max(np.abs(stored - reference)))
                 errors_[quantity] = diff / scale if scale > 0 else diff
             results[label] = errors_
+    if not results:
+        # e.g. --wrt diameter[1] where only diameter[0] is stored, or diameter[x]: nothing was compared.
+        raise KeyError(f"--wrt {wrt!r}: no stored derivative element matches; stored: {', '.join(entries)}")
     worst = max((e for r in results.values() for e in r.values()), default=0.0)
     return {"file_ftol": record.get("meta", {}).get("ftol"), "h": h, "tolerance": tol, "elements": results,
             "max_error": worst, "ok": bool(worst <= tol)}
