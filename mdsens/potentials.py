@@ -14,8 +14,20 @@ from jax.custom_derivatives import SymbolicZero
 Array = jax.Array
 
 
+def power(base: Array, exponent: Array | float) -> Array:
+    """``base ** exponent``: :func:`traced_power` for an array exponent; a
+    Python-number exponent picks its fast form at trace time (no branch in the
+    compiled code, so the force fuses; see :func:`mdsens.relax.pair_force_fn`)."""
+    if isinstance(exponent, (int, float)):
+        for e, f in _FAST_POWERS:
+            if float(exponent) == e:
+                return f(base)
+        return base ** exponent
+    return traced_power(base, exponent)
+
+
 @jax.custom_jvp
-def power(base: Array, exponent: Array) -> Array:
+def traced_power(base: Array, exponent: Array) -> Array:
     """``base ** exponent`` for ``base > 0``; a scalar exponent of 0, ½, 1, 3/2,
     2, 5/2 or 3 (harmonic and Hertzian soft spheres and their derivatives) is
     evaluated as products and a square root.
@@ -51,18 +63,18 @@ _FAST_POWERS = (
 def _power_jvp(primals, tangents):
     base, exponent = primals
     d_base, d_exponent = tangents
-    y = power(base, exponent)
+    y = traced_power(base, exponent)
     # d/db b^a = a b^(a-1); d/da b^a = log(b) b^a (base > 0 wherever it is used).
     # Symbolic zeros: a force (no tangent in the exponent) never pays for the log.
     out = jnp.zeros_like(y)
     if type(d_base) is not SymbolicZero:
-        out = out + exponent * power(base, exponent - 1.0) * d_base
+        out = out + exponent * traced_power(base, exponent - 1.0) * d_base
     if type(d_exponent) is not SymbolicZero:
         out = out + jnp.log(base) * y * d_exponent
     return y, out
 
 
-power.defjvp(_power_jvp, symbolic_zeros=True)
+traced_power.defjvp(_power_jvp, symbolic_zeros=True)
 
 
 def soft_sphere(r: Array, sigma: Array, epsilon: Array, alpha: Array) -> Array:

@@ -505,6 +505,10 @@ def _descend(system: System, params: Params, x: Array, method: str, ftol: float,
     while True:
         until = np.int32(min(int(state.step) + (settle or chunk), max_steps))
         new_state, new_nbrs, new_rebuilds = step_chunk(state, nbrs, params, until)
+        if overflowed(new_nbrs) and not bool(jnp.all(jnp.isfinite(new_state.x))):
+            state, nbrs = new_state, new_nbrs  # diverged (inf/NaN): no table fits; stop, not converged
+            fmax, stalled, energy = summary(state, nbrs, params)
+            break
         if overflowed(new_nbrs):
             # Redo this chunk from its start on a bigger table built there.
             reallocations += 1
@@ -522,7 +526,7 @@ def _descend(system: System, params: Params, x: Array, method: str, ftol: float,
         steps = int(state.step)
         if callback is not None:
             callback(steps, float(fmax), time.perf_counter() - start)
-        done = float(fmax) < ftol or steps >= max_steps or bool(stalled)
+        done = float(fmax) < ftol or steps >= max_steps or bool(stalled) or not math.isfinite(float(fmax))
         if checkpoint is not None and not float(fmax) < ftol and (
                 done or time.perf_counter() - last_save >= checkpoint_every):
             # Periodically, and where the step budget ran out: a run can go on from there.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -12,11 +14,18 @@ class UsageError(ValueError):
     """Bad user input (unknown key, value out of range); the CLI exits with code 2."""
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text.strip()} is not a finite number")
+    return value
+
+
 def _parse_floats(text: str) -> tuple[float, ...]:
-    return tuple(float(t) for t in text.split(",") if t.strip())
+    return tuple(_finite(t) for t in text.split(",") if t.strip())
 
 
-_PARSERS: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "floats": _parse_floats, "str": str}
+_PARSERS: dict[str, Callable[[str], Any]] = {"int": int, "float": _finite, "floats": _parse_floats, "str": str}
 
 
 @dataclass(frozen=True)
@@ -34,7 +43,8 @@ class Key:
         try:
             return _PARSERS[self.kind](text)
         except ValueError:
-            raise UsageError(f"{self.name}={text!r}: expected {self.kind}") from None
+            finite = " (finite)" if self.kind in ("float", "floats") else ""
+            raise UsageError(f"{self.name}={text!r}: expected {self.kind}{finite}") from None
 
     def validate(self, value: Any) -> Any:
         message = None if self.check is None else self.check(value)
