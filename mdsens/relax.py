@@ -484,6 +484,8 @@ def _descend(system: System, params: Params, x: Array, method: str, ftol: float,
     table, programs = _programs(system, params, method, ftol, skin)
     if resume is not None:
         x = jnp.asarray(resume["x"])
+        if "capacity" in resume:  # the same table shapes: the same compiled arithmetic
+            table._sticky = tuple(max(a, int(b)) for a, b in zip(table._sticky, resume["capacity"]))
     nbrs = table.allocate(x)
     state = programs.init(x, nbrs, params)
     if resume is not None:
@@ -530,7 +532,8 @@ def _descend(system: System, params: Params, x: Array, method: str, ftol: float,
         if checkpoint is not None and not float(fmax) < ftol and (
                 done or time.perf_counter() - last_save >= checkpoint_every):
             # Periodically, and where the step budget ran out: a run can go on from there.
-            checkpoint({k: np.asarray(v) for k, v in state._asdict().items()})
+            checkpoint({**{k: np.asarray(v) for k, v in state._asdict().items()},
+                        "capacity": np.asarray([nbrs.idx.shape[1], nbrs.cells.shape[1]])})
             last_save = time.perf_counter()
         if done:
             break

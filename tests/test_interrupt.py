@@ -106,3 +106,32 @@ def test_ctrl_c_with_force_leaves_the_existing_file_untouched(tmp_path):
     assert lines == ["interrupted (SIGINT): no file written, out.h5 untouched"], text
     assert old.read_bytes() == b"an earlier result" and old.stat().st_mtime_ns == stat.st_mtime_ns
     assert leftovers(tmp_path) == []
+
+
+def test_resume_after_sigterm_retraces_the_uninterrupted_run(tmp_path):
+    # A relaxation killed by SIGTERM leaves its last checkpoint; --resume goes on
+    # from it and ends, after the same total steps, on bitwise the same positions
+    # as a run that was never interrupted (ftol 1e-30: both run to --max-steps,
+    # FIRE moving at round-off level, where any change of arithmetic would show).
+    import h5py
+
+    steps = ["--max-steps", "6000"]
+    proc = subprocess.Popen([*mdsens_command(), "run", "--set", "n=256", "--ftol", "1e-30", "--no-cache", "-q",
+                             *steps, "--checkpoint", "ck.npz", "--checkpoint-every", "0", "-o", "out.h5"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "ck.npz").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and (tmp_path / "ck.npz").exists(), err
+    assert not (tmp_path / "out.h5").exists()
+    common = [*mdsens_command(), "run", "--set", "n=256", "--ftol", "1e-30", "--no-cache", "-q", *steps]
+    resumed = subprocess.run([*common, "--resume", "ck.npz", "-o", "resumed.h5"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    plain = subprocess.run([*common, "-o", "plain.h5"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 3 and plain.returncode == 3, resumed.stderr + plain.stderr
+    with h5py.File(tmp_path / "resumed.h5") as a, h5py.File(tmp_path / "plain.h5") as b:
+        assert int(a["observables/minimizer_steps"][()]) == int(b["observables/minimizer_steps"][()]) == 6000
+        assert (a["particles/all/position/value"][()] == b["particles/all/position/value"][()]).all()
