@@ -88,20 +88,27 @@ class Relaxed(NamedTuple):
 # -- forces from a table ------------------------------------------------------------
 
 
+def table_separations(system: System, x: Array, idx: Array, params: Params):
+    """For each table entry: ``(dr, r2, rows, j, valid)`` — the minimum-image
+    separation ``x_i − x_j`` (N, K, d), its square length, the row index as a
+    column (N, 1), the neighbor index with padding pointed at the row itself
+    (so r = 0 there, masked by the callers), and the padding mask."""
+    n = system.n
+    valid = idx < n
+    rows = jnp.arange(n, dtype=idx.dtype)[:, None]
+    j = jnp.where(valid, idx, rows)
+    dr = x[:, None, :] - x[j]
+    if system.periodic:
+        box = params["box"]
+        dr = dr - box * jnp.round(dr / box)
+    return dr, jnp.sum(dr * dr, axis=-1), rows, j, valid
+
+
 def pair_force_fn(system: System) -> Callable[[Array, Array, Params], Array]:
     """``force(x, idx, θ) -> (N, d)``: real-space forces summed over the table ``idx``."""
-    n = system.n
-    periodic = system.periodic
 
     def force(x: Array, idx: Array, params: Params) -> Array:
-        valid = idx < n
-        rows = jnp.arange(n, dtype=idx.dtype)[:, None]
-        j = jnp.where(valid, idx, rows)  # padding points at itself: r = 0, masked below
-        dr = x[:, None, :] - x[j]
-        if periodic:
-            box = params["box"]
-            dr = dr - box * jnp.round(dr / box)
-        r2 = jnp.sum(dr * dr, axis=-1)
+        dr, r2, rows, j, valid = table_separations(system, x, idx, params)
         r = jnp.sqrt(jnp.where(r2 > 0, r2, 1.0))
         # i as a column: the model's per-particle lookups (species, diameter)
         # gather N values, not N·K.
@@ -122,15 +129,7 @@ def pair_force_fn(system: System) -> Callable[[Array, Array, Params], Array]:
 
 def table_energy(system: System, x: Array, idx: Array, params: Params) -> Array:
     """``E = ½ Σ_i Σ_k φ(r_ik)`` over the table (each pair is in two rows)."""
-    n = system.n
-    valid = idx < n
-    rows = jnp.arange(n, dtype=idx.dtype)[:, None]
-    j = jnp.where(valid, idx, rows)
-    dr = x[:, None, :] - x[j]
-    if system.periodic:
-        box = params["box"]
-        dr = dr - box * jnp.round(dr / box)
-    r2 = jnp.sum(dr * dr, axis=-1)
+    dr, r2, rows, j, valid = table_separations(system, x, idx, params)
     r = jnp.sqrt(jnp.where(r2 > 0, r2, 1.0))
     phi = system.pair(r, rows, j, params)
     return 0.5 * jnp.sum(jnp.where(valid & (r2 > 0), phi, 0.0))
@@ -564,14 +563,7 @@ class NewtonInfo(NamedTuple):
 
 def _table_hessian(system: System, x: Array, idx: Array, params: Params) -> Array:
     """(N, K, d, d): ``∂²φ/∂r²`` of each table entry (zero on padding), real space."""
-    n = system.n
-    valid = idx < n
-    rows = jnp.arange(n, dtype=idx.dtype)[:, None]
-    j = jnp.where(valid, idx, rows)
-    dr = x[:, None, :] - x[j]
-    if system.periodic:
-        box = params["box"]
-        dr = dr - box * jnp.round(dr / box)
+    dr, r2, rows, j, valid = table_separations(system, x, idx, params)
 
     def pair_energy(r_vec: Array, a: Array, b: Array) -> Array:
         d2 = jnp.sum(r_vec**2)
@@ -579,7 +571,7 @@ def _table_hessian(system: System, x: Array, idx: Array, params: Params) -> Arra
 
     rows_b = jnp.broadcast_to(rows, idx.shape)
     k = jax.vmap(jax.vmap(jax.hessian(pair_energy)))(dr, rows_b, j)
-    return jnp.where((valid & (jnp.sum(dr * dr, -1) > 0))[..., None, None], k, 0.0)
+    return jnp.where((valid & (r2 > 0))[..., None, None], k, 0.0)
 
 
 _NEWTON: "weakref.WeakKeyDictionary[System, dict]" = weakref.WeakKeyDictionary()
