@@ -69,6 +69,7 @@ class Minimizer(NamedTuple):
     step_x: Callable[[Any, Params], Any] | None = None
     step_force: Callable[[Any, Params], Any] | None = None
     stalled: Callable[[Any], Array] | None = None
+    blank: Callable[[Array], Any] | None = None  # the initial state with a zero force: init = step_force(blank)
 
 
 class RelaxInfo(NamedTuple):
@@ -131,11 +132,14 @@ def fire(
     it the same start relaxes."""
     force_of = _force_fn(energy_fn, force_fn)
 
-    def init(x: Array, params: Params) -> FireState:
-        f = force_of(x, params)
+    def blank(x: Array) -> FireState:
         zero = jnp.zeros((), x.dtype)
         count = jnp.zeros((), jnp.int32)
-        return FireState(x, jnp.zeros_like(x), f, zero + dt_start, zero + alpha_start, count, count, count)
+        return FireState(x, jnp.zeros_like(x), jnp.zeros_like(x), zero + dt_start, zero + alpha_start,
+                         count, count, count)
+
+    def init(x: Array, params: Params) -> FireState:
+        return blank(x)._replace(force=force_of(x, params))
 
     def step_x(state: FireState, params: Params) -> FireState:
         x, v, f, dt, alpha, n_pos, n_neg, count = state
@@ -170,7 +174,7 @@ def fire(
     def stalled(state: FireState) -> Array:
         return state.n_neg > n_neg_max
 
-    return Minimizer(init, step, step_x, step_force, stalled)
+    return Minimizer(init, step, step_x, step_force, stalled, blank)
 
 
 def gradient_descent(energy_fn: EnergyFn | None = None, shift_fn: ShiftFn = free_shift, step_size: float = 0.05,
@@ -178,8 +182,11 @@ def gradient_descent(energy_fn: EnergyFn | None = None, shift_fn: ShiftFn = free
     """Fixed-step gradient descent ``x ← x − η ∇E``; stable for ``η < 2/λ_max(H)``."""
     force_of = _force_fn(energy_fn, force_fn)
 
+    def blank(x: Array) -> DescentState:
+        return DescentState(x, jnp.zeros_like(x), jnp.zeros((), jnp.int32))
+
     def init(x: Array, params: Params) -> DescentState:
-        return DescentState(x, force_of(x, params), jnp.zeros((), jnp.int32))
+        return blank(x)._replace(force=force_of(x, params))
 
     def step_x(state: DescentState, params: Params) -> DescentState:
         return DescentState(shift_fn(state.x, step_size * state.force, params), state.force, state.step + 1)
@@ -190,7 +197,7 @@ def gradient_descent(energy_fn: EnergyFn | None = None, shift_fn: ShiftFn = free
     def step(state: DescentState, params: Params) -> DescentState:
         return step_force(step_x(state, params), params)
 
-    return Minimizer(init, step, step_x, step_force, lambda state: jnp.zeros((), bool))
+    return Minimizer(init, step, step_x, step_force, lambda state: jnp.zeros((), bool), blank)
 
 
 def running(minimizer: Minimizer, state: Any, ftol: float, until: Array) -> Array:

@@ -262,18 +262,19 @@ class Table:
             key = jnp.concatenate([key, jnp.full((n, capacity - width), n, key.dtype)], axis=1)
         return Neighbors(key, x, cells, cell_overflow | (jnp.max(count) > capacity))
 
-    def allocate(self, x: Array, grow: float = 1.0, shrink: bool = False) -> Neighbors:
-        """A table at ``x`` sized from the counts there (×1.25, and ×``grow``).
+    def capacities(self, x: Array, grow: float = 1.0, shrink: bool = False) -> tuple[int, int]:
+        """(K, C): table and cell capacities for positions ``x``, from the counts
+        there (×1.25 and ×1.5 + 2, times ``grow``).
 
         Capacities only grow for a given Table (and the Table is cached with the
         compiled chunk): a warm restart from a relaxed state, which has fewer
         neighbors than a random start, reuses the compiled loop instead of
-        compiling one for a smaller table; ``shrink`` sizes it afresh."""
+        compiling one for a smaller table; ``shrink`` sizes them afresh."""
         x = jnp.asarray(x)
         if shrink:
             self._sticky = (0, 0)
         if self.static:
-            return self.build(x, self.n - 1, 0)
+            return self.n - 1, 0
         cell_capacity = 0
         if self.grid is not None:
             cell = np.asarray(self._cell_of(x))
@@ -284,7 +285,25 @@ class Table:
         if self.grid is None:
             capacity = min(capacity, self.n)
         self._sticky = (capacity, cell_capacity)
-        return self._build(x, capacity, cell_capacity)
+        return capacity, cell_capacity
+
+    def allocate(self, x: Array, grow: float = 1.0, shrink: bool = False) -> Neighbors:
+        """A table built at ``x`` (sized by :meth:`capacities`)."""
+        x = jnp.asarray(x)
+        if self.static:
+            return self.build(x, self.n - 1, 0)
+        return self._build(x, *self.capacities(x, grow, shrink))
+
+    def placeholder(self, x: Array, capacity: int, cell_capacity: int) -> Neighbors:
+        """An empty table of the given capacities, to be built inside the compiled
+        loop (pass ``stale=True``): no separate compile of the build."""
+        x = jnp.asarray(x)
+        if self.static:
+            return self.build(x, self.n - 1, 0)
+        n = self.n
+        cells = (int(np.prod(self.grid)), cell_capacity) if self.grid is not None else (0, 0)
+        return Neighbors(jnp.full((n, capacity), n, jnp.int32), x, jnp.full(cells, n, jnp.int32),
+                         jnp.zeros((), bool))
 
     def count(self, x: Array, cell_capacity: int) -> Array:
         """The most neighbors any particle has at ``x`` (jittable)."""
@@ -334,19 +353,15 @@ def _minimizer(system: System, table: Table, method: str) -> minimize.Minimizer:
 
 
 class _Compiled(NamedTuple):
-    init: Callable
+    minimizer: minimize.Minimizer
     advance: Callable
-    refresh: Callable
-    summary: Callable
     executables: dict
 
-    def chunk(self, state: Any, nbrs: Any, params: Params, until: Array) -> Callable:
-        """The chunk and the summary ``(max|F|, stalled, E)`` compiled for these
-        shapes (once per table capacity)."""
+    def chunk(self, state: Any, nbrs: Any, params: Params, until: Array, stale: Array) -> Callable:
+        """The chunk compiled for these shapes (once per table capacity)."""
         key = (nbrs.idx.shape, nbrs.cells.shape, state.x.dtype)
         if key not in self.executables:
-            self.executables[key] = (self.advance.lower(state, nbrs, params, until).compile(),
-                                     self.summary.lower(state, nbrs, params).compile())
+            self.executables[key] = self.advance.lower(state, nbrs, params, until, stale).compile()
         return self.executables[key]
 
 
@@ -368,20 +383,17 @@ def _programs(system: System, params: Params, method: str, ftol: float, skin: fl
     table = Table(system, params, skin, cutoff * CUTOFF_SLACK if math.isfinite(cutoff) else None)
     mini = _minimizer(system, table, method)
 
-    def init(x: Array, nbrs: Any, params: Params):
-        return mini.init(x, (params, nbrs.idx))
-
-    def refresh(state: Any, nbrs: Any, params: Params):
-        return mini.step_force(state, (params, nbrs.idx))
-
-    def advance(state: Any, nbrs: Any, params: Params, until: Array):
-        """Steps until converged, ``until``, stalled, or the table overflows.
+    def advance(state: Any, nbrs: Any, params: Params, until: Array, stale: Array):
+        """Steps until converged, ``until``, stalled, or the table overflows;
+        returns ``(state, table, rebuilds, max|F|, stalled, E)``.
 
         Two loops, so that a step pays no branch: the inner one steps on a fixed
         table while every particle stays within ``skin / 2`` of the table's
         reference positions; the outer one rebuilds the table and re-evaluates
         the force that the inner loop took on the old one (one extra force per
-        rebuild, about one step in thirty)."""
+        rebuild, about one step in thirty). ``stale`` (a fresh start, an empty
+        table of the right shape) builds the table and the force first, so
+        that nothing but this loop is compiled."""
 
         def go(s, nb):
             return minimize.running(mini, s, ftol, until) & ~nb.overflow
@@ -394,23 +406,23 @@ def _programs(system: System, params: Params, method: str, ftol: float, skin: fl
 
             return jax.lax.while_loop(lambda c: go(c[0], c[1]) & ~c[2], body, c)
 
-        def outer(c):
-            s, nb, stale, rebuilds = c
-            s, nb, rebuilds = jax.lax.cond(stale, rebuild, lambda s, nb, k: (s, nb, k), s, nb, rebuilds)
-            return inner((s, nb, jnp.zeros((), bool), rebuilds))
-
         def rebuild(s, nb, rebuilds):
             nb = table.build(s.x, nb.idx.shape[1], nb.cells.shape[1])
             return mini.step_force(s, (params, nb.idx)), nb, rebuilds + 1
 
-        start = (state, nbrs, table.moved(state.x, nbrs), jnp.zeros((), jnp.int32))
-        s, nb, _, rebuilds = jax.lax.while_loop(lambda c: go(c[0], c[1]), outer, start)
-        return s, nb, rebuilds
+        def outer(c):
+            s, nb, stale_, rebuilds = c
+            s, nb, rebuilds = jax.lax.cond(stale_, rebuild, lambda s, nb, k: (s, nb, k), s, nb, rebuilds)
+            return inner((s, nb, jnp.zeros((), bool), rebuilds))
 
-    def summary(state: Any, nbrs: Any, params: Params):
-        return minimize.max_force(state.force), mini.stalled(state), table_energy(system, state.x, nbrs.idx, params)
+        first = (state, nbrs, stale | table.moved(state.x, nbrs), jnp.zeros((), jnp.int32))
+        # A stale table is rebuilt (and the force taken) even when the loop would
+        # stop at once: a converged start must not report a blank force.
+        s, nb, _, rebuilds = jax.lax.while_loop(lambda c: go(c[0], c[1]) | c[2], outer, first)
+        return (s, nb, rebuilds, minimize.max_force(s.force), mini.stalled(s),
+                table_energy(system, s.x, nb.idx, params))
 
-    programs = _Compiled(jax.jit(init), jax.jit(advance), jax.jit(refresh), jax.jit(summary), {})
+    programs = _Compiled(mini, jax.jit(advance), {})
     per_system.setdefault(key, []).append((table, programs))
     return table, programs
 
@@ -481,49 +493,51 @@ def _descend(system: System, params: Params, x: Array, method: str, ftol: float,
     checkpoint, checkpoint_every, resume = saving
     start = time.perf_counter()
     table, programs = _programs(system, params, method, ftol, skin)
-    if resume is not None:
+    mini = programs.minimizer
+    if resume is None:
+        nbrs = table.placeholder(x, *table.capacities(x))
+        state, stale = mini.blank(x), True
+    else:
         x = jnp.asarray(resume["x"])
         if "capacity" in resume:  # the same table shapes: the same compiled arithmetic
             table._sticky = tuple(max(a, int(b)) for a, b in zip(table._sticky, resume["capacity"]))
-    nbrs = table.allocate(x)
-    state = programs.init(x, nbrs, params)
-    if resume is not None:
+        nbrs = table.allocate(x)
+        state = mini.blank(x)
         missing = set(state._fields) - set(resume)
         if missing:
             raise ValueError(f"checkpoint lacks {', '.join(sorted(missing))} (another minimizer?)")
         state = state._replace(**{k: jnp.asarray(resume[k], dtype=getattr(state, k).dtype) for k in state._fields})
+        stale = False
     last_save = time.perf_counter()
-    until = jnp.asarray(0, jnp.int32)
-    step_chunk, summary = programs.chunk(state, nbrs, params, until)
+    until = np.int32(0)
+    step_chunk = programs.chunk(state, nbrs, params, until, np.bool_(stale))
     compile_s = time.perf_counter() - start
     reallocations = rebuilds = 0
     # A random start has overlapping clusters and needs a wide table; a few
     # hundred steps later most particles have far fewer neighbors. Large
     # systems resize the table once there: fewer entries per step pay for
-    # one more compile (N = 16384: capacity 29 → 16).
+    # one more compile (N = 16384: capacity 29 → 14).
     settle = SETTLE_STEPS if system.n >= RESIZE_THRESHOLD and not table.static else 0
     start = time.perf_counter()
     while True:
         until = np.int32(min(int(state.step) + (settle or chunk), max_steps))
-        new_state, new_nbrs, new_rebuilds = step_chunk(state, nbrs, params, until)
+        new_state, new_nbrs, new_rebuilds, fmax, stalled, energy = step_chunk(state, nbrs, params, until,
+                                                                              np.bool_(stale))
         if overflowed(new_nbrs) and not bool(jnp.all(jnp.isfinite(new_state.x))):
             state, nbrs = new_state, new_nbrs  # diverged (inf/NaN): no table fits; stop, not converged
-            fmax, stalled, energy = summary(state, nbrs, params)
             break
         if overflowed(new_nbrs):
-            # Redo this chunk from its start on a bigger table built there.
+            # Redo this chunk from its start on a bigger table, built there.
             reallocations += 1
             if reallocations > 20:
                 raise RuntimeError("neighbor table overflowed 20 times; giving up")
             t = time.perf_counter()
-            nbrs = table.allocate(state.x, grow=1.5**reallocations)
-            state = programs.refresh(state, nbrs, params)
-            step_chunk, summary = programs.chunk(state, nbrs, params, until)
+            nbrs, stale = table.placeholder(state.x, *table.capacities(state.x, grow=1.5**reallocations)), True
+            step_chunk = programs.chunk(state, nbrs, params, until, np.bool_(stale))
             compile_s += time.perf_counter() - t
             continue
-        state, nbrs = new_state, new_nbrs
+        state, nbrs, stale = new_state, new_nbrs, False
         rebuilds += int(new_rebuilds)
-        fmax, stalled, energy = summary(state, nbrs, params)
         steps = int(state.step)
         if callback is not None:
             callback(steps, float(fmax), time.perf_counter() - start)
@@ -539,11 +553,12 @@ def _descend(system: System, params: Params, x: Array, method: str, ftol: float,
         if settle:
             settle = 0
             t = time.perf_counter()
-            smaller = table.allocate(state.x, shrink=True)
-            if smaller.idx.shape[1] < 0.75 * nbrs.idx.shape[1]:
-                nbrs = smaller
-                state = programs.refresh(state, nbrs, params)
-                step_chunk, summary = programs.chunk(state, nbrs, params, until)
+            capacity, cell_capacity = table.capacities(state.x, shrink=True)
+            if capacity < 0.75 * nbrs.idx.shape[1]:
+                nbrs, stale = table.placeholder(state.x, capacity, cell_capacity), True
+                step_chunk = programs.chunk(state, nbrs, params, until, np.bool_(stale))
+            else:
+                table._sticky = (nbrs.idx.shape[1], nbrs.cells.shape[1])
             compile_s += time.perf_counter() - t
     x = jax.block_until_ready(state.x)
     info = minimize.RelaxInfo(state.step, fmax, energy, fmax < ftol)

@@ -97,15 +97,15 @@ def test_overflow_is_detected_and_the_chunk_redone(monkeypatch):
     # A first table with almost no room: relax must redo its chunk on a bigger one
     # and reach the same minimum as a run that never overflowed.
     reference = relax.relax(system, params, chunk=200)
-    original, first = relax.Table.allocate, []
+    original, first = relax.Table.capacities, []
 
-    def allocate(self, x, grow=1.0):
-        if not first:
+    def capacities(self, x, grow=1.0, shrink=False):
+        if not first:  # the first table: too small, overflows at its first build in the loop
             first.append(True)
-            return self._build(jnp.asarray(x), 3, 0)  # too small: overflows at its first rebuild
-        return original(self, x, grow)
+            return 3, 0
+        return original(self, x, grow, shrink)
 
-    monkeypatch.setattr(relax.Table, "allocate", allocate)
+    monkeypatch.setattr(relax.Table, "capacities", capacities)
     relax._CACHE.clear()
     out = relax.relax(system, params, chunk=200)
     assert bool(out.info.converged) and out.stats.reallocations >= 1
