@@ -39,11 +39,10 @@ def traced_power(base: Array, exponent: Array) -> Array:
     is exact in both arguments and at every order."""
     if jnp.ndim(exponent) != 0:
         return base ** exponent
-    fast = [(e, f) for e, f in _FAST_POWERS]
-    which = jnp.asarray(len(fast), jnp.int32)
-    for k, (e, _) in enumerate(fast):
+    which = jnp.asarray(len(_FAST_POWERS), jnp.int32)
+    for k, (e, _) in enumerate(_FAST_POWERS):
         which = jnp.where(exponent == e, k, which)
-    branches = [lambda b, a, f=f: f(b) for _, f in fast] + [lambda b, a: b ** a]
+    branches = [lambda b, a, f=f: f(b) for _, f in _FAST_POWERS] + [lambda b, a: b ** a]
     return jax.lax.switch(which, branches, base, exponent)
 
 
