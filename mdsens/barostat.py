@@ -1,0 +1,627 @@
+"""Packings at fixed pressure: the box as a degree of freedom, and the
+derivatives of that equilibrium.
+
+At a target pressure P the state is the pair (q, U): fractional positions q
+(N, d) in the *reference* box ``L₀ = θ["box"]`` and a symmetric log-strain U
+(d, d) of that box, as in ASE's ``FrechetCellFilter``. The deformation is
+``F = exp(U)`` and the periodic cell has the edge vectors ``a_k = L₀ₖ F e_k``;
+a separation is ``r = F (L₀ ⊙ (Δq − round Δq))``. Which U are allowed is
+``box_dof``:
+
+- ``iso``: ``U = s I`` (one scale), ``aniso``: ``U = diag(s)`` (each side),
+- ``shear``: any symmetric U (``d(d+1)/2`` values): the full cell up to a
+  rotation, so the stress-free ("shear-stabilised") packings.
+
+The relaxed state minimises the enthalpy
+
+    H(q, U; θ) = E(q, U; θ) + P V(U),   V = V₀ exp(tr U),
+
+so the root condition is ``∇_(q,u) H = 0`` (u the box-dof coordinates of U).
+Its Jacobian is the Hessian of H, symmetric, so the implicit function
+theorem of :mod:`mdsens.implicit` applies unchanged to the concatenated
+vector ``z = (q.ravel(), u)``; the gauge removes the translations (and the
+rattlers) from the q part only. The target pressure is an ordinary
+parameter ``θ["pressure"]``: ``dφ/dP`` is a forward derivative like any other.
+
+Convergence: ``max_i |F_i| < ftol`` (real-space forces) and every relaxed
+stress component within ``ftol / ℓ^(d−1)`` of −P, ``ℓ = (V/N)^(1/d)`` the mean
+spacing: the stress residual ``σ + P I`` (iso: its trace part; aniso: its
+diagonal; shear: all of it) times ``ℓ^(d−1)`` is a force, the imbalance on a
+typical particle's face, held to the same ``ftol`` as the particles.
+
+The relaxed U lives in ``θ["strain"]`` of a :class:`CellSystem`, so every
+observable ``O(system, q, θ)`` (energy, pressure, stress, contacts, moduli)
+sees the relaxed cell; :func:`forward_fn` and :func:`gradient_fn` treat it as
+state, not as a parameter.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mdsens import gauge as _gauge
+from mdsens import implicit, linsolve, minimize
+from mdsens.system import Params, System
+
+Array = jax.Array
+Observable = Callable[[System, Array, Params], Array]
+
+BOX_DOF = ("iso", "aniso", "shear")
+DEFAULT_SKIN = 0.3
+
+
+# -- the cell ---------------------------------------------------------------------
+
+
+def strain_basis(dim: int, box_dof: str) -> np.ndarray:
+    """The box-dof basis ``B`` (k, d, d) with ``U = Σ_k u_k B_k``: iso ``[I]``,
+    aniso ``e_a e_aᵀ``, shear ``e_a e_bᵀ + e_b e_aᵀ`` (``e_a e_aᵀ`` on the
+    diagonal) for ``a ≤ b``. Mutually orthogonal (Frobenius)."""
+    if box_dof == "iso":
+        return np.eye(dim)[None]
+    if box_dof == "aniso":
+        return np.stack([np.diag(np.eye(dim)[a]) for a in range(dim)])
+    if box_dof == "shear":
+        out = []
+        for a in range(dim):
+            for b in range(a, dim):
+                m = np.zeros((dim, dim))
+                m[a, b] = m[b, a] = 1.0
+                out.append(m)
+        return np.stack(out)
+    raise ValueError(f"box_dof {box_dof!r}: choose {', '.join(BOX_DOF)}")
+
+
+def _expm(u: Array) -> Array:
+    """``exp(U)`` of a small matrix by scaling and squaring a Taylor series:
+    plain products, differentiable to any order (no branch on the norm).
+    ``U/16`` and 16 terms: truncation below 1e-20 for ``|U| < 8``."""
+    a = u / 16.0
+    term = jnp.eye(u.shape[0], dtype=u.dtype)
+    out = term
+    for k in range(1, 17):
+        term = term @ a / k
+        out = out + term
+    for _ in range(4):
+        out = out @ out
+    return out
+
+
+def deformation(strain: Array, box_dof: str) -> Array:
+    """``F = exp(U)`` (d, d); exactly ``diag(exp(diag U))`` for iso and aniso."""
+    if box_dof in ("iso", "aniso"):
+        return jnp.diag(jnp.exp(jnp.diagonal(strain)))
+    return _expm(strain)
+
+
+@dataclass(frozen=True, eq=False)
+class CellSystem(System):
+    """A periodic :class:`System` whose cell is ``F = exp(θ["strain"])`` applied to
+    the reference box ``θ["box"]`` (module docstring); ``θ["pressure"]`` is the
+    target pressure. Every pair separation, the volume, the real-space
+    coordinates and the pair Hessian blocks follow the deformed cell."""
+
+    box_dof: str = "iso"
+
+    def deformation(self, params: Params) -> Array:
+        return deformation(params["strain"], self.box_dof)
+
+    def cell(self, params: Params) -> Array:
+        """(d, d) the cell's edge vectors as rows (H5MD's ``box/edges``)."""
+        return (self.deformation(params) * params["box"][None, :]).T
+
+    def separation(self, dq: Array, params: Params, strain: Array | None = None) -> Array:
+        dr = ((dq - jnp.round(dq)) * params["box"]) @ self.deformation(params).T
+        if strain is not None:
+            dr = dr @ (jnp.eye(self.dim, dtype=dr.dtype) + strain).T
+        return dr
+
+    def volume(self, params: Params) -> Array:
+        return jnp.prod(params["box"]) * jnp.exp(jnp.trace(params["strain"]))
+
+    def to_real(self, q: Array, params: Params) -> Array:
+        return (q * params["box"]) @ self.deformation(params).T
+
+    def to_solver(self, x: Array, params: Params) -> Array:
+        y = x @ jnp.linalg.inv(self.deformation(params)).T
+        return jnp.mod(y / params["box"], 1.0)
+
+    def energy_real(self, x: Array, params: Params) -> Array:
+        return self.energy(x @ jnp.linalg.inv(self.deformation(params)).T / params["box"], params)
+
+    def pair_hessians(self, q: Array, params: Params) -> tuple[Array, Array, Array]:
+        """Blocks ``(F L)ᵀ K (F L)``: the parent's ``L K L`` (K taken at the
+        deformed separation) conjugated by ``M = L⁻¹ F L``."""
+        k, i, j = super().pair_hessians(q, params)
+        box = params["box"]
+        m = self.deformation(params) * box[None, :] / box[:, None]
+        return jnp.einsum("ba,mbc,cd->mad", m, k, m), i, j
+
+    def interacting_pairs(self, q: Array, params: Params, margin: float = 0.0, block: int = 1024) -> np.ndarray:
+        return _pairs_numpy(self, np.asarray(q), params, float(self.cutoff(params)) + margin, block)
+
+
+def _pairs_numpy(system: CellSystem, q: np.ndarray, params: Params, reach: float, block: int = 1024) -> np.ndarray:
+    """(2, M) the pairs ``i < j`` closer than ``reach`` in the deformed cell (minimum image in q)."""
+    n = system.n
+    h = np.asarray(system.deformation(params)) * np.asarray(params["box"])[None, :]
+    found = []
+    for start in range(0, n, block):
+        dq = q[start:start + block, None, :] - q[None, :, :]
+        dr = (dq - np.round(dq)) @ h.T
+        a, b = np.nonzero(np.sum(dr**2, axis=-1) < reach**2)
+        a = a + start
+        keep = a < b
+        found.append(np.stack([a[keep], b[keep]]))
+    return np.concatenate(found, axis=1).astype(np.int32)
+
+
+def at_pressure(system: System, pressure: float, box_dof: str = "iso") -> CellSystem:
+    """``system`` (periodic) with the box as a degree of freedom at target pressure
+    ``pressure``: adds the parameters ``pressure`` () and ``strain`` (d, d) = 0."""
+    if not system.periodic:
+        raise ValueError(f"fixed pressure needs a periodic box; {system.name!r} is in free space")
+    strain_basis(system.dim, box_dof)  # validates box_dof
+    values = {f.name: getattr(system, f.name) for f in fields(System)}
+    dtype = jnp.result_type(float)
+    values["params"] = {**system.params, "pressure": jnp.asarray(float(pressure), dtype),
+                        "strain": jnp.zeros((system.dim, system.dim), dtype)}
+    values["config"] = {**system.config, "pressure": pressure, "box_dof": box_dof}
+    return CellSystem(**values, box_dof=box_dof)
+
+
+def is_fixed_pressure(system: System) -> bool:
+    return isinstance(system, CellSystem)
+
+
+def ensemble(system: System) -> str:
+    """The ensemble in words, for the file and ``mdsens show``."""
+    if isinstance(system, CellSystem):
+        return f"fixed pressure, box_dof={system.box_dof}"
+    return "fixed box" if system.periodic else "free space"
+
+
+# -- state vector -------------------------------------------------------------------
+
+
+def split(params: Params) -> tuple[dict[str, Array], Array]:
+    """``(θ, U)``: the parameters without the (relaxed, state) ``strain``, and U."""
+    return {k: v for k, v in params.items() if k != "strain"}, params["strain"]
+
+
+def coordinates(system: CellSystem, strain: Array) -> Array:
+    """The box-dof coordinates u (k,) of a log-strain U in :func:`strain_basis`."""
+    basis = jnp.asarray(strain_basis(system.dim, system.box_dof), strain.dtype)
+    return jnp.tensordot(basis, strain, axes=([1, 2], [0, 1])) / jnp.sum(basis**2, axis=(1, 2))
+
+
+def pack(system: CellSystem, q: Array, params: Params) -> Array:
+    """``z = (q.ravel(), u)``, the root variable."""
+    return jnp.concatenate([q.ravel(), coordinates(system, params["strain"])])
+
+
+def unpack(system: CellSystem, z: Array, theta: Params) -> tuple[Array, dict[str, Array]]:
+    """``(q, params)`` from ``z`` and θ (params = θ plus the strain of z)."""
+    n, d = system.n, system.dim
+    basis = jnp.asarray(strain_basis(d, system.box_dof), z.dtype)
+    strain = jnp.tensordot(z[n * d:], basis, axes=1)
+    return z[:n * d].reshape(n, d), {**theta, "strain": strain}
+
+
+def enthalpy(system: CellSystem) -> Callable[[Array, Params], Array]:
+    """``H(z, θ) = E + P V`` over the root variable z."""
+
+    def fn(z: Array, theta: Params) -> Array:
+        q, params = unpack(system, z, theta)
+        return system.energy(q, params) + theta["pressure"] * system.volume(params)
+
+    return fn
+
+
+def optimality(system: CellSystem) -> Callable[[Array, Params], Array]:
+    """The root function ``∇_z H(z, θ)``."""
+    return jax.grad(enthalpy(system))
+
+
+def gauge_for(system: CellSystem, rattler: Array) -> implicit.Gauge:
+    """Translations and rattlers removed from the q part of z; the box dofs kept."""
+    n, d = system.n, system.dim
+    translations = _gauge.translations(rattler)
+
+    def project(z: Array) -> Array:
+        return jnp.concatenate([translations(z[:n * d].reshape(n, d)).ravel(), z[n * d:]])
+
+    return lambda z, theta: project
+
+
+def stress_residual(system: CellSystem, q: Array, params: Params) -> Array:
+    """The scaled stress residual ``max |(σ + P I)_relaxed| ℓ^(d−1)`` (a force;
+    module docstring): the components the box dofs relax."""
+    d = system.dim
+    zero = jnp.zeros((d, d), jnp.result_type(q))
+    volume = system.volume(params)
+    sigma = jax.grad(lambda e: system.energy(q, params, strain=e))(zero) / volume
+    return _residual(system, sigma + params["pressure"] * jnp.eye(d, dtype=q.dtype), volume)
+
+
+def _residual(system: CellSystem, r: Array, volume: Array) -> Array:
+    d = system.dim
+    if system.box_dof == "iso":
+        worst = jnp.abs(jnp.trace(r)) / d
+    elif system.box_dof == "aniso":
+        worst = jnp.max(jnp.abs(jnp.diagonal(r)))
+    else:
+        worst = jnp.max(jnp.abs(0.5 * (r + r.T)))
+    return worst * (volume / system.n) ** ((d - 1) / d)
+
+
+# -- relaxation: FIRE / gradient descent on the enthalpy -----------------------------
+
+
+class Relaxed(NamedTuple):
+    """``q`` (N, d) fractional; ``params`` with the relaxed ``strain``; ``info``
+    (steps, max|F|, E, converged); ``stress_residual`` (the scaled residual,
+    a force); ``pairs`` (2, M) every pair closer than the cutoff at the end;
+    ``compile_s``; ``rebuilds`` of the pair list."""
+
+    q: Array
+    params: dict[str, Array]
+    info: minimize.RelaxInfo
+    stress_residual: float
+    pairs: np.ndarray
+    compile_s: float
+    rebuilds: int
+
+
+_PROGRAMS: "weakref.WeakKeyDictionary[System, dict]" = weakref.WeakKeyDictionary()
+
+
+def _programs(system: CellSystem, method: str, ftol: float, skin: float, capacity: int):
+    """The compiled pieces for one system, minimizer, tolerance, skin and pair
+    capacity (cached: a re-relaxation at other parameters compiles nothing)."""
+    cache = _PROGRAMS.setdefault(system, {})
+    key = (method, float(ftol), float(skin), int(capacity))
+    if key in cache:
+        return cache[key]
+    n, d = system.n, system.dim
+    basis_np = strain_basis(d, system.box_dof)
+    norms = jnp.asarray(np.sum(basis_np**2, axis=(1, 2)))
+    upper = jnp.asarray(np.triu(np.ones((n, n), bool), k=1))
+
+    def scale(theta):  # the cell variable w = c u, c = N ℓ₀ (module docstring)
+        return n * (jnp.prod(theta["box"]) / n) ** (1.0 / d)
+
+    def unpack_x(x, theta):
+        box = theta["box"]
+        q = x[:n * d].reshape(n, d) / box
+        basis = jnp.asarray(basis_np, x.dtype)
+        strain = jnp.tensordot(x[n * d:] / scale(theta), basis, axes=1)
+        return q, {**theta, "strain": strain}
+
+    def force_fn(x, env):
+        theta, pairs = env
+        q, params = unpack_x(x, theta)
+        listed = system.with_pairs(pairs)
+        zero = jnp.zeros((d, d), x.dtype)
+        g_q, g_e = jax.grad(lambda q_, e: listed.energy(q_, params, strain=e), argnums=(0, 1))(q, zero)
+        volume = system.volume(params)
+        r = g_e / volume + theta["pressure"] * jnp.eye(d, dtype=x.dtype)
+        # −V (σ + P I) : B_k, the "virial in log space": the exact gradient for
+        # iso and aniso, a descent direction with the same zero for shear.
+        f_u = -volume * jnp.tensordot(jnp.asarray(basis_np, x.dtype), r, axes=([1, 2], [0, 1]))
+        return jnp.concatenate([(-g_q / theta["box"]).ravel(), f_u / scale(theta)])
+
+    def shift(x, dx, env):
+        box = env[0]["box"]
+        y = jnp.mod(x[:n * d].reshape(n, d) + dx[:n * d].reshape(n, d), box)
+        return jnp.concatenate([y.ravel(), x[n * d:] + dx[n * d:]])
+
+    def measure(x, f, theta):
+        """(max real |F_i|, scaled stress residual) from the state's force."""
+        q, params = unpack_x(x, theta)
+        inverse = jnp.linalg.inv(system.deformation(params))
+        real = f[:n * d].reshape(n, d) @ inverse
+        volume = system.volume(params)
+        coeff = -f[n * d:] * scale(theta) / (volume * norms)
+        worst = jnp.max(jnp.abs(coeff)) if system.box_dof != "iso" else jnp.abs(coeff[0])
+        return minimize.max_force(real), worst * (volume / n) ** ((d - 1) / d)
+
+    if method == "fire":
+        mini = minimize.fire(force_fn=force_fn, shift_fn=shift)
+    elif method == "gd":
+        mini = minimize.gradient_descent(force_fn=force_fn, shift_fn=shift)
+    else:
+        raise ValueError(f"unknown minimizer {method!r}: choose 'fire' or 'gd'")
+
+    def build(x, theta):
+        q, params = unpack_x(x, theta)
+        reach = system.cutoff(theta) + skin
+        dq = q[:, None, :] - q[None, :, :]
+        dr = ((dq - jnp.round(dq)) * theta["box"]) @ system.deformation(params).T
+        near = (jnp.sum(dr**2, axis=-1) < reach**2) & upper
+        count = jnp.sum(near)
+        i, j = jnp.nonzero(near, size=capacity, fill_value=n)
+        return jnp.stack([i, j]).astype(jnp.int32), count, q, system.deformation(params)
+
+    def valid(x, theta, ref_q, ref_f):
+        """No pair outside the list can have come within the cutoff since its build:
+        ``(c + skin) s_min(F F_ref⁻¹) − 2 max_i |F L₀ Δq_i| > c``."""
+        q, params = unpack_x(x, theta)
+        f = system.deformation(params)
+        dq = q - ref_q
+        moved = jnp.max(jnp.linalg.norm(((dq - jnp.round(dq)) * theta["box"]) @ f.T, axis=-1))
+        a = f @ jnp.linalg.inv(ref_f)
+        s_min = jnp.sqrt(jnp.maximum(jnp.min(jnp.linalg.eigvalsh(a.T @ a)), 0.0))
+        c = system.cutoff(theta)
+        return (c + skin) * s_min - 2.0 * moved > c
+
+    def running(state, theta):
+        fmax, smax = measure(state.x, state.force, theta)
+        return ((fmax >= ftol) | (smax >= ftol)) & ~mini.stalled(state)
+
+    def chunk(state, theta, until):
+        def inner_cond(c):
+            s, pairs, ref_q, ref_f, stale, overflow, rebuilds = c
+            return running(s, theta) & (s.step < until) & valid(s.x, theta, ref_q, ref_f)
+
+        def inner_body(c):
+            s, pairs, *rest = c
+            return (mini.step(s, (theta, pairs)), pairs, *rest)
+
+        def outer_cond(c):
+            s, pairs, ref_q, ref_f, stale, overflow, rebuilds = c
+            return ~overflow & (stale | (running(s, theta) & (s.step < until)))
+
+        def outer_body(c):
+            s, _, _, _, _, _, rebuilds = c
+            pairs, count, ref_q, ref_f = build(s.x, theta)
+            overflow = count > capacity
+            s = mini.step_force(s, (theta, pairs))
+            c = jax.lax.while_loop(inner_cond, inner_body, (s, pairs, ref_q, ref_f, False, overflow, rebuilds + 1))
+            s, pairs, ref_q, ref_f, _, overflow, rebuilds = c
+            return (s, pairs, ref_q, ref_f, ~valid(s.x, theta, ref_q, ref_f), overflow, rebuilds)
+
+        empty = jnp.full((2, capacity), n, jnp.int32)
+        eye = jnp.eye(d, dtype=state.x.dtype)
+        init = (state, empty, jnp.zeros((n, d), state.x.dtype), eye, jnp.asarray(True), jnp.asarray(False),
+                jnp.zeros((), jnp.int32))
+        s, pairs, _, _, _, overflow, rebuilds = jax.lax.while_loop(outer_cond, outer_body, init)
+        fmax, smax = measure(s.x, s.force, theta)
+        return s, overflow, rebuilds, fmax, smax
+
+    def count_fn(x, theta):
+        q, params = unpack_x(x, theta)
+        reach = system.cutoff(theta) + skin
+        dq = q[:, None, :] - q[None, :, :]
+        dr = ((dq - jnp.round(dq)) * theta["box"]) @ system.deformation(params).T
+        return jnp.sum((jnp.sum(dr**2, axis=-1) < reach**2) & upper)
+
+    programs = {"mini": mini, "chunk": jax.jit(chunk), "count": jax.jit(count_fn), "scale": scale, "ran": False}
+    cache[key] = programs
+    return programs
+
+
+def relax(
+    system: CellSystem,
+    params: Params | None = None,
+    q0: Array | None = None,
+    method: str = "fire",
+    ftol: float = 1e-10,
+    max_steps: int = 100_000,
+    chunk: int = 2_000,
+    callback: Callable[[int, float, float], None] | None = None,
+    skin: float = DEFAULT_SKIN,
+) -> Relaxed:
+    """Minimise the enthalpy from ``(q0, params["strain"])`` (default: the system's
+    initial positions and strain) with FIRE ("fire") or gradient descent ("gd")
+    over ``(L₀ ⊙ q, c u)``, ``c = N ℓ₀``, until the module's convergence test
+    holds or ``max_steps``; ``callback(step, max_force, elapsed_s)`` between
+    compiled chunks of ``chunk`` steps.
+
+    Pairs come from an O(N²) list of the pairs within cutoff + ``skin`` in the
+    deformed cell, rebuilt inside the compiled loop when a particle's move or
+    the cell's change could bring an unlisted pair within the cutoff."""
+    params = {k: jnp.asarray(v) for k, v in (system.params if params is None else params).items()}
+    theta, strain = split(params)
+    n, d = system.n, system.dim
+    q = system.to_solver(jnp.asarray(system.positions), params) if q0 is None else jnp.asarray(q0)
+    start = time.perf_counter()
+    compile_s = 0.0
+    scale = float(n * (float(np.prod(np.asarray(theta["box"]))) / n) ** (1.0 / d))
+    x = jnp.concatenate([(jnp.mod(q, 1.0) * theta["box"]).ravel(), coordinates(system, strain) * scale])
+    capacity = 0
+    state = None
+    rebuilds = 0
+    while True:
+        if capacity == 0 or state is None:
+            probe = _programs(system, method, ftol, skin, 1)["count"]
+            capacity = int(int(probe(x, theta)) * 1.5) + 16
+            state = _programs(system, method, ftol, skin, capacity)["mini"].blank(x)
+        programs = _programs(system, method, ftol, skin, capacity)
+        until = jnp.asarray(min(int(state.step) + chunk, max_steps), jnp.int32)
+        t0 = time.perf_counter()
+        first = not programs["ran"]
+        out, overflow, count, fmax, smax = programs["chunk"](state, theta, until)
+        jax.block_until_ready(out.x)
+        if first:
+            # The first call of a program is mostly its compilation.
+            compile_s += time.perf_counter() - t0
+            programs["ran"] = True
+        if bool(overflow):
+            capacity = int(capacity * 1.5) + 16
+            continue
+        state = out
+        rebuilds += int(count)
+        if callback is not None:
+            callback(int(state.step), float(max(fmax, smax)), time.perf_counter() - start)
+        done = bool((fmax < ftol) & (smax < ftol))
+        stalled = bool(programs["mini"].stalled(state))
+        if done or stalled or int(state.step) >= max_steps:
+            break
+    programs = _programs(system, method, ftol, skin, capacity)
+    y = state.x[:n * d].reshape(n, d)
+    q = jnp.mod(y / theta["box"], 1.0)
+    basis = jnp.asarray(strain_basis(d, system.box_dof), y.dtype)
+    relaxed = {**theta, "strain": jnp.tensordot(state.x[n * d:] / scale, basis, axes=1)}
+    pairs = _pairs_numpy(system, np.asarray(q), relaxed, float(system.cutoff(relaxed)) * (1 + 1e-9))
+    energy = system.with_pairs(jnp.asarray(pairs)).energy(q, relaxed) if pairs.shape[1] else jnp.zeros(())
+    info = minimize.RelaxInfo(state.step, fmax, energy, (fmax < ftol) & (smax < ftol))
+    return Relaxed(q, relaxed, info, float(smax), pairs, compile_s, rebuilds)
+
+
+def newton_polish(system: CellSystem, q: Array, params: Params, rattler: Array, steps: int = 4,
+                  pairs: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    """Gauge-fixed Newton steps on ``∇_z H`` with a dense solve (small N only):
+    drives forces and stress to round-off. Returns ``(q, params)``."""
+    listed = system if pairs is None else system.with_pairs(jnp.asarray(pairs))
+    theta, _ = split(params)
+    root_fn = optimality(listed)
+    z = pack(system, q, params)
+    project = gauge_for(system, rattler)(z, theta)
+
+    @jax.jit
+    def step(z_):
+        g = root_fn(z_, theta)
+
+        def matvec(v):
+            pv = project(v)
+            return project(jax.jvp(lambda y: root_fn(y, theta), (z_,), (pv,))[1]) + (v - pv)
+
+        delta, _ = linsolve.dense()(matvec, -project(g))
+        return z_ + delta
+
+    for _ in range(steps):
+        z = step(z)
+    q, params = unpack(system, z, theta)
+    return jnp.mod(q, 1.0), params
+
+
+# -- derivatives ------------------------------------------------------------------
+
+
+def _outputs(system: CellSystem, observe: Mapping[str, Observable]):
+    def outputs(z: Array, theta: Params) -> dict[str, Array]:
+        q, params = unpack(system, z, theta)
+        out = {"position": system.to_real(q, params)}
+        out.update({key: fn(system, q, params) for key, fn in observe.items()})
+        return out
+
+    return outputs
+
+
+def forward_fn(
+    system: CellSystem,
+    name: str,
+    observe: Mapping[str, Observable],
+    rattler: Array,
+    solve: implicit.Solve | None = None,
+    index: tuple[int, ...] | None = None,
+):
+    """``(q*, params) -> sensitivity.Forward`` at fixed pressure: one solve with
+    the gauge-fixed Hessian of H per element of ``params[name]`` (``index``: that
+    element alone). ``position`` is real space, the affine part of the box
+    change included; ``name`` may be ``pressure``."""
+    from mdsens.sensitivity import Forward, unit_tangents
+
+    if name == "strain":
+        raise ValueError("strain is the relaxed state at fixed pressure, not a parameter")
+    root_fn = optimality(system)
+    gauge = gauge_for(system, rattler)
+    outputs = _outputs(system, observe)
+
+    def run(q: Array, params: Params):
+        theta, _ = split(dict(params))
+        z = pack(system, q, params)
+        tangents, shape = unit_tangents(theta, name, index)
+
+        def one(dtheta):
+            dz, info = implicit.tangent(root_fn, z, theta, dtheta, solve, gauge)
+            _, out = jax.jvp(outputs, (z, theta), (dz, dtheta))
+            return out, info
+
+        values, info = jax.lax.map(one, tangents)
+        values = {key: v.reshape(shape + v.shape[1:]) for key, v in values.items()}
+        return Forward(values, info.iterations.reshape(shape), info.residual.reshape(shape))
+
+    return run
+
+
+def gradient_fn(system: CellSystem, observable: Observable, rattler: Array, solve: implicit.Solve | None = None):
+    """``(q*, params) -> (dO/dθ, info)`` at fixed pressure (reverse mode, one solve);
+    θ excludes the state ``strain``."""
+    root_fn = optimality(system)
+    gauge = gauge_for(system, rattler)
+
+    def run(q: Array, params: Params):
+        theta, _ = split(dict(params))
+        z = pack(system, q, params)
+
+        def value(z_, theta_):
+            q_, p_ = unpack(system, z_, theta_)
+            return observable(system, q_, p_)
+
+        g_z, g_theta = jax.grad(value, argnums=(0, 1))(z, theta)
+        implicit_part, info = implicit.cotangent(root_fn, z, theta, g_z, solve, gauge)
+        return jax.tree_util.tree_map(jnp.add, g_theta, implicit_part), info
+
+    return run
+
+
+def finite_difference(
+    system: CellSystem,
+    q: Array,
+    params: Params,
+    name: str,
+    index: tuple[int, ...] | None = None,
+    h: float = 1e-5,
+    observe: Mapping[str, Observable] | None = None,
+    ftol: float = 1e-11,
+    polish: int = 6,
+) -> dict[str, np.ndarray]:
+    """Central differences at fixed pressure: re-minimise H at ``θ ± h`` from the
+    relaxed ``(q, strain)`` (FIRE, then ``polish`` dense Newton steps), difference
+    z with minimum image, project into the implicit derivative's gauge; positions
+    in real space with the affine part of the box change. Small N only."""
+    from mdsens import observables
+
+    theta, _ = split({k: jnp.asarray(v) for k, v in params.items()})
+    shape = jnp.shape(theta[name])
+    if index is None:
+        each = [finite_difference(system, q, params, name, i, h, observe, ftol, polish) for i in np.ndindex(*shape)]
+        return {key: np.stack([e[key] for e in each]).reshape(shape + each[0][key].shape) for key in each[0]}
+    index = tuple(int(i) for i in index)
+    observe = {} if observe is None else observe
+    params = {k: jnp.asarray(v) for k, v in params.items()}
+    rattler = observables.rattlers(system, q, params)
+    z = pack(system, q, params)
+    project = gauge_for(system, rattler)(z, theta)
+    n, d = system.n, system.dim
+    states = []
+    for sign in (+1.0, -1.0):
+        t = dict(theta)
+        t[name] = theta[name].at[index].add(sign * h)
+        out = relax(system, {**t, "strain": params["strain"]}, q0=q, ftol=ftol, max_steps=200_000)
+        qs, ps = out.q, out.params
+        if polish:
+            qs, ps = newton_polish(system, qs, ps, rattler, polish)
+        dz = pack(system, qs, ps) - z
+        dz = dz.at[:n * d].add(-jnp.round(dz[:n * d]))
+        states.append((dz, t))
+    (dz_plus, t_plus), (dz_minus, t_minus) = states
+    dz = project((dz_plus - dz_minus) / (2 * h))
+    tangent = {k: jnp.zeros_like(v) for k, v in theta.items()}
+    tangent[name] = (t_plus[name] - t_minus[name]) / (2 * h)
+    outputs = _outputs(system, observe)
+    result = {"position": np.asarray(jax.jvp(lambda z_, t_: outputs(z_, t_)["position"], (z, theta),
+                                             (dz, tangent))[1])}
+    plus, minus = outputs(z + dz_plus, t_plus), outputs(z + dz_minus, t_minus)
+    for key in observe:
+        result[key] = np.asarray((plus[key] - minus[key]) / (2 * h))
+    return result
