@@ -48,6 +48,7 @@ import numpy as np
 
 from mdsens import gauge as _gauge
 from mdsens import implicit, linsolve, minimize
+from mdsens.job import Result
 from mdsens.system import Params, System
 
 Array = jax.Array
@@ -625,3 +626,112 @@ def finite_difference(
     for key in observe:
         result[key] = np.asarray((plus[key] - minus[key]) / (2 * h))
     return result
+
+
+# -- mdsens run at fixed pressure -------------------------------------------------------
+
+
+def record_box(system: CellSystem, params: Params) -> np.ndarray:
+    """The box for the file: side lengths (d,) when the cell is diagonal (iso,
+    aniso), else the (d, d) edge vectors as rows (shear)."""
+    cell = np.asarray(system.cell(params))
+    return np.diag(cell).copy() if system.box_dof in ("iso", "aniso") else cell
+
+
+def execute(job, system: CellSystem, observe: dict, wrts: list, progress=None, wall: float | None = None):
+    """``mdsens run`` for a system built with ``pressure``: relax the enthalpy
+    (:func:`relax`), then every requested derivative at fixed pressure
+    (:func:`forward_fn`, :func:`gradient_fn`; CG without preconditioner, or
+    dense). Called by :func:`mdsens.job.execute` after :func:`mdsens.job.prepare`."""
+    from mdsens import job as _job
+    from mdsens import observables
+    from mdsens.systems import UsageError
+
+    wall = time.perf_counter() if wall is None else wall
+    for text, name, _ in wrts:
+        if name == "strain":
+            raise UsageError(f"--wrt {text!r}: at fixed pressure the strain is the relaxed state, not a parameter; "
+                             "differentiate the observable cell or volume instead")
+    if job.polish is not None or job.checkpoint is not None or job.resume is not None:
+        raise UsageError("--polish, --checkpoint and --resume are not available at fixed pressure yet")
+    if job.solver not in ("cg", "dense"):
+        raise UsageError(f"unknown linear solver {job.solver!r}: choose 'cg' or 'dense'")
+    if job.observe is None:
+        extra = ["enthalpy", "volume"] + (["packing_fraction"] if "diameter" in system.params else [])
+        observe = {**observe, **{k: observables.OBSERVABLES[k] for k in extra}}
+    timings = {"compile_s": 0.0, "relax_s": 0.0, "derivative_s": 0.0}
+
+    start = time.perf_counter()
+    out = relax(system, system.params, None, job.minimizer, job.ftol, job.max_steps, job.chunk, progress, job.skin)
+    timings["compile_s"] += out.compile_s
+    timings["relax_s"] = time.perf_counter() - start - out.compile_s
+    q, params, info = out.q, out.params, out.info
+    listed = _job.use_neighbor_list(job, system)
+    pairs = (jnp.asarray(out.pairs),) if listed else ()
+
+    def bound(make):
+        if listed:
+            return lambda q_, p_, pr: make(system.with_pairs(pr))(q_, p_)
+        return make(system)
+
+    rattler = jax.jit(bound(lambda s_: lambda q_, p_: observables.rattlers(s_, q_, p_)))(q, params, *pairs)
+    values = {name: np.asarray(jax.jit(bound(lambda s_, f=fn: lambda q_, p_: f(s_, q_, p_)))(q, params, *pairs))
+              for name, fn in observe.items()}
+    values["max_force"] = np.asarray(info.max_force)
+    values["stress_residual"] = np.asarray(out.stress_residual)
+    solve = linsolve.dense() if job.solver == "dense" else linsolve.cg(rtol=job.rtol)
+
+    forwards, gradients = {}, {}
+    if bool(info.converged):
+        for text, name, index in wrts:
+            fn = bound(lambda s_, name=name, index=index: forward_fn(s_, name, observe, rattler, solve, index))
+            forwards[text], c, r = _job._compile_and_run(fn, q, params, *pairs)
+            timings["compile_s"] += c
+            timings["derivative_s"] += r
+        for name in job.grad:
+            fn = bound(lambda s_, name=name: gradient_fn(s_, observables.OBSERVABLES[name], rattler, solve))
+            gradients[name], c, r = _job._compile_and_run(fn, q, params, *pairs)
+            timings["compile_s"] += c
+            timings["derivative_s"] += r
+    timings["total_s"] = time.perf_counter() - wall
+    meta = {
+        "system": system.name,
+        "configuration": {**system.config, "seed": job.seed},
+        "seed": job.seed,
+        "command": job.command,
+        "ensemble": ensemble(system),
+        "box_dof": system.box_dof,
+        "target_pressure": float(params["pressure"]),
+        "stress_residual": out.stress_residual,
+        "minimizer": job.minimizer,
+        "ftol": job.ftol,
+        "max_steps": job.max_steps,
+        "linear_solver": job.solver,
+        "rtol": job.rtol,
+        "preconditioner": "none",
+        "neighbor_list": {"pairs": int(out.pairs.shape[1]) if listed else None, "skin": job.skin,
+                          "rebuilds": out.rebuilds},
+        "steps": int(info.steps),
+        "converged": bool(info.converged),
+        "derivatives": "computed" if bool(info.converged) else "skipped: relaxation did not converge",
+        "versions": _job.versions(),
+        "device": _job.device_name(),
+        "precision": str(jnp.result_type(float)),
+        "timings": timings,
+    }
+    return PressureResult(job, system, q, params, info, rattler, values, forwards, gradients, timings, meta)
+
+
+class PressureResult(Result):
+    """A :class:`mdsens.job.Result` at fixed pressure: the file's box is the relaxed cell."""
+
+    def record(self) -> dict[str, Any]:
+        out = super().record()
+        out["box"] = record_box(self.system, self.params)
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        out = super().summary()
+        out["ensemble"] = ensemble(self.system)
+        out["box"] = record_box(self.system, self.params).tolist()
+        return out

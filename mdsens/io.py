@@ -7,7 +7,8 @@ file", and in the file itself as ``description`` / ``unit`` attributes):
     /h5md/modules/units         version=[1, 0], system="reduced"
     /h5md/modules/mdsens        version of our own groups below; attr groups
     /particles/all/position/{value (1, N, d), step (1,), time (1,)}
-    /particles/all/box          attrs dimension, boundary; dataset edges (d,)
+    /particles/all/box          attrs dimension, boundary (ensemble at fixed pressure); dataset edges
+                                (d,), or (d, d) edge vectors as rows for a sheared cell
     /particles/all/species      (N,) int
     /particles/all/diameter     (N,) float, each particle's diameter (for viewers)
     /particles/all/rattler      (N,) bool
@@ -60,7 +61,10 @@ _SYSTEM_POTENTIALS = {
 _PARAMETER_DESCRIPTIONS = {
     "diameter": "particle diameters (per species, or per particle)",
     "sigma": "pair length scale σ",
-    "box": "periodic box side lengths",
+    "box": "periodic box side lengths (at fixed pressure: the reference box that exp(strain) deforms)",
+    "pressure": "target pressure P (fixed pressure)",
+    "strain": "relaxed log-strain U of the reference box, cell = exp(U) diag(box) (fixed pressure; state, "
+              "not a parameter)",
     "epsilon": "interaction strength ε",
     "alpha": "stiffness exponent α (soft spheres) or Morse width parameter a",
 }
@@ -71,6 +75,8 @@ _OBSERVABLE_UNITS = {
     "elastic_tensor": f"{ENERGY} {LENGTH}-{{d}}", "bulk_modulus": f"{ENERGY} {LENGTH}-{{d}}",
     "shear_modulus": f"{ENERGY} {LENGTH}-{{d}}",
     "contact_number": "1", "rattler_fraction": "1", "max_force": f"{ENERGY} {LENGTH}-1",
+    "volume": f"{LENGTH}{{d}}", "cell": LENGTH, "packing_fraction": "1", "enthalpy": ENERGY,
+    "stress_residual": f"{ENERGY} {LENGTH}-1",
     "position": LENGTH,
 }
 _OBSERVABLE_DESCRIPTIONS = {
@@ -84,6 +90,12 @@ _OBSERVABLE_DESCRIPTIONS = {
     "contact_number": "mean contacts per held particle",
     "rattler_fraction": "fraction of particles that are rattlers",
     "max_force": "largest per-particle force magnitude max_i |F_i| at the end of the relaxation",
+    "volume": "box volume (area in 2D)",
+    "cell": "periodic cell, edge vectors as rows",
+    "packing_fraction": "sum of the particles' volumes over the box volume",
+    "enthalpy": "enthalpy E + P V at the target pressure P",
+    "stress_residual": "fixed pressure: max |sigma + P I| over the relaxed stress components, times "
+                       "(V/N)^((d-1)/d) (a force; converged when below ftol)",
     "minimizer_steps": "minimizer steps taken",
     "converged": "whether max|F| < ftol was reached (derivatives are written only if so)",
 }
@@ -283,11 +295,14 @@ def write(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
         box.attrs["boundary"] = np.array(["periodic" if periodic else "none"] * d, dtype=h5py.string_dtype())
         if periodic:
             edges = np.asarray(record["box"], dtype=np.float64)
-            text = "periodic box side lengths"
+            text = ("periodic box side lengths" if edges.ndim == 1 else
+                    "periodic triclinic cell: the edge vectors as rows (d, d)")
         else:  # free space: the extent of the cluster, for viewers
             edges = positions.max(axis=0) - positions.min(axis=0)
             text = "free space: the extent of the cluster (max - min of the positions), for viewers"
         _label(box.create_dataset("edges", data=edges), text, LENGTH)
+        if "ensemble" in meta:  # fixed-box files keep their layout
+            box.attrs["ensemble"] = str(meta["ensemble"])
         _label(particles.create_dataset("species", data=np.asarray(record["species"], dtype=np.int32)),
                "species index of each particle")
         _label(particles.create_dataset("diameter", data=particle_diameters(record)),

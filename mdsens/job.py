@@ -373,6 +373,10 @@ def execute(job: Job, progress: Callable[[int, float, float], None] | None = Non
     """Run ``job``: relax, then (if converged) every requested derivative."""
     wall = time.perf_counter()
     system, observe, wrts = prepare(job)
+    from mdsens import barostat
+
+    if barostat.is_fixed_pressure(system):  # built with pressure=P: the box relaxes too
+        return barostat.execute(job, system, observe, wrts, progress, wall)
     params = {k: jnp.asarray(v) for k, v in system.params.items()}
     timings = {"compile_s": 0.0, "relax_s": 0.0, "derivative_s": 0.0}
 

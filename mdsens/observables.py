@@ -52,6 +52,46 @@ def stress(system: System, q: Array, params: Params) -> Array:
     return jax.grad(lambda e: system.energy(q, params, strain=e))(zero) / system.volume(params)
 
 
+def volume(system: System, q: Array, params: Params) -> Array:
+    """Box volume V (area in 2D): ``prod(box)``, times ``det exp(U)`` at fixed pressure."""
+    if not system.periodic:
+        raise ValueError(f"volume needs a periodic box; system {system.name!r} is in free space")
+    return system.volume(params)
+
+
+def cell(system: System, q: Array, params: Params) -> Array:
+    """The periodic cell's edge vectors as rows (d, d): ``diag(box)`` for a fixed
+    box, ``(exp(U) diag(L₀))ᵀ`` at fixed pressure (H5MD's ``box/edges``)."""
+    if not system.periodic:
+        raise ValueError(f"cell needs a periodic box; system {system.name!r} is in free space")
+    if hasattr(system, "cell"):
+        return system.cell(params)
+    return jnp.diag(params["box"])
+
+
+def packing_fraction(system: System, q: Array, params: Params) -> Array:
+    """``φ = Σ_i v(D_i) / V``, ``v`` the disk area or sphere volume of diameter
+    ``D_i`` (per particle, or per species through ``system.species``); overlaps
+    are not subtracted. Needs a ``diameter`` parameter and a periodic box."""
+    if not system.periodic or "diameter" not in params:
+        raise ValueError(f"packing_fraction needs a periodic box and a diameter parameter; "
+                         f"system {system.name!r} lacks one")
+    d = jnp.asarray(params["diameter"])
+    per_particle = d if d.shape == (system.n,) else d[jnp.asarray(system.species)]
+    radius = per_particle / 2.0
+    each = jnp.pi * radius**2 if system.dim == 2 else 4.0 / 3.0 * jnp.pi * radius**3
+    return jnp.sum(each) / system.volume(params)
+
+
+def enthalpy(system: System, q: Array, params: Params) -> Array:
+    """``H = E + P V`` at the target pressure ``P = params["pressure"]`` (fixed
+    pressure only: the function the relaxation minimises)."""
+    if "pressure" not in params:
+        raise ValueError(f"enthalpy needs a target pressure (build with pressure=...); system {system.name!r} "
+                         "has a fixed box")
+    return system.energy(q, params) + params["pressure"] * system.volume(params)
+
+
 def forces(system: System, q: Array, params: Params) -> Array:
     """Real-space forces ``−∇ₓE`` (N, d)."""
     x = system.to_real(q, params)
@@ -136,6 +176,10 @@ OBSERVABLES = {
     "energy_per_particle": energy_per_particle,
     "pressure": pressure,
     "stress": stress,
+    "volume": volume,
+    "cell": cell,
+    "packing_fraction": packing_fraction,
+    "enthalpy": enthalpy,
     "contact_number": contact_number,
     "rattler_fraction": rattler_fraction,
     "elastic_tensor": elastic_tensor,

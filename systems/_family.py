@@ -59,6 +59,8 @@ class Family:
 
     parameters: differentiable parameter name -> one-line description
     (shape and meaning), in the order ``mdsens systems`` lists them.
+    exclusive: pairs of keys that cannot both be given (e.g. phi and pressure).
+    requires: key -> the key it needs given too (e.g. box_dof -> pressure).
     """
 
     name: str
@@ -66,6 +68,16 @@ class Family:
     keys: tuple[Key, ...]
     parameters: Mapping[str, str]
     build_fn: Callable[..., System] = field(repr=False)
+    exclusive: tuple[tuple[str, str], ...] = ()
+    requires: Mapping[str, str] = field(default_factory=dict)
+
+    def _check_given(self, given: set[str]) -> None:
+        for a, b in self.exclusive:
+            if a in given and b in given:
+                raise UsageError(f"system {self.name!r}: give {a} or {b}, not both")
+        for a, b in self.requires.items():
+            if a in given and b not in given:
+                raise UsageError(f"system {self.name!r}: {a} needs {b} (it only applies with {b}=...)")
 
     def resolve(self, overrides: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Defaults updated by ``overrides`` (key -> text), parsed and validated."""
@@ -75,6 +87,7 @@ class Family:
             if name not in keys:
                 raise UsageError(f"system {self.name!r} has no key {name!r}; its keys: {', '.join(keys)}")
             config[name] = keys[name].parse(text)
+        self._check_given(set(overrides or {}))
         return {name: keys[name].validate(value) for name, value in config.items()}
 
     def build(self, seed: int = 0, **overrides: Any) -> System:
@@ -85,6 +98,7 @@ class Family:
             if name not in keys:
                 raise UsageError(f"system {self.name!r} has no key {name!r}; its keys: {', '.join(keys)}")
             config[name] = keys[name].validate(value)
+        self._check_given(set(overrides))
         return self.build_fn(seed=seed, **config)
 
 
@@ -95,6 +109,14 @@ def positive(value: Any) -> str | None:
 
 def at_least(minimum: float) -> Callable[[Any], str | None]:
     return lambda v: None if v >= minimum else f"must be at least {minimum}"
+
+
+def positive_or_none(value: Any) -> str | None:
+    """For ``pressure``: unset (None) or positive; purely repulsive particles at
+    P ≤ 0 would push the box apart forever."""
+    if value is None or value > 0:
+        return None
+    return "must be positive: these particles only repel, so at P <= 0 the box would grow forever"
 
 
 def one_of(*choices: Any) -> Callable[[Any], str | None]:

@@ -7,6 +7,9 @@ half D₁ = 1.4, in a square (cubic) box sized for packing fraction φ, energy
     E = Σ_{i<j} (ε/α)(1 − r_ij/σ_ij)^α  for r_ij < σ_ij,  σ_ij = (D_{s_i} + D_{s_j})/2.
 
 The box stays fixed when a diameter changes (φ is only used to size it).
+With ``pressure=P`` the box is a degree of freedom instead (``box_dof``: iso,
+aniso or shear; :mod:`mdsens.barostat`): the start is sized for
+``START_PHI`` (a little above jamming) and the enthalpy E + PV is minimised.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ import numpy as np
 
 from mdsens import potentials
 from mdsens.system import System
-from mdsens.systems._family import Family, Key, at_least, one_of, positive
+from mdsens.systems._family import Family, Key, at_least, one_of, positive, positive_or_none
+
+#: the packing fraction of a fixed-pressure start, by dimension (a little above jamming)
+START_PHI = {2: 0.86, 3: 0.66}
 
 
 def sphere_volume(diameter: np.ndarray, dim: int) -> np.ndarray:
@@ -63,7 +69,9 @@ def soft_sphere_pair(index: np.ndarray):
 
 
 def build(n: int, dim: int, phi: float, diameter: tuple[float, ...], epsilon: float, alpha: float,
-          seed: int = 0) -> System:
+          seed: int = 0, pressure: float | None = None, box_dof: str = "iso") -> System:
+    if pressure is not None:
+        phi = START_PHI[dim]
     species = np.zeros(n, dtype=np.int32)
     species[n // 2:] = 1
     diameters = np.asarray(diameter, dtype=np.float64)
@@ -80,8 +88,27 @@ def build(n: int, dim: int, phi: float, diameter: tuple[float, ...], epsilon: fl
         "box": jnp.asarray(box),
     }
     config = {"n": n, "dim": dim, "phi": phi, "diameter": list(diameter), "epsilon": epsilon, "alpha": alpha}
-    return System("bidisperse", positions, species, params, pair,
-                  cutoff=lambda p: jnp.max(p["diameter"]), contact=contact, config=config)
+    system = System("bidisperse", positions, species, params, pair,
+                    cutoff=lambda p: jnp.max(p["diameter"]), contact=contact, config=config)
+    return with_pressure(system, pressure, box_dof)
+
+
+def with_pressure(system: System, pressure: float | None, box_dof: str) -> System:
+    """``system`` itself (fixed box), or at fixed ``pressure`` with ``box_dof``."""
+    if pressure is None:
+        return system
+    from mdsens import barostat
+
+    return barostat.at_pressure(system, pressure, box_dof)
+
+
+#: the fixed-pressure keys, shared by the periodic soft-sphere families
+PRESSURE_KEYS = (
+    Key("pressure", "float", None, "target pressure P: the box relaxes too, minimising E + P V "
+        "(fixed pressure; excludes phi)", positive_or_none),
+    Key("box_dof", "str", "iso", "with pressure: which box degrees of freedom relax: iso (one scale), "
+        "aniso (each side) or shear (the full cell)", one_of("iso", "aniso", "shear")),
+)
 
 
 FAMILY = Family(
@@ -97,12 +124,16 @@ FAMILY = Family(
         Key("epsilon", "float", 1.0, "interaction strength ε", positive),
         Key("alpha", "float", 2.0, "stiffness exponent α (2 = harmonic; must exceed 1)",
             lambda v: None if v > 1 else "must exceed 1"),
+        *PRESSURE_KEYS,
     ),
     parameters={
         "diameter": "(2,) species diameters D0, D1",
         "epsilon": "() interaction strength ε",
         "alpha": "() stiffness exponent α",
-        "box": "(d,) periodic box side lengths",
+        "box": "(d,) periodic box side lengths (at fixed pressure: the reference box the strain deforms)",
+        "pressure": "() target pressure P (fixed pressure only; d/dpressure is the compressibility)",
     },
     build_fn=build,
+    exclusive=(("phi", "pressure"),),
+    requires={"box_dof": "pressure"},
 )

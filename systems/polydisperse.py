@@ -18,10 +18,14 @@ import numpy as np
 
 from mdsens.system import System
 from mdsens.systems._family import Family, Key, at_least, one_of, positive
-from mdsens.systems.bidisperse import box_side, check_minimum_image, soft_sphere_pair
+from mdsens.systems.bidisperse import (PRESSURE_KEYS, START_PHI, box_side, check_minimum_image,
+                                       soft_sphere_pair, with_pressure)
 
 
-def build(n: int, dim: int, phi: float, spread: float, seed: int = 0) -> System:
+def build(n: int, dim: int, phi: float, spread: float, seed: int = 0, pressure: float | None = None,
+          box_dof: str = "iso") -> System:
+    if pressure is not None:
+        phi = START_PHI[dim]
     rng = np.random.default_rng(seed)
     diameters = 1.0 + spread * rng.uniform(-1.0, 1.0, size=n)
     side = box_side(diameters, dim, phi)
@@ -38,8 +42,9 @@ def build(n: int, dim: int, phi: float, spread: float, seed: int = 0) -> System:
     config = {"n": n, "dim": dim, "phi": phi, "spread": spread}
     # One continuous species: the sizes live in the `diameter` parameter.
     species = np.zeros(n, dtype=np.int32)
-    return System("polydisperse", positions, species, params, pair,
-                  cutoff=lambda p: jnp.max(p["diameter"]), contact=contact, config=config)
+    system = System("polydisperse", positions, species, params, pair,
+                    cutoff=lambda p: jnp.max(p["diameter"]), contact=contact, config=config)
+    return with_pressure(system, pressure, box_dof)
 
 
 FAMILY = Family(
@@ -52,12 +57,16 @@ FAMILY = Family(
         Key("phi", "float", 0.9, "packing fraction that sizes the box", positive),
         Key("spread", "float", 0.2, "diameters are uniform in [1 − spread, 1 + spread]",
             lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
+        *PRESSURE_KEYS,
     ),
     parameters={
         "diameter": "(N,) per-particle diameters D_i",
         "epsilon": "() interaction strength ε",
         "alpha": "() stiffness exponent α",
-        "box": "(d,) periodic box side lengths",
+        "box": "(d,) periodic box side lengths (at fixed pressure: the reference box the strain deforms)",
+        "pressure": "() target pressure P (fixed pressure only; d/dpressure is the compressibility)",
     },
     build_fn=build,
+    exclusive=(("phi", "pressure"),),
+    requires={"box_dof": "pressure"},
 )
