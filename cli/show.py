@@ -32,6 +32,7 @@ def summarize(record: Mapping[str, Any], top: int = 5) -> dict[str, Any]:
             "n": int(x.shape[0]),
             "dim": int(x.shape[1]),
             "box": None if record["box"] is None else _jsonable(record["box"]),
+            "ensemble": meta.get("ensemble") or ("fixed box" if record["box"] is not None else "free space"),
             "species": {str(s): int(np.sum(species == s)) for s in np.unique(species)},
             "rattlers": int(rattler.sum()),
             "parameters": {k: _jsonable(v) for k, v in record["parameters"].items()},
@@ -93,6 +94,7 @@ def render(summary: Mapping[str, Any], path: str) -> str:
     lines = [f"{path}: {s['name']}, N = {s['n']}, d = {s['dim']}, "
              + (f"box {_fmt(s['box'])}" if s["box"] is not None else "free space")
              + f", species {s['species']}, rattlers {s['rattlers']}"]
+    lines.append(f"ensemble: {s['ensemble']}")
     lines.append("parameters: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in s["parameters"].items()))
     status = "converged" if c["converged"] else "NOT CONVERGED"
     max_force = "?" if c["max_force"] is None else f"{c['max_force']:.2e}"
