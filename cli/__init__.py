@@ -16,6 +16,7 @@ from mdsens.cli.app import Interrupted, app, handle_signals
 from mdsens.cli import run as _run  # noqa: F401  (registers `run`, `systems`)
 from mdsens.cli import bench as _bench  # noqa: F401  (registers `bench`)
 from mdsens.cli import check as _check  # noqa: F401  (registers `check`)
+from mdsens.cli import design as _design  # noqa: F401  (registers `design`)
 from mdsens.cli import export as _export  # noqa: F401  (registers `export`)
 from mdsens.cli import plot as _plot  # noqa: F401  (registers `plot`)
 from mdsens.cli import show as _show  # noqa: F401  (registers `show`)

@@ -18,6 +18,8 @@ file", and in the file itself as ``description`` / ``unit`` attributes):
     /sensitivity/<wrt>/{position (param.shape + (N, d)), <observable> (param.shape + obs.shape)}
                                 attrs iterations, residual (one per element)
     /gradient/<observable>/<param>  reverse-mode dO/dθ, shape param.shape; attrs iterations, residual
+    /design/{loss (K,), <param> (K, …), observables/<name> (K,), fd_check/…, gradient/<param>}
+                                mdsens design only: the trajectory of K accepted steps; attrs settings, counts
 
 Units are reduced: lengths in units of the reference length ``sigma`` (the
 small diameter D₀ for soft spheres, σ for Lennard-Jones and Morse), energies
@@ -74,6 +76,7 @@ _OBSERVABLE_UNITS = {
     "pressure": f"{ENERGY} {LENGTH}-{{d}}", "stress": f"{ENERGY} {LENGTH}-{{d}}",
     "elastic_tensor": f"{ENERGY} {LENGTH}-{{d}}", "bulk_modulus": f"{ENERGY} {LENGTH}-{{d}}",
     "shear_modulus": f"{ENERGY} {LENGTH}-{{d}}",
+    "poisson_ratio": "1",
     "contact_number": "1", "rattler_fraction": "1", "max_force": f"{ENERGY} {LENGTH}-1",
     "volume": f"{LENGTH}{{d}}", "cell": LENGTH, "packing_fraction": "1", "enthalpy": ENERGY,
     "stress_residual": f"{ENERGY} {LENGTH}-1",
@@ -87,6 +90,7 @@ _OBSERVABLE_DESCRIPTIONS = {
     "elastic_tensor": "elastic modulus tensor C with non-affine relaxation",
     "bulk_modulus": "angle-averaged bulk modulus",
     "shear_modulus": "angle-averaged shear modulus",
+    "poisson_ratio": "isotropic Poisson ratio from B and G: (B - G)/(B + G) in 2D, (3B - 2G)/(2(3B + G)) in 3D",
     "contact_number": "mean contacts per held particle",
     "rattler_fraction": "fraction of particles that are rattlers",
     "max_force": "largest per-particle force magnitude max_i |F_i| at the end of the relaxation",
@@ -351,6 +355,42 @@ def write(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
                 sub.attrs["residual"] = np.asarray(entry["residual"])
                 _label(sub, "linear solves: iterations and true residual |H u - b| of each")
 
+        if record.get("design"):
+            _write_design(f.create_group("design"), record["design"], d)
+
+
+# What /design holds (mdsens design); every other entry is a varied parameter's trajectory.
+_DESIGN_DESCRIPTIONS = {
+    "loss": "design loss at each accepted step (row 0: the start)",
+    "observables": "observables at each accepted step",
+    "learning_rate": "learning rate of the step that reached each row (halved on every rejected step)",
+    "relax_steps": "minimizer steps of each step's warm-started relaxation",
+    "gradient": "d(loss)/d(parameter) at the final state (reverse mode)",
+    "fd_check": "gradient along a random unit direction vs central differences of the loss re-relaxed "
+                "at theta +- h (step, h, directional, finite_difference, relative_error, passed)",
+    "box": "box side lengths at each step (set from the diameters to hold phi)",
+}
+
+
+def _write_design(group: h5py.Group, design: Mapping[str, Any], d: int) -> None:
+    """The design trajectory (:mod:`mdsens.design`): arrays and nested groups; ``attrs`` become attributes."""
+    _label(group, "inverse design (mdsens design): trajectory, checks and settings; the final packing is the "
+                  "rest of this file")
+    for key, value in design.items():
+        if key == "attrs":
+            for name, attr in value.items():
+                group.attrs[name] = _attr(attr)
+        elif isinstance(value, Mapping):
+            sub = group.create_group(key)
+            _label(sub, _DESIGN_DESCRIPTIONS.get(key, key))
+            for name, array in value.items():
+                ds = sub.create_dataset(name, data=np.asarray(array))
+                if key == "observables":
+                    _label(ds, f"{name} at each step", observable_unit(name, d))
+        else:
+            _label(group.create_dataset(key, data=np.asarray(value)),
+                   _DESIGN_DESCRIPTIONS.get(key, f"parameter {key} at each step (row 0: the start)"))
+
 
 # -- reading -------------------------------------------------------------------
 
@@ -440,6 +480,11 @@ def _read_open(path: Path, f: h5py.File) -> dict[str, Any]:
                 attrs = _attrs(sub)
                 record[group_name][key] = {"values": _load(sub), "iterations": attrs.get("iterations"),
                                            "residual": attrs.get("residual")}
+    if "design" in f:
+        group = f["design"]
+        record["design"] = {name: (_load(item) if isinstance(item, h5py.Group) else np.asarray(item[()]))
+                            for name, item in group.items()}
+        record["design"]["attrs"] = _attrs(group)
     return record
 
 

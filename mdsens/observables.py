@@ -171,6 +171,26 @@ def shear_modulus(system: System, q: Array, params: Params) -> Array:
     return elasticity.shear_modulus_of(elastic_tensor(system, q, params))
 
 
+def poisson_ratio_of(bulk: Array, shear: Array, dim: int) -> Array:
+    """Isotropic Poisson ratio from the bulk and shear moduli. With the Lamé
+    constants of an isotropic ``C`` (``B = λ + 2μ/d``, ``G = μ``) and
+    ``ν = −ε_⊥/ε_∥`` under uniaxial stress: 2D ``ν = λ/(λ + 2μ) = (B − G)/(B + G)``;
+    3D ``ν = λ/(2(λ + μ)) = (3B − 2G)/(2(3B + G))``."""
+    if dim == 2:
+        return (bulk - shear) / (bulk + shear)
+    if dim == 3:
+        return (3 * bulk - 2 * shear) / (2 * (3 * bulk + shear))
+    raise ValueError(f"the Poisson ratio needs d = 2 or 3, got d = {dim}")
+
+
+def poisson_ratio(system: System, q: Array, params: Params) -> Array:
+    """Isotropic Poisson ratio ``ν`` (dimensionless) from ``B`` and ``G`` of one
+    :func:`elastic_tensor` (:func:`poisson_ratio_of`): 2D ``(B − G)/(B + G)``,
+    3D ``(3B − 2G)/(2(3B + G))``."""
+    c = elastic_tensor(system, q, params)
+    return poisson_ratio_of(elasticity.bulk_modulus_of(c), elasticity.shear_modulus_of(c), system.dim)
+
+
 OBSERVABLES = {
     "energy": energy,
     "energy_per_particle": energy_per_particle,
@@ -185,5 +205,6 @@ OBSERVABLES = {
     "elastic_tensor": elastic_tensor,
     "bulk_modulus": bulk_modulus,
     "shear_modulus": shear_modulus,
+    "poisson_ratio": poisson_ratio,
     "max_force": max_force,
 }

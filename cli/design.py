@@ -1,0 +1,134 @@
+"""``mdsens design``: tune parameters until the relaxed packing does what is asked."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from mdsens.cli.app import EXIT_NOT_CONVERGED, EXIT_USAGE, app, errors, fail, log
+from mdsens.cli.run import _configure, _parse_sets
+
+
+def _progress_line(design, quiet: bool):
+    def progress(step, k: int, note: str) -> None:
+        if quiet:
+            return
+        shown = " ".join(
+            f"{name}={float(step.values[name]):.6g}" + (f" (target {design.targets[name]:g})"
+                                                       if name in design.targets else "")
+            for name in [*design.targets, *design.minimize, *design.maximize])
+        extra = f"  [{note}]" if note else ""
+        log(f"step {k:>4d}/{design.steps - 1}  loss {step.loss:.6e}  {shown}  lr {step.lr:.3g}  "
+            f"relax {int(step.info.steps)} steps{extra}")
+
+    return progress
+
+
+def _human_summary(result, output: Path) -> str:
+    s = result.summary()
+    lines = [f"{s['system']}: N={s['n']} d={s['dim']}  {s['steps']} steps ({s['stopped']}), "
+             f"loss {s['loss']['start']:.6g} -> {s['loss']['final']:.6g}"]
+    for name, v in s["observables"].items():
+        target = f"  (target {s['targets'][name]:g})" if name in s["targets"] else ""
+        lines.append(f"  {name:<14s} {v['start']:.8g} -> {v['final']:.8g}{target}")
+    lines.append(f"contact changes {s['contact_changes']}, rejected steps {s['rejections']}, "
+                 f"compiles {s['compiles']}")
+    for c in s["fd_check"]:
+        lines.append(f"  fd check step {int(c['step'])}: gradient·v {c['directional']:.8e}, "
+                     f"finite difference {c['finite_difference']:.8e}, relative error {c['relative_error']:.1e}"
+                     f" {'ok' if c['passed'] else 'FAILED'}")
+    t = s["timings"]
+    lines.append(f"time: relax {t['relax_s']:.2f} s, loss and gradient {t['loss_s']:.2f} s "
+                 f"(compile {t.get('compile_s', 0.0):.2f} s), checks {t['fd_check_s']:.2f} s, total {t['total_s']:.2f} s")
+    lines.append(f"wrote {output}")
+    return "\n".join(lines)
+
+
+@app.command()
+def design(
+    system: str = typer.Argument("polydisperse", help="System family (see `mdsens systems`)."),
+    target: List[str] = typer.Option([], "--target", help="OBS=VALUE: drive a scalar observable to a value (repeatable); the loss sums the squared relative errors."),
+    minimize: List[str] = typer.Option([], "--minimize", help="Scalar observable to minimise (added to the loss)."),
+    maximize: List[str] = typer.Option([], "--maximize", help="Scalar observable to maximise (subtracted from the loss)."),
+    vary: List[str] = typer.Option([], "--vary", help="Parameter to tune (repeatable), e.g. diameter: every element."),
+    steps: int = typer.Option(50, "--steps", help="Design steps K: the start and K-1 updates."),
+    optimizer: str = typer.Option("adam", help="optax optimizer: adam, rmsprop or sgd."),
+    lr: float = typer.Option(0.01, "--lr", help="Learning rate (halved on every rejected step)."),
+    bound: List[str] = typer.Option([], "--bound", help="PARAM=LO,HI: keep a varied parameter in [LO, HI] by projection (LO or HI may be empty). Diameters, ε, σ stay positive by default."),
+    keep: Optional[str] = typer.Option(None, "--keep", help="phi: scale the box with the diameters to hold the packing fraction."),
+    tol: Optional[float] = typer.Option(None, "--tol", help="Stop once every target is within this relative error."),
+    observe: List[str] = typer.Option([], "--observe", help="Observable recorded at every step, outside the loss (repeatable)."),
+    set_: List[str] = typer.Option([], "--set", help="Build key, KEY=VALUE (repeatable), e.g. --set n=64."),
+    seed: int = typer.Option(0, help="Random seed of the initial positions (and of the check directions)."),
+    minimizer: str = typer.Option("fire", help="Minimizer: fire (FIRE 2.0) or gd."),
+    ftol: float = typer.Option(1e-10, help="Each relaxation converges when the largest force is below this."),
+    max_steps: int = typer.Option(100_000, help="Steps allowed to each relaxation."),
+    solver: str = typer.Option("cg", help="Linear solver: cg, or dense (small N only)."),
+    rtol: float = typer.Option(1e-10, help="CG relative residual tolerance."),
+    preconditioner: str = typer.Option("twolevel", help="CG preconditioner: twolevel, jacobi or none."),
+    neighbor_list: Optional[bool] = typer.Option(None, "--neighbor-list/--all-pairs", help="Derivatives over the relaxation table's pairs or over all pairs; default: the table above 64 particles."),
+    output: Path = typer.Option(Path("design.h5"), "-o", "--output", help="HDF5 file to write."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    precision: str = typer.Option("float64", help="float64 (default) or float32."),
+    device: Optional[str] = typer.Option(None, help="cpu or gpu (default: JAX's choice)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout; logs go to stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines and no summary."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not use the persistent compilation cache."),
+) -> None:
+    """Inverse design: relax, take the exact gradient of the loss, update with optax, repeat.
+
+    Example: mdsens design polydisperse --target poisson_ratio=0.3 --vary diameter --keep phi -o design.h5
+    """
+    from mdsens import design as _design
+    from mdsens import io
+    from mdsens.job import Job
+
+    state = {"existed": output.exists(), "written": False}
+
+    def on_interrupt() -> str:
+        if state["written"]:
+            return f"{output} was written"
+        return f"no file written, {output} untouched" if state["existed"] else "no file written"
+
+    with errors(on_interrupt):
+        if output.exists() and not force:
+            fail(f"{output} exists; pass --force to overwrite it, or -o another path", EXIT_USAGE)
+        if not output.resolve().parent.is_dir():
+            fail(f"cannot write {output}: directory {output.parent} does not exist", EXIT_USAGE)
+        _configure(precision, device)
+        from mdsens import cache
+
+        cache.enable(not no_cache)
+        if precision == "float32":
+            ftol = max(ftol, 1e-5)
+        job = Job(system=system, overrides=_parse_sets(set_), seed=seed, minimizer=minimizer, ftol=ftol,
+                  max_steps=max_steps, solver=solver, rtol=rtol, preconditioner=preconditioner,
+                  neighbor_list=neighbor_list, command=shlex.join(["mdsens", *sys.argv[1:]]))
+        request = _design.Design(
+            job=job, targets=dict(_design.parse_target(t) for t in target), minimize=list(minimize),
+            maximize=list(maximize), vary=list(vary), steps=steps, optimizer=optimizer, lr=lr,
+            bounds=dict(_design.parse_bound(b) for b in bound), keep=keep, observe=list(observe), tol=tol)
+        if len(request.targets) != len(target):
+            fail("an observable is given twice to --target", EXIT_USAGE)
+        plan = _design.prepare(request)
+        result = _design.run(plan, _progress_line(request, quiet))
+        io.write(output, result.record())
+        state["written"] = True
+        summary = result.summary()
+        summary["output"] = str(output)
+        if as_json:
+            print(json.dumps(summary))
+        elif not quiet:
+            print(_human_summary(result, output))
+        failed = [c for c in result.fd_checks if not c["passed"]]
+        if failed:
+            log(f"warning: {len(failed)} of {len(result.fd_checks)} gradient checks failed "
+                f"(worst relative error {max(c['relative_error'] for c in failed):.1e}); see /design/fd_check")
+        if not result.converged:
+            fail(f"design stopped: {result.stopped}; the steps so far were written to {output}, flagged",
+                 EXIT_NOT_CONVERGED)

@@ -1,0 +1,675 @@
+"""Inverse design: tune parameters until the relaxed packing does what is asked.
+
+The loss is a function of the varied parameters θ through the equilibrium,
+
+    ℒ(θ) = Σ_targets ((O_t(x*(θ), θ) − t)/|t|)²  + Σ_minimize O − Σ_maximize O
+
+(an absolute error where a target is 0), and its gradient is one reverse-mode
+pass: ``∂ℒ/∂θ = ∂θℒ − (∂θF)ᵀ w`` with ``H w = ∂xℒ`` (:func:`mdsens.implicit.cotangent`;
+the moduli's own solves are differentiated through, a second-order implicit
+derivative). Each step
+
+1. relaxes from the previous x* (a warm start, :func:`mdsens.job.relax_system`),
+2. evaluates ℒ, the observables and ∂ℒ/∂θ in one compiled program,
+3. updates θ with an optax optimizer and projects it onto the bounds.
+
+Compile once. The relaxation's programs are cached per System, box and
+cutoff (:mod:`mdsens.relax`), so the design relaxes a copy of the system whose
+cutoff is a fixed ceiling above the largest diameter (its table holds a few
+more pairs, each adding an exact zero) and, with ``keep="phi"``, at the
+starting box: for a pair energy of r/σ alone (soft spheres) the minimum at
+diameters D in a box L is the minimum at D·L₀/L in L₀, in the same
+fractional coordinates q. The loss program takes q, θ and the pairs (padded
+to a fixed capacity) as arguments. Step 2 onwards compiles nothing unless a
+diameter outgrows the ceiling or the pairs their capacity (counted in
+``compiles``).
+
+Contact changes make ℒ piecewise smooth. The contact network is compared
+between accepted steps and its changes counted; a step whose loss jumps
+(rises by more than ``JUMP`` × |ℒ| plus a small floor) or whose relaxation
+fails is rejected and retried with half the learning rate, which then
+recovers by ``RECOVER`` per accepted step.
+
+Correctness is checked as it goes: every ``fd_every``-th step and the last,
+the gradient along a random unit direction against central differences of
+the whole loss, re-relaxed (and Newton-polished) at θ ± h.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mdsens import implicit, job as _job, linsolve, observables, relax, sensitivity
+from mdsens.system import Params, System
+from mdsens.systems import UsageError
+
+Array = jax.Array
+
+OPTIMIZERS = ("adam", "rmsprop", "sgd")
+KEEP = ("phi",)
+#: a step whose loss rises by more than JUMP·|ℒ| + JUMP_FLOOR·|ℒ_start| is rejected (the floor keeps an
+#: optimizer's small oscillations about a reached target from counting as jumps)
+JUMP, JUMP_FLOOR = 1.0, 1e-3
+#: after an accepted step the learning rate recovers by this factor, up to the requested one
+RECOVER = 1.25
+#: the relaxation's cutoff ceiling, as a multiple of the largest interaction range
+CUTOFF_HEADROOM = 1.25
+#: the derivative pairs' capacity, as a multiple of the first count
+PAIR_HEADROOM = 1.25
+#: parameters that must stay positive: their default lower bound is this fraction of their smallest start value
+POSITIVE = {"diameter": 1e-3, "epsilon": 1e-3, "sigma": 1e-3, "box": 1e-3}
+#: the finite-difference check passes within this relative error (see ``fd_check``)
+FD_RTOL = 1e-3
+
+
+@dataclass
+class Design:
+    """A design request: what ``mdsens design`` parses. ``job`` carries the
+    system, ``--set``, seed and the relaxation and solver settings."""
+
+    job: _job.Job = field(default_factory=_job.Job)
+    targets: dict[str, float] = field(default_factory=dict)
+    minimize: list[str] = field(default_factory=list)
+    maximize: list[str] = field(default_factory=list)
+    vary: list[str] = field(default_factory=list)
+    steps: int = 50
+    optimizer: str = "adam"
+    lr: float = 0.01
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    keep: str | None = None
+    observe: list[str] = field(default_factory=list)  # recorded every step, not in the loss
+    tol: float | None = None  # stop once every target is within this relative error
+    fd_every: int = 10
+    fd_h: float = 1e-5
+    max_retries: int = 6
+
+
+@dataclass
+class Plan:
+    """A validated design: the system and everything derived from the request."""
+
+    design: Design
+    system: System
+    names: list[str]  # every observable computed (the loss's first)
+    bounds: dict[str, tuple[float, float]]
+    base: dict[str, Array]  # the starting parameters
+    phi: float | None  # the packing fraction held (keep="phi")
+
+
+@dataclass
+class Step:
+    """One accepted design step."""
+
+    theta: dict[str, np.ndarray]
+    params: dict[str, np.ndarray]
+    q: Array
+    loss: float
+    values: dict[str, np.ndarray]
+    grad: dict[str, np.ndarray]
+    rattler: np.ndarray
+    contacts: set
+    info: Any  # RelaxInfo
+    solve: linsolve.SolveInfo
+    lr: float
+    relax_s: float
+    loss_s: float
+    pairs: Array | None
+
+
+@dataclass
+class DesignResult:
+    plan: Plan
+    history: list[Step]
+    fd_checks: list[dict[str, float]]
+    contact_changes: int
+    rejections: int
+    compiles: dict[str, int]
+    converged: bool  # every relaxation converged
+    stopped: str  # why the loop ended
+    timings: dict[str, float]
+    relax_system: System
+
+    @property
+    def final(self) -> Step:
+        return self.history[-1]
+
+    def record(self) -> dict[str, Any]:
+        """The run-file record of the final packing (:func:`mdsens.io.write`)
+        plus the ``design`` group: the trajectory and the checks."""
+        plan, last = self.plan, self.final
+        system = plan.system
+        params = {k: jnp.asarray(v) for k, v in last.params.items()}
+        observed = {name: np.asarray(last.values[name]) for name in plan.names}
+        observed["max_force"] = np.asarray(last.info.max_force)
+        h = self.history
+        design = {
+            "loss": np.array([s.loss for s in h]),
+            **{name: np.stack([s.theta[name] for s in h]) for name in plan.design.vary},
+            "observables": {name: np.array([s.values[name] for s in h]) for name in plan.names},
+            "learning_rate": np.array([s.lr for s in h]),
+            "relax_steps": np.array([int(s.info.steps) for s in h]),
+            "gradient": {name: np.asarray(last.grad[name]) for name in plan.design.vary},
+            "fd_check": {key: np.array([c[key] for c in self.fd_checks]) for key in _FD_KEYS},
+            "attrs": self.attributes(),
+        }
+        if plan.phi is not None:
+            design["box"] = np.stack([s.params["box"] for s in h])
+        return {
+            "positions": np.asarray(system.to_real(last.q, params)),
+            "box": np.asarray(params["box"]) if system.periodic else None,
+            "species": np.asarray(system.species),
+            "rattler": np.asarray(last.rattler),
+            "parameters": {k: np.asarray(v) for k, v in last.params.items()},
+            "observables": {**observed, "minimizer_steps": np.asarray(int(last.info.steps)),
+                            "converged": np.asarray(bool(last.info.converged))},
+            "sensitivity": {},
+            "gradient": {},
+            "meta": self.meta(),
+            "design": design,
+        }
+
+    def attributes(self) -> dict[str, Any]:
+        d = self.plan.design
+        failed = [c for c in self.fd_checks if not c["passed"]]
+        return {"targets": dict(d.targets), "minimize": list(d.minimize), "maximize": list(d.maximize),
+                "vary": list(d.vary), "optimizer": d.optimizer, "lr": d.lr,
+                "bounds": {k: list(v) for k, v in self.plan.bounds.items()}, "keep": d.keep or "",
+                "phi": self.plan.phi if self.plan.phi is not None else "", "steps": len(self.history),
+                "steps_requested": d.steps, "tol": d.tol if d.tol is not None else "",
+                "contact_changes": self.contact_changes, "rejections": self.rejections,
+                "fd_checks": len(self.fd_checks), "fd_failed": len(failed), "converged": self.converged,
+                "stopped": self.stopped, "compiles": dict(self.compiles), "jump": JUMP, "fd_rtol": FD_RTOL}
+
+    def meta(self) -> dict[str, Any]:
+        job, system, last = self.plan.design.job, self.plan.system, self.final
+        return {
+            "system": system.name,
+            "configuration": {**system.config, "seed": job.seed},
+            "seed": job.seed,
+            "command": job.command,
+            "minimizer": job.minimizer,
+            "ftol": job.ftol,
+            "max_steps": job.max_steps,
+            "linear_solver": job.solver,
+            "rtol": job.rtol,
+            "preconditioner": job.preconditioner if job.solver == "cg" else "none",
+            "steps": int(last.info.steps),
+            "converged": bool(last.info.converged),
+            "derivatives": "the loss gradient of every design step (/design)",
+            "versions": _job.versions(),
+            "device": _job.device_name(),
+            "precision": str(jnp.result_type(float)),
+            "timings": dict(self.timings),
+            "design": self.attributes(),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able digest: what ``mdsens design --json`` prints."""
+        first, last = self.history[0], self.final
+        return {
+            "system": self.plan.system.name, "n": self.plan.system.n, "dim": self.plan.system.dim,
+            "steps": len(self.history), "converged": self.converged, "stopped": self.stopped,
+            "loss": {"start": first.loss, "final": last.loss},
+            "observables": {name: {"start": float(first.values[name]), "final": float(last.values[name])}
+                            for name in self.plan.names},
+            "targets": dict(self.plan.design.targets),
+            "contact_changes": self.contact_changes, "rejections": self.rejections,
+            "fd_check": [{k: (bool(v) if k == "passed" else float(v)) for k, v in c.items()} for c in self.fd_checks],
+            "compiles": dict(self.compiles), "timings": dict(self.timings),
+        }
+
+
+_FD_KEYS = ("step", "h", "directional", "finite_difference", "relative_error", "passed")
+
+
+# -- validation ------------------------------------------------------------------------------
+
+
+def parse_target(text: str) -> tuple[str, float]:
+    """``OBS=VALUE`` → (name, value)."""
+    if "=" not in text:
+        raise UsageError(f"--target {text!r}: expected OBS=VALUE, e.g. --target poisson_ratio=0.3")
+    name, value = (t.strip() for t in text.split("=", 1))
+    try:
+        number = float(value)
+    except ValueError:
+        raise UsageError(f"--target {text!r}: {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise UsageError(f"--target {text!r}: the value must be finite")
+    return name, number
+
+
+def parse_bound(text: str) -> tuple[str, tuple[float, float]]:
+    """``PARAM=LO,HI`` (either side may be empty for no bound) → (name, (lo, hi))."""
+    if "=" not in text or text.split("=", 1)[1].count(",") != 1:
+        raise UsageError(f"--bound {text!r}: expected PARAM=LO,HI, e.g. --bound diameter=0.5,2 (LO or HI may be empty)")
+    name, rest = (t.strip() for t in text.split("=", 1))
+    lo_text, hi_text = (t.strip() for t in rest.split(","))
+    try:
+        lo = float(lo_text) if lo_text else -math.inf
+        hi = float(hi_text) if hi_text else math.inf
+    except ValueError:
+        raise UsageError(f"--bound {text!r}: LO and HI must be numbers") from None
+    if math.isnan(lo) or math.isnan(hi) or not lo < hi:
+        raise UsageError(f"--bound {text!r}: needs LO < HI")
+    return name, (lo, hi)
+
+
+def particle_diameters(system: System, params: Params) -> Array:
+    """(N,) each particle's diameter: ``diameter`` per particle, or per species."""
+    d = params["diameter"]
+    return d if d.shape == (system.n,) else d[jnp.asarray(system.species)]
+
+
+def packing_fraction(system: System, params: Params) -> Array:
+    """φ = Σ particle volumes / box volume (disks in 2D, spheres in 3D)."""
+    r = particle_diameters(system, params) / 2
+    volumes = math.pi * r**2 if system.dim == 2 else 4.0 / 3.0 * math.pi * r**3
+    return jnp.sum(volumes) / system.volume(params)
+
+
+def prepare(design: Design) -> Plan:
+    """Build the system and validate the request before any relaxation:
+    every usage error surfaces here (one line, exit 2 in the CLI)."""
+    d = design
+    if not d.targets and not d.minimize and not d.maximize:
+        raise UsageError("nothing to design for: give --target OBS=VALUE, --minimize OBS or --maximize OBS")
+    if not d.vary:
+        raise UsageError("give the parameters to vary: --vary PARAM (e.g. --vary diameter)")
+    if d.steps <= 0:
+        raise UsageError(f"--steps must be positive, got {d.steps}")
+    if not (d.lr > 0 and math.isfinite(d.lr)):
+        raise UsageError(f"--lr must be positive, got {d.lr}")
+    if d.optimizer not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer {d.optimizer!r}: choose {', '.join(OPTIMIZERS)}")
+    if d.keep is not None and d.keep not in KEEP:
+        raise UsageError(f"--keep {d.keep!r}: choose {' or '.join(KEEP)} (fixed pressure is not available yet)")
+    if d.tol is not None and not d.tol > 0:
+        raise UsageError(f"--tol must be positive, got {d.tol}")
+    if d.fd_every <= 0:
+        raise UsageError(f"the finite-difference check interval must be positive, got {d.fd_every}")
+    loss_names = [*d.targets, *d.minimize, *d.maximize]
+    if len(set(loss_names)) != len(loss_names):
+        raise UsageError("an observable appears twice among --target, --minimize and --maximize")
+    names = loss_names + [n for n in d.observe if n not in loss_names]
+    job = replace(d.job, observe=names, wrt=None, grad=[])
+    system, _, _ = _job.prepare(job)
+    params = {k: jnp.asarray(v) for k, v in system.params.items()}
+    q0 = jnp.asarray(system.to_solver(jnp.asarray(system.positions), params))
+    for name in loss_names:
+        try:
+            shape = jax.eval_shape(lambda q, p: observables.OBSERVABLES[name](system, q, p), q0, params).shape
+        except ValueError as err:
+            raise UsageError(f"{name}: {err}") from None
+        if shape != ():
+            raise UsageError(f"{name} has shape {shape}: a design loss needs a scalar observable")
+    if len(set(d.vary)) != len(d.vary):
+        raise UsageError("a parameter is given twice to --vary")
+    for name in d.vary:
+        if name not in params:
+            raise UsageError(f"--vary {name!r}: no parameter {name!r}; this system's parameters: {', '.join(params)}")
+        if not jnp.issubdtype(params[name].dtype, jnp.floating):
+            raise UsageError(f"--vary {name!r}: not a floating-point parameter")
+    bounds = {}
+    for name in d.vary:
+        start = float(jnp.min(params[name]))
+        if name in POSITIVE:
+            bounds[name] = (POSITIVE[name] * start, math.inf)
+    for name, bound in d.bounds.items():
+        if name not in d.vary:
+            raise UsageError(f"--bound {name}: {name!r} is not varied (--vary {name})")
+        bounds[name] = bound
+    for name, (lo, hi) in bounds.items():
+        v = np.asarray(params[name])
+        if np.any(v < lo) or np.any(v > hi):
+            raise UsageError(f"--bound {name}={lo:g},{hi:g} excludes the starting value "
+                             f"({np.min(v):g} to {np.max(v):g})")
+    phi = None
+    if d.keep == "phi":
+        if not system.periodic or "diameter" not in params:
+            raise UsageError("--keep phi needs a periodic system with a diameter parameter")
+        if "box" in d.vary:
+            raise UsageError("--keep phi sets the box from the diameters: do not --vary box")
+        _check_scale_free(system, params)
+        phi = float(packing_fraction(system, params))
+    return Plan(design, system, names, bounds, params, phi)
+
+
+def _check_scale_free(system: System, params: Params) -> None:
+    """--keep phi relaxes at the starting box (see the module docstring): the
+    energy must be unchanged when every length (diameters, box) scales."""
+    q = system.to_solver(jnp.asarray(system.positions), params)
+    scaled = {**params, "diameter": 1.1 * params["diameter"], "box": 1.1 * params["box"]}
+    e0, e1 = float(system.energy(q, params)), float(system.energy(q, scaled))
+    if not abs(e1 - e0) <= 1e-10 * max(abs(e0), 1e-300):
+        raise UsageError(f"--keep phi: {system.name!r}'s energy is not a function of r/diameter alone")
+
+
+# -- the compiled pieces --------------------------------------------------------------------
+
+
+def physical_fn(plan: Plan) -> Callable[[dict[str, Array]], Params]:
+    """θ (the varied parameters) → every parameter; with ``keep="phi"`` the box
+    is scaled isotropically to hold φ: ``L = L₀ (Σv(D) / (φ V₀))^(1/d)``."""
+    base, system, phi = plan.base, plan.system, plan.phi
+
+    def physical(theta: dict[str, Array]) -> Params:
+        p = {**base, **theta}
+        if phi is not None:
+            r = particle_diameters(system, p) / 2
+            volumes = math.pi * r**2 if system.dim == 2 else 4.0 / 3.0 * math.pi * r**3
+            scale = (jnp.sum(volumes) / (phi * system.volume(base))) ** (1.0 / system.dim)
+            p["box"] = base["box"] * scale
+        return p
+
+    return physical
+
+
+def _loss_of(design: Design, values: dict[str, Array]) -> Array:
+    total = jnp.zeros((), jnp.result_type(float))
+    for name, t in design.targets.items():
+        err = (values[name] - t) / abs(t) if t != 0 else values[name]
+        total = total + err**2
+    for name in design.minimize:
+        total = total + values[name]
+    for name in design.maximize:
+        total = total - values[name]
+    return total
+
+
+def loss_program(plan: Plan) -> Callable:
+    """``(q*, θ, pairs) -> (ℒ, observables, ∂ℒ/∂θ, solve info, rattler, contact flags)``:
+    one reverse-mode solve for the whole loss (plus the solves inside the
+    moduli, differentiated through). ``pairs`` is None (all pairs) or a
+    padded (2, M) array: data, not a compiled constant."""
+    design, system, names = plan.design, plan.system, plan.names
+    physical = physical_fn(plan)
+    job = design.job
+
+    def program(q: Array, theta: dict[str, Array], pairs: Array | None):
+        s = system if pairs is None else system.with_pairs(pairs)
+        params = physical(theta)
+        rattler = observables.rattlers(s, jax.lax.stop_gradient(q), jax.lax.stop_gradient(params))
+
+        def f(q_, theta_):
+            p = physical(theta_)
+            values = {name: observables.OBSERVABLES[name](s, q_, p) for name in names}
+            return _loss_of(design, values), values
+
+        (loss, values), (g_q, g_theta) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(q, theta)
+        solve = _job._solver(job, s, q, params, rattler)
+        w, info = implicit.cotangent(sensitivity.optimality(s), q, params, g_q, solve,
+                                     sensitivity.gauge_for(s, rattler), hvp=s.hessian_vp)
+        _, pull = jax.vjp(physical, theta)
+        (g_implicit,) = pull(w)
+        grad = jax.tree_util.tree_map(jnp.add, g_theta, g_implicit)
+        contacts, i, j = s.contact_list(q, params)
+        return loss, values, grad, info, rattler, (contacts, i, j)
+
+    return program
+
+
+_POLISH: "weakref.WeakKeyDictionary[System, Callable]" = weakref.WeakKeyDictionary()
+
+
+def _polish_program(system: System, steps: int = 4) -> Callable:
+    """A few gauge-fixed Newton steps with a dense solve, all pairs, compiled
+    once per system (:func:`mdsens.sensitivity.newton_polish` compiles per call):
+    the finite-difference check's re-relaxations to round-off."""
+    if system not in _POLISH:
+        root = sensitivity.optimality(system)
+
+        def polish(q, params, rattler):
+            project = sensitivity.gauge_for(system, rattler)(q, params)
+            dense = linsolve.dense()
+
+            def step(_, qk):
+                def matvec(v):
+                    pv = project(v)
+                    return project(jax.jvp(lambda y: root(y, params), (qk,), (pv,))[1]) + (v - pv)
+
+                delta, _ = dense(matvec, -project(root(qk, params)))
+                return qk + delta
+
+            polished = jax.lax.fori_loop(0, steps, step, q)
+            # Near a contact change the Hessian is discontinuous and a Newton
+            # step can leave the basin: keep the polish only if it lowered |F|.
+            better = jnp.max(jnp.abs(root(polished, params))) <= jnp.max(jnp.abs(root(q, params)))
+            return jnp.where(better, polished, q)
+
+        _POLISH[system] = jax.jit(polish)
+    return _POLISH[system]
+
+
+#: the finite-difference check polishes with dense Newton steps up to this many particles
+POLISH_MAX_N = 512
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+class _Runner:
+    """The state shared by the design steps: the relaxation system, the
+    compiled loss programs, the pair capacity, the compile counts."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.job = plan.design.job
+        self.physical = physical_fn(plan)
+        self.program = jax.jit(loss_program(plan))
+        self.executables: dict[Any, Callable] = {}
+        self.capacity = 0
+        self.compiles = {"loss": 0, "relax_system": 0}
+        self.compile_s = 0.0  # loss programs and relaxations
+        self.relax_sys = None
+        self.ceiling = 0.0
+        self.neighbor = _job.use_neighbor_list(self.job, plan.system)
+
+    def relax_frame(self, params: Params) -> Params:
+        """The parameters the relaxation sees: with keep="phi", the starting
+        box and the diameters scaled by L₀/L (same minimum, same q)."""
+        if self.plan.phi is None:
+            return params
+        scale = float(params["box"][0] / self.plan.base["box"][0])
+        return {**params, "diameter": params["diameter"] / scale, "box": self.plan.base["box"]}
+
+    def _relax_system(self, params: Params) -> System:
+        cutoff = float(self.plan.system.cutoff(params))
+        if self.relax_sys is None or (math.isfinite(cutoff) and cutoff > self.ceiling):
+            ceiling = CUTOFF_HEADROOM * cutoff if math.isfinite(cutoff) else cutoff
+            self.ceiling = ceiling
+            # A new System object: its own cache of compiled relaxations (see module docstring).
+            self.relax_sys = replace(self.plan.system, cutoff=lambda p, c=ceiling: c)
+            self.compiles["relax_system"] += 1
+        return self.relax_sys
+
+    def relax(self, params: Params, q0: Array | None) -> tuple[Array, Any, Array | None, float]:
+        frame = self.relax_frame(params)
+        system = self._relax_system(frame)
+        x0 = None if q0 is None else system.to_real(q0, frame)
+        t = time.perf_counter()
+        q, info, compile_s, pairs, _ = _job.relax_system(self.job, system, frame, x0=x0)
+        self.compile_s += compile_s
+        if pairs is not None:
+            pairs = self._pad(np.asarray(pairs))
+        return q, info, pairs, time.perf_counter() - t - compile_s
+
+    def _pad(self, pairs: np.ndarray) -> Array:
+        m = pairs.shape[1]
+        if m > self.capacity:
+            self.capacity = int(math.ceil(PAIR_HEADROOM * m))
+        out = np.full((2, self.capacity), self.plan.system.n, dtype=np.int32)
+        out[:, :m] = pairs
+        return jnp.asarray(out)
+
+    def evaluate(self, q: Array, theta: dict[str, Array], pairs: Array | None):
+        key = None if pairs is None else pairs.shape
+        if key not in self.executables:
+            t = time.perf_counter()
+            self.executables[key] = self.program.lower(q, theta, pairs).compile()
+            self.compiles["loss"] += 1
+            self.compile_s += time.perf_counter() - t
+        return self.executables[key](q, theta, pairs)
+
+    def polish(self, q: Array, params: Params, rattler: Array) -> Array:
+        if self.plan.system.n > POLISH_MAX_N:
+            return q
+        return _polish_program(self.plan.system)(q, params, rattler)
+
+
+def _contact_set(flags, n: int) -> set:
+    c, i, j = (np.asarray(a) for a in flags)
+    a, b = np.minimum(i[c], j[c]), np.maximum(i[c], j[c])
+    return set((a * n + b).tolist())
+
+
+def _project(theta: dict[str, Array], bounds: dict[str, tuple[float, float]]) -> dict[str, Array]:
+    return {k: jnp.clip(v, *bounds[k]) if k in bounds else v for k, v in theta.items()}
+
+
+def _within_minimum_image(plan: Plan, params: Params) -> bool:
+    if not plan.system.periodic:
+        return True
+    return float(plan.system.cutoff(params)) < 0.5 * float(jnp.min(params["box"]))
+
+
+def _reached(design: Design, values: dict[str, Any]) -> bool:
+    if design.tol is None or not design.targets:
+        return False
+    return all(abs(float(values[n]) - t) <= design.tol * (abs(t) if t != 0 else 1.0)
+               for n, t in design.targets.items())
+
+
+def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None = None) -> DesignResult:
+    """Run the design loop (module docstring). ``progress(step, k, note)`` is
+    called after every accepted step. Returns the whole trajectory; a
+    relaxation that fails even at the smallest step ends the loop with
+    ``converged=False`` and what was done so far."""
+    import optax
+
+    wall = time.perf_counter()
+    plan = design if isinstance(design, Plan) else prepare(design)
+    design = plan.design
+    runner = _Runner(plan)
+    theta = {name: jnp.asarray(plan.base[name]) for name in design.vary}
+    factory = getattr(optax, design.optimizer)
+    optimizer = optax.inject_hyperparams(factory)(learning_rate=design.lr)
+    opt_state = optimizer.init(theta)
+    update = jax.jit(optimizer.update)
+    rng = np.random.default_rng(design.job.seed)
+    timings = {"relax_s": 0.0, "loss_s": 0.0, "fd_check_s": 0.0}
+
+    def attempt(theta_: dict[str, Array], q0: Array | None, lr: float) -> Step | None:
+        params = runner.physical(theta_)
+        if not _within_minimum_image(plan, params):
+            return None
+        q, info, pairs, relax_s = runner.relax(params, q0)
+        timings["relax_s"] += relax_s
+        if not bool(info.converged):
+            return Step({}, {}, q, math.nan, {}, {}, np.zeros(0), set(), info, None, lr, relax_s, 0.0, pairs)
+        t, compiled = time.perf_counter(), runner.compile_s
+        loss, values, grad, solve_info, rattler, flags = jax.block_until_ready(runner.evaluate(q, theta_, pairs))
+        loss_s = time.perf_counter() - t - (runner.compile_s - compiled)
+        timings["loss_s"] += loss_s
+        return Step({k: np.asarray(v) for k, v in theta_.items()}, {k: np.asarray(v) for k, v in params.items()},
+                    q, float(loss), {k: np.asarray(v) for k, v in values.items()},
+                    {k: np.asarray(v) for k, v in grad.items()}, np.asarray(rattler),
+                    _contact_set(flags, plan.system.n), info, solve_info, lr, relax_s, loss_s, pairs)
+
+    history: list[Step] = []
+    checks: list[dict[str, float]] = []
+    contact_changes = rejections = 0
+    lr = design.lr
+    first = attempt(theta, None, lr)
+    if first is None or first.solve is None:
+        raise RuntimeError("the starting packing did not relax (max|F| = "
+                           f"{float(first.info.max_force) if first else float('nan'):.2e} > ftol {design.job.ftol:g}); "
+                           "nothing to design from")
+    history.append(first)
+    floor = JUMP_FLOOR * abs(first.loss) + 1e-14
+    stopped, converged = "steps", True
+    if progress is not None:
+        progress(first, 0, "")
+
+    def check(k: int) -> None:
+        t = time.perf_counter()
+        checks.append(fd_check(runner, history[-1], rng, design.fd_h, k))
+        timings["fd_check_s"] += time.perf_counter() - t
+
+    for k in range(1, design.steps):
+        if _reached(design, history[-1].values):
+            stopped = "tol"
+            break
+        current = history[-1]
+        if (k - 1) % design.fd_every == 0:
+            check(k - 1)
+        grads = {name: jnp.asarray(current.grad[name]) for name in design.vary}
+        theta_now = {name: jnp.asarray(current.theta[name]) for name in design.vary}
+        note, accepted = "", None
+        for retry in range(design.max_retries + 1):
+            state = opt_state._replace(hyperparams={**opt_state.hyperparams,
+                                                    "learning_rate": jnp.asarray(lr, jnp.result_type(float))})
+            updates, new_state = update(grads, state, theta_now)
+            trial = _project(optax.apply_updates(theta_now, updates), plan.bounds)
+            step = attempt(trial, current.q, lr)
+            failed = step is None or step.solve is None
+            jumped = not failed and step.loss - current.loss > JUMP * abs(current.loss) + floor
+            if not failed and (not jumped or retry == design.max_retries):
+                accepted, opt_state = step, new_state
+                if jumped:
+                    note = "jump accepted after retries"
+                break
+            rejections += 1
+            lr *= 0.5
+        if accepted is None:
+            stopped, converged = f"relaxation failed at step {k} even at learning rate {lr:g}", False
+            break
+        if not jumped:
+            lr = min(lr * RECOVER, design.lr)
+        if accepted.contacts != current.contacts:
+            contact_changes += 1
+            note = (note + "; " if note else "") + "contacts changed"
+        history.append(accepted)
+        if progress is not None:
+            progress(accepted, k, note)
+    else:
+        if _reached(design, history[-1].values):
+            stopped = "tol"
+    if converged and not (checks and int(checks[-1]["step"]) == len(history) - 1):
+        check(len(history) - 1)
+    timings["compile_s"] = runner.compile_s
+    timings["total_s"] = time.perf_counter() - wall
+    return DesignResult(plan, history, checks, contact_changes, rejections, dict(runner.compiles), converged,
+                        stopped, timings, runner.relax_sys)
+
+
+def fd_check(runner: _Runner, step: Step, rng: np.random.Generator, h: float, k: int) -> dict[str, float]:
+    """The gradient along a random unit direction v against the central
+    difference ``(ℒ(θ + hv) − ℒ(θ − hv)) / 2h``, each re-relaxed from x* (and
+    Newton-polished to round-off for N ≤ :data:`POLISH_MAX_N`). Passes within
+    :data:`FD_RTOL` relative: the moduli carry the CG tolerance (~1e-10), which
+    the difference amplifies by 1/h."""
+    names = runner.plan.design.vary
+    v = {name: rng.normal(size=np.shape(step.theta[name])) for name in names}
+    norm = math.sqrt(sum(float(np.sum(a**2)) for a in v.values()))
+    v = {name: a / norm for name, a in v.items()}
+    directional = sum(float(np.sum(step.grad[name] * v[name])) for name in names)
+    losses = []
+    for sign in (+1.0, -1.0):
+        theta = {name: jnp.asarray(step.theta[name] + sign * h * v[name]) for name in names}
+        params = runner.physical(theta)
+        q, info, pairs, _ = runner.relax(params, step.q)
+        q = runner.polish(q, params, jnp.asarray(step.rattler))
+        losses.append(float(runner.evaluate(q, theta, pairs)[0]))
+    fd = (losses[0] - losses[1]) / (2 * h)
+    error = abs(directional - fd) / max(abs(fd), abs(directional), 1e-300)
+    return {"step": k, "h": h, "directional": directional, "finite_difference": fd,
+            "relative_error": error, "passed": bool(error <= FD_RTOL)}

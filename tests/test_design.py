@@ -1,0 +1,270 @@
+"""Inverse design (`mdsens design`, mdsens/design.py) and the poisson_ratio observable.
+
+The Poisson ratio formula is checked against uniaxial stress on an isotropic
+tensor; its derivatives (forward and reverse) and the design's loss gradient
+against central differences of re-relaxed states (tests/helpers.Reference),
+not against anything the design module computes itself."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from helpers import Reference, assert_close, relaxed, unit
+from mdsens import design, elasticity, io, observables, relax, sensitivity, systems
+from mdsens.cli import app
+from mdsens.job import Job
+
+cli = CliRunner()
+POLY_16 = dict(n=16, dim=2, phi=0.9, spread=0.2)
+_COMMON = ["design", "polydisperse", "--set", "n=16", "--vary", "diameter", "--keep", "phi", "--steps", "5",
+           "--seed", "3", "--json"]
+# 16 polydisperse disks at fixed φ: pressure (0.024 at the start) towards 0.05, and ν (0.63) towards 0.55.
+DESIGN_PRESSURE = [*_COMMON, "--target", "pressure=0.05", "--lr", "0.01", "--observe", "energy"]
+DESIGN_NU = [*_COMMON, "--target", "poisson_ratio=0.55", "--lr", "0.003"]
+
+
+def _isotropic(lam: float, mu: float, d: int) -> np.ndarray:
+    eye = np.eye(d)
+    return (lam * np.einsum("ij,kl->ijkl", eye, eye)
+            + mu * (np.einsum("ik,jl->ijkl", eye, eye) + np.einsum("il,jk->ijkl", eye, eye)))
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_poisson_ratio_is_uniaxial_strain_ratio(d):
+    """ν = −ε_yy/ε_xx under uniaxial stress σ = e_x e_xᵀ, from the compliance
+    of an isotropic C (Lamé λ, μ), solved numerically: independent of the
+    closed forms (B − G)/(B + G) and (3B − 2G)/(2(3B + G))."""
+    for lam, mu in [(1.3, 0.4), (-0.2, 1.0), (5.0, 0.05)]:
+        c = _isotropic(lam, mu, d)
+        stress = np.zeros((d, d))
+        stress[0, 0] = 1.0
+        strain = np.linalg.lstsq(c.reshape(d * d, d * d), stress.ravel(), rcond=None)[0].reshape(d, d)
+        expected = -strain[1, 1] / strain[0, 0]
+        nu = observables.poisson_ratio_of(elasticity.bulk_modulus_of(jnp.asarray(c)),
+                                          elasticity.shear_modulus_of(jnp.asarray(c)), d)
+        # A 4x4 / 9x9 least-squares solve of a well-conditioned system: round-off.
+        assert float(nu) == pytest.approx(expected, rel=1e-12, abs=1e-13)
+
+
+@pytest.fixture(scope="module")
+def poly16():
+    system, q, params, rattler = relaxed("polydisperse", **POLY_16)
+    return system, q, params, rattler, Reference(system, q, params, rattler)
+
+
+def test_poisson_ratio_value_and_forward_derivative(poly16):
+    system, q, params, rattler, reference = poly16
+    c = observables.elastic_tensor(system, q, params)
+    b, g = elasticity.bulk_modulus_of(c), elasticity.shear_modulus_of(c)
+    nu = float(observables.poisson_ratio(system, q, params))
+    assert nu == pytest.approx(float((b - g) / (b + g)), rel=1e-12)
+    assert -1.0 < nu < 1.0  # the 2D bounds of a stable isotropic solid
+    observe = {"poisson_ratio": observables.poisson_ratio}
+    # dν/dα through the equilibrium's tangent and the moduli's solves.
+    result = sensitivity.forward(system, q, params, "alpha", observe, rattler)
+    fd = reference.directional(unit(params, "alpha"), observe=observe)
+    # As for the moduli (tests/test_observables.py): CG error amplified by 1/(2h), bound 1e-5.
+    assert_close(result.values["poisson_ratio"], fd["poisson_ratio"], rtol=1e-5, what="dnu/dalpha")
+
+
+@pytest.mark.slow
+def test_poisson_ratio_reverse_gradient(poly16):
+    """dν/dθ for every parameter in one reverse pass, along a random direction."""
+    system, q, params, rattler, reference = poly16
+    observe = {"poisson_ratio": observables.poisson_ratio}
+    grad, _ = sensitivity.gradient(system, q, params, observables.poisson_ratio, rattler)
+    rng = np.random.default_rng(5)
+    direction = {k: jnp.asarray(rng.normal(size=np.shape(v))) for k, v in params.items()}
+    predicted = sum(float(jnp.sum(grad[k] * direction[k])) for k in params)
+    expected = reference.directional(direction, observe=observe)["poisson_ratio"]
+    assert_close(predicted, expected, rtol=1e-5, what="reverse dnu")
+
+
+def _shared_run(tmp_path_factory, worker_id, name, args):
+    """Run ``mdsens`` once per test session, shared by the xdist workers
+    (the second-order programs take tens of seconds to compile)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent
+    out, log = root / f"{name}.h5", root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not log.exists():
+            result = cli.invoke(app, [*args, "-o", str(out)])
+            log.write_text(json.dumps({"exit_code": result.exit_code, "stdout": result.stdout,
+                                       "output": result.output}))
+    return json.loads(log.read_text()), out
+
+
+@pytest.fixture
+def pressure_run(tmp_path_factory, worker_id):
+    return _shared_run(tmp_path_factory, worker_id, "design-pressure", DESIGN_PRESSURE)
+
+
+@pytest.fixture
+def nu_run(tmp_path_factory, worker_id):
+    return _shared_run(tmp_path_factory, worker_id, "design-nu", DESIGN_NU)
+
+
+def _check_file(run, target_name, target):
+    result, out = run
+    assert result["exit_code"] == 0, result["output"]
+    summary = json.loads(result["stdout"])
+    record = io.read(out)
+    trajectory = record["design"]
+    k = summary["steps"]
+    assert k == 5
+    assert trajectory["loss"].shape == (k,)
+    assert trajectory["diameter"].shape == (k, 16)
+    values = trajectory["observables"][target_name]
+    assert values.shape == (k,)
+    # The loss is the squared relative error (recomputed here from the recorded values).
+    assert_close(trajectory["loss"], ((values - target) / target) ** 2, rtol=1e-12)
+    assert trajectory["loss"][-1] < 0.5 * trajectory["loss"][0]
+    # The final packing is the last row of the trajectory.
+    assert_close(record["parameters"]["diameter"], trajectory["diameter"][-1], rtol=0)
+    assert float(record["observables"][target_name]) == values[-1]
+    # φ held: the box follows Σ(π D²/4)/φ, computed here from the recorded diameters.
+    phi = np.sum(np.pi * trajectory["diameter"] ** 2 / 4, axis=1) / np.prod(trajectory["box"], axis=1)
+    assert_close(phi, np.full(k, 0.9), rtol=1e-12)
+    attrs = trajectory["attrs"]
+    # Compile once: one loss program and one relaxation system for the whole design.
+    assert attrs["compiles"] == {"loss": 1, "relax_system": 1}
+    assert summary["contact_changes"] == attrs["contact_changes"] >= 0
+    # The gradient checks: every 10th step (here step 0) and the last, all passing.
+    checks = trajectory["fd_check"]
+    assert list(checks["step"]) == [0, k - 1]
+    assert np.all(checks["passed"]) and np.all(checks["relative_error"] < design.FD_RTOL)
+    assert np.all(np.abs(checks["directional"]) > 0)
+    return record
+
+
+def _independent_gradient_check(out, name, target):
+    """The recorded dℒ/dD at the final state along a random direction v, against
+    central differences (Newton re-relaxation, tests/helpers.Reference) of
+    ℒ = ((O − t)/t)² with the box moved as φ requires:
+    dL = L (Σ dv_i)/(d Σ v_i), v_i = π D_i²/4."""
+    record = io.read(out)
+    system = systems.get("from_file").build(path=str(out))
+    params = {k: jnp.asarray(v) for k, v in system.params.items()}
+    q = system.to_solver(jnp.asarray(record["positions"]), params)
+    reference = Reference(system, q, params, observables.rattlers(system, q, params))
+    v = np.random.default_rng(11).normal(size=16)
+    d, box = np.asarray(params["diameter"]), np.asarray(params["box"])
+    d_box = box * np.sum(np.pi * d * v / 2) / (2 * np.sum(np.pi * d**2 / 4))
+    fd = reference.directional({"diameter": jnp.asarray(v), "box": jnp.asarray(d_box)},
+                               observe={name: observables.OBSERVABLES[name]})[name]
+    value = float(record["observables"][name])
+    expected = 2 * (value - target) / target**2 * fd
+    predicted = float(np.sum(record["design"]["gradient"]["diameter"] * v))
+    return predicted, expected
+
+
+def _relax_again(out, names):
+    """The final state re-built from the file and relaxed again reproduces the
+    file's observables (it is a minimum: the relaxation barely moves it)."""
+    record = io.read(out)
+    system = systems.get("from_file").build(path=str(out))
+    params = {k: jnp.asarray(v) for k, v in system.params.items()}
+    q, info = sensitivity.relax(system, params, ftol=1e-10)
+    assert bool(info.converged)
+    for name in names:
+        again = jax.jit(lambda q_, p_, f=observables.OBSERVABLES[name]: f(system, q_, p_))(q, params)
+        assert float(again) == pytest.approx(float(record["observables"][name]), rel=1e-8), name
+
+
+def test_design_pressure_file_trajectory_and_checks(pressure_run):
+    _check_file(pressure_run, "pressure", 0.05)
+
+
+def test_design_pressure_gradient_against_finite_differences(pressure_run):
+    predicted, expected = _independent_gradient_check(pressure_run[1], "pressure", 0.05)
+    # Pressure needs no inner solve: FD error O(h²) + round-off/h, ~1e-9 measured scale; 1e-6 bound.
+    assert_close(predicted, expected, rtol=1e-6)
+
+
+def test_design_pressure_final_state_relaxes_to_the_reported_observables(pressure_run):
+    _relax_again(pressure_run[1], ["pressure", "energy"])
+
+
+@pytest.mark.slow
+def test_design_poisson_ratio(nu_run):
+    """ν of 16 disks from 0.63 towards 0.55: the file, the recorded checks, the
+    final gradient against independent differences, and `mdsens run` on the file."""
+    record = _check_file(nu_run, "poisson_ratio", 0.55)
+    predicted, expected = _independent_gradient_check(nu_run[1], "poisson_ratio", 0.55)
+    # The moduli's CG error amplified by 1/(2h): bound 1e-5 as in test_observables.
+    assert_close(predicted, expected, rtol=1e-5)
+    rerun = nu_run[1].parent / "design-nu-rerun.h5"
+    result = cli.invoke(app, ["run", "from_file", "--set", f"path={nu_run[1]}", "--observe", "poisson_ratio",
+                              "--wrt", "epsilon", "-o", str(rerun), "--json", "--force"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["poisson_ratio"] == pytest.approx(
+        float(record["observables"]["poisson_ratio"]), rel=1e-8)
+
+
+def test_design_compiles_once_in_python():
+    """Steps 2+ compile nothing: the relaxation's cache holds one table and one
+    chunk program for the design's system, and the loss program is compiled once."""
+    job = Job(system="polydisperse", overrides={"n": "16"}, seed=3)
+    result = design.run(design.Design(job=job, targets={"pressure": 0.05}, vary=["diameter"], steps=4, lr=0.01,
+                                      keep="phi", fd_every=100))
+    assert result.compiles == {"loss": 1, "relax_system": 1}
+    programs = relax._CACHE[result.relax_system]
+    assert len(programs) == 1
+    (entries,) = programs.values()
+    assert len(entries) == 1 and len(entries[0][1].executables) == 1
+    losses = [s.loss for s in result.history]
+    assert losses[-1] < losses[0]
+    # The physical box moved with the diameters; the relaxation's never did.
+    assert not np.allclose(result.final.params["box"], result.history[0].params["box"], rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "nonsense=1", "--vary", "diameter"], "unknown observable"),
+    (["--target", "stress=1", "--vary", "diameter"], "scalar"),
+    (["--target", "pressure=abc", "--vary", "diameter"], "not a number"),
+    (["--target", "pressure=1", "--vary", "nope"], "no parameter"),
+    (["--target", "pressure=1", "--vary", "diameter", "--bound", "diameter=2,3"], "excludes the starting value"),
+    (["--target", "pressure=1", "--vary", "diameter", "--steps", "0"], "--steps"),
+    (["--target", "pressure=1", "--vary", "diameter", "--lr", "-1"], "--lr"),
+    (["--target", "pressure=1", "--vary", "diameter", "--optimizer", "lbfgs"], "optimizer"),
+    (["--target", "pressure=1"], "--vary"),
+    (["--vary", "diameter"], "nothing to design"),
+    (["--target", "pressure=1", "--vary", "diameter", "--keep", "pressure"], "--keep"),
+])
+def test_bad_input_exits_2_without_a_file(tmp_path, args, message):
+    out = tmp_path / "bad.h5"
+    result = cli.invoke(app, ["design", "polydisperse", "--set", "n=16", *args, "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    out = tmp_path / "exists.h5"
+    out.write_bytes(b"keep")
+    result = cli.invoke(app, ["design", "--target", "pressure=1", "--vary", "diameter", "-o", str(out)])
+    assert result.exit_code == 2 and "--force" in result.output
+    assert out.read_bytes() == b"keep"
+
+
+def test_keep_phi_box_formula():
+    """physical_fn's box for keep=phi against the closed form, in 3D too."""
+    system = systems.get("polydisperse").build(n=8, dim=3, phi=0.5, spread=0.2, seed=0)
+    plan = design.prepare(design.Design(job=Job(system="polydisperse", overrides={"n": "8", "dim": "3", "phi": "0.5"}),
+                                        targets={"pressure": 1.0}, vary=["diameter"], keep="phi"))
+    new = np.asarray(plan.base["diameter"]) * np.linspace(0.9, 1.2, 8)
+    box = np.asarray(design.physical_fn(plan)({"diameter": jnp.asarray(new)})["box"])
+    volume = np.sum(4 / 3 * math.pi * (new / 2) ** 3) / 0.5
+    assert_close(box, np.full(3, volume ** (1 / 3)), rtol=1e-13)
+    assert system.n == 8
