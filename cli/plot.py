@@ -26,6 +26,12 @@ def plot(
     with errors():
         if output.exists() and not force:
             fail(f"{output} exists; pass --force to overwrite it, or -o another path", EXIT_USAGE)
+        from mdsens import ensemble_io
+
+        if ensemble_io.is_ensemble(file):  # observables and derivatives against the swept key
+            ensemble_io.plot(ensemble_io.read(file), output)
+            log(f"wrote {output}", quiet)
+            return
         record = io.read(file)
         try:
             _plot.plot(record, output, wrt)

@@ -133,7 +133,18 @@ def show(
     """Summarise a file: system, convergence, observables, sensitivities, how it was made."""
     from mdsens import io
 
+    from mdsens import ensemble_io
+
     with errors():
+        if ensemble_io.is_ensemble(file):  # mdsens ensemble: statistics per sweep value
+            data = ensemble_io.read(file)
+            if as_json:
+                print(json.dumps({"ensemble": {"members": int(len(data["seed"])),
+                                               "converged": int(data["converged"].sum()),
+                                               "groups": ensemble_io.statistics(data)}}))
+            else:
+                print(ensemble_io.render(data, str(file)))
+            return
         summary = summarize(io.read(file), top)
         if as_json:
             print(json.dumps(summary))

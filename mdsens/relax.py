@@ -211,13 +211,26 @@ class Table:
         strides = np.cumprod([1] + list(grid[:0:-1]))[::-1]
         return (around @ strides).astype(np.int32)
 
-    def _cell_of(self, x: Array) -> Array:
+    def _box(self, box: Array | None) -> Array:
+        """The box of a build: the table's own (a compile-time constant), or
+        ``box`` — a traced per-member box of an ensemble batch (:mod:`mdsens.ensemble`),
+        at least as large as the table's own in every direction, so that its
+        cells (``box / grid``) still span ``cutoff + skin``."""
+        return jnp.asarray(self.box) if box is None else box
+
+    def _wrap(self, dr: Array, box: Array | None) -> Array:
+        if not self.periodic:
+            return dr
+        box = self._box(box)
+        return dr - box * jnp.round(dr / box)
+
+    def _cell_of(self, x: Array, box: Array | None = None) -> Array:
         grid = jnp.asarray(self.grid)
-        c = jnp.clip(jnp.floor(x / jnp.asarray(self.box) * grid).astype(jnp.int32), 0, grid - 1)
+        c = jnp.clip(jnp.floor(x / self._box(box) * grid).astype(jnp.int32), 0, grid - 1)
         strides = np.cumprod([1] + list(self.grid[:0:-1]))[::-1].astype(np.int32)
         return c @ jnp.asarray(strides)
 
-    def _candidates(self, x: Array, cell_capacity: int) -> tuple[Array, Array, Array]:
+    def _candidates(self, x: Array, cell_capacity: int, box: Array | None = None) -> tuple[Array, Array, Array]:
         """(N, width) candidate neighbors (padded with N), the cells, and
         whether some cell held more than ``cell_capacity`` particles."""
         n = self.n
@@ -227,7 +240,7 @@ class Table:
             return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (n, n)), jnp.zeros((0, 0), jnp.int32), \
                 jnp.zeros((), bool)
         n_cells = int(np.prod(self.grid))
-        cell = self._cell_of(x)
+        cell = self._cell_of(x, box)
         order = jnp.argsort(cell)
         sorted_cell = cell[order]
         counts = jnp.zeros(n_cells, jnp.int32).at[cell].add(1)
@@ -238,18 +251,15 @@ class Table:
         around = jnp.asarray(self.neighbor_cells)[cell]  # (N, 3^d)
         return cells[around].reshape(n, -1), cells, jnp.max(counts) > cell_capacity
 
-    def build(self, x: Array, capacity: int, cell_capacity: int) -> Neighbors:
+    def build(self, x: Array, capacity: int, cell_capacity: int, box: Array | None = None) -> Neighbors:
         """The table at ``x`` with ``capacity`` entries per particle (jittable)."""
         n = self.n
-        cand, cells, cell_overflow = self._candidates(x, cell_capacity)
+        cand, cells, cell_overflow = self._candidates(x, cell_capacity, box)
         if self.static:
             return Neighbors(cand, x, cells, cell_overflow)
         rows = jnp.arange(n, dtype=jnp.int32)[:, None]
         safe = jnp.where(cand < n, cand, rows)
-        dr = x[:, None, :] - x[safe]
-        if self.periodic:
-            box = jnp.asarray(self.box)
-            dr = dr - box * jnp.round(dr / box)
+        dr = self._wrap(x[:, None, :] - x[safe], box)
         near = (cand < n) & (cand != rows) & (jnp.sum(dr * dr, axis=-1) < self.reach**2)
         count = jnp.sum(near, axis=1)
         # Compaction: the near candidates first (sorted by index; a row sort was
@@ -305,26 +315,20 @@ class Table:
         return Neighbors(jnp.full((n, capacity), n, jnp.int32), x, jnp.full(cells, n, jnp.int32),
                          jnp.zeros((), bool))
 
-    def count(self, x: Array, cell_capacity: int) -> Array:
+    def count(self, x: Array, cell_capacity: int, box: Array | None = None) -> Array:
         """The most neighbors any particle has at ``x`` (jittable)."""
         n = self.n
-        cand, _, _ = self._candidates(x, cell_capacity)
+        cand, _, _ = self._candidates(x, cell_capacity, box)
         rows = jnp.arange(n, dtype=jnp.int32)[:, None]
-        dr = x[:, None, :] - x[jnp.where(cand < n, cand, rows)]
-        if self.periodic:
-            box = jnp.asarray(self.box)
-            dr = dr - box * jnp.round(dr / box)
+        dr = self._wrap(x[:, None, :] - x[jnp.where(cand < n, cand, rows)], box)
         near = (cand < n) & (cand != rows) & (jnp.sum(dr * dr, axis=-1) < self.reach**2)
         return jnp.max(jnp.sum(near, axis=1))
 
-    def moved(self, x: Array, nbrs: Neighbors) -> Array:
+    def moved(self, x: Array, nbrs: Neighbors, box: Array | None = None) -> Array:
         """Whether some particle moved more than ``skin / 2`` since the table's build."""
         if self.static:
             return jnp.zeros((), bool)
-        dx = x - nbrs.reference
-        if self.periodic:
-            box = jnp.asarray(self.box)
-            dx = dx - box * jnp.round(dx / box)
+        dx = self._wrap(x - nbrs.reference, box)
         return jnp.max(jnp.sum(dx * dx, axis=-1)) > (0.5 * self.skin) ** 2
 
 
