@@ -20,6 +20,7 @@ from mdsens.cli import design as _design  # noqa: F401  (registers `design`)
 from mdsens.cli import export as _export  # noqa: F401  (registers `export`)
 from mdsens.cli import plot as _plot  # noqa: F401  (registers `plot`)
 from mdsens.cli import show as _show  # noqa: F401  (registers `show`)
+from mdsens.cli import ensemble as _ensemble  # noqa: F401  (registers `ensemble`)
 
 
 def main() -> None:
