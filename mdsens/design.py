@@ -87,7 +87,7 @@ class Design:
     keep: str | None = None
     observe: list[str] = field(default_factory=list)  # recorded every step, not in the loss
     tol: float | None = None  # stop once every target is within this relative error
-    fd_every: int = 10
+    fd_every: int | None = 10  # None: no finite-difference checks (Python only)
     fd_h: float = 1e-5
     max_retries: int = 6
 
@@ -294,7 +294,7 @@ def prepare(design: Design) -> Plan:
         raise UsageError(f"--keep {d.keep!r}: choose {' or '.join(KEEP)} (fixed pressure is not available yet)")
     if d.tol is not None and not d.tol > 0:
         raise UsageError(f"--tol must be positive, got {d.tol}")
-    if d.fd_every <= 0:
+    if d.fd_every is not None and d.fd_every <= 0:
         raise UsageError(f"the finite-difference check interval must be positive, got {d.fd_every}")
     loss_names = [*d.targets, *d.minimize, *d.maximize]
     if len(set(loss_names)) != len(loss_names):
@@ -339,7 +339,7 @@ def prepare(design: Design) -> Plan:
         if "box" in d.vary:
             raise UsageError("--keep phi sets the box from the diameters: do not --vary box")
         _check_scale_free(system, params)
-        phi = float(packing_fraction(system, params))
+        phi = float(jax.jit(lambda p: packing_fraction(system, p))(params))
     return Plan(design, system, names, bounds, params, phi)
 
 
@@ -348,7 +348,8 @@ def _check_scale_free(system: System, params: Params) -> None:
     energy must be unchanged when every length (diameters, box) scales."""
     q = system.to_solver(jnp.asarray(system.positions), params)
     scaled = {**params, "diameter": 1.1 * params["diameter"], "box": 1.1 * params["box"]}
-    e0, e1 = float(system.energy(q, params)), float(system.energy(q, scaled))
+    energy = jax.jit(system.energy)
+    e0, e1 = float(energy(q, params)), float(energy(q, scaled))
     if not abs(e1 - e0) <= 1e-10 * max(abs(e0), 1e-300):
         raise UsageError(f"--keep phi: {system.name!r}'s energy is not a function of r/diameter alone")
 
@@ -464,6 +465,7 @@ class _Runner:
         self.plan = plan
         self.job = plan.design.job
         self.physical = physical_fn(plan)
+        self.parameters = jax.jit(self._parameters)
         self.program = jax.jit(loss_program(plan))
         self.executables: dict[Any, Callable] = {}
         self.capacity = 0
@@ -471,18 +473,23 @@ class _Runner:
         self.compile_s = 0.0  # loss programs and relaxations
         self.relax_sys = None
         self.ceiling = 0.0
-        self.neighbor = _job.use_neighbor_list(self.job, plan.system)
 
-    def relax_frame(self, params: Params) -> Params:
-        """The parameters the relaxation sees: with keep="phi", the starting
-        box and the diameters scaled by L₀/L (same minimum, same q)."""
-        if self.plan.phi is None:
-            return params
-        scale = float(params["box"][0] / self.plan.base["box"][0])
-        return {**params, "diameter": params["diameter"] / scale, "box": self.plan.base["box"]}
+    def _parameters(self, theta: dict[str, Array]) -> tuple[Params, Params, Array, Array]:
+        """θ → (every parameter, the parameters the relaxation sees, the
+        latter's interaction range, whether the range fits the minimum image).
+        With keep="phi" the relaxation sees the starting box and the diameters
+        scaled by L₀/L: the same minimum in the same q. One compiled program,
+        not a dozen small ones."""
+        system = self.plan.system
+        params = self.physical(theta)
+        frame = params
+        if self.plan.phi is not None:
+            scale = params["box"][0] / self.plan.base["box"][0]
+            frame = {**params, "diameter": params["diameter"] / scale, "box": self.plan.base["box"]}
+        fits = system.cutoff(params) < 0.5 * jnp.min(params["box"]) if system.periodic else jnp.asarray(True)
+        return params, frame, system.cutoff(frame), fits
 
-    def _relax_system(self, params: Params) -> System:
-        cutoff = float(self.plan.system.cutoff(params))
+    def _relax_system(self, cutoff: float) -> System:
         if self.relax_sys is None or (math.isfinite(cutoff) and cutoff > self.ceiling):
             ceiling = CUTOFF_HEADROOM * cutoff if math.isfinite(cutoff) else cutoff
             self.ceiling = ceiling
@@ -491,16 +498,21 @@ class _Runner:
             self.compiles["relax_system"] += 1
         return self.relax_sys
 
-    def relax(self, params: Params, q0: Array | None) -> tuple[Array, Any, Array | None, float]:
-        frame = self.relax_frame(params)
-        system = self._relax_system(frame)
-        x0 = None if q0 is None else system.to_real(q0, frame)
+    def relax(self, theta: dict[str, Array], q0: Array | None):
+        """Relax at θ from ``q0`` (None: the initial positions). Returns
+        ``(params, q*, info, pairs, relax_s)``, or None where the interaction
+        range would exceed half the box (the minimum image)."""
+        params, frame, cutoff, fits = self.parameters(theta)
+        if not bool(fits):
+            return None
+        system = self._relax_system(float(cutoff))
+        x0 = None if q0 is None else q0 * frame["box"] if system.periodic else q0
         t = time.perf_counter()
         q, info, compile_s, pairs, _ = _job.relax_system(self.job, system, frame, x0=x0)
         self.compile_s += compile_s
         if pairs is not None:
             pairs = self._pad(np.asarray(pairs))
-        return q, info, pairs, time.perf_counter() - t - compile_s
+        return params, q, info, pairs, time.perf_counter() - t - compile_s
 
     def _pad(self, pairs: np.ndarray) -> Array:
         m = pairs.shape[1]
@@ -535,12 +547,6 @@ def _project(theta: dict[str, Array], bounds: dict[str, tuple[float, float]]) ->
     return {k: jnp.clip(v, *bounds[k]) if k in bounds else v for k, v in theta.items()}
 
 
-def _within_minimum_image(plan: Plan, params: Params) -> bool:
-    if not plan.system.periodic:
-        return True
-    return float(plan.system.cutoff(params)) < 0.5 * float(jnp.min(params["box"]))
-
-
 def _reached(design: Design, values: dict[str, Any]) -> bool:
     if design.tol is None or not design.targets:
         return False
@@ -563,15 +569,21 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
     factory = getattr(optax, design.optimizer)
     optimizer = optax.inject_hyperparams(factory)(learning_rate=design.lr)
     opt_state = optimizer.init(theta)
-    update = jax.jit(optimizer.update)
+
+    @jax.jit
+    def update(grads, state, theta_, lr_):
+        state = state._replace(hyperparams={**state.hyperparams, "learning_rate": lr_})
+        updates, state = optimizer.update(grads, state, theta_)
+        return _project(optax.apply_updates(theta_, updates), plan.bounds), state
+
     rng = np.random.default_rng(design.job.seed)
     timings = {"relax_s": 0.0, "loss_s": 0.0, "fd_check_s": 0.0}
 
     def attempt(theta_: dict[str, Array], q0: Array | None, lr: float) -> Step | None:
-        params = runner.physical(theta_)
-        if not _within_minimum_image(plan, params):
+        relaxed = runner.relax(theta_, q0)
+        if relaxed is None:
             return None
-        q, info, pairs, relax_s = runner.relax(params, q0)
+        params, q, info, pairs, relax_s = relaxed
         timings["relax_s"] += relax_s
         if not bool(info.converged):
             return Step({}, {}, q, math.nan, {}, {}, np.zeros(0), set(), info, None, lr, relax_s, 0.0, pairs)
@@ -609,16 +621,13 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
             stopped = "tol"
             break
         current = history[-1]
-        if (k - 1) % design.fd_every == 0:
+        if design.fd_every is not None and (k - 1) % design.fd_every == 0:
             check(k - 1)
         grads = {name: jnp.asarray(current.grad[name]) for name in design.vary}
         theta_now = {name: jnp.asarray(current.theta[name]) for name in design.vary}
         note, accepted = "", None
         for retry in range(design.max_retries + 1):
-            state = opt_state._replace(hyperparams={**opt_state.hyperparams,
-                                                    "learning_rate": jnp.asarray(lr, jnp.result_type(float))})
-            updates, new_state = update(grads, state, theta_now)
-            trial = _project(optax.apply_updates(theta_now, updates), plan.bounds)
+            trial, new_state = update(grads, opt_state, theta_now, jnp.asarray(lr, jnp.result_type(float)))
             step = attempt(trial, current.q, lr)
             failed = step is None or step.solve is None
             jumped = not failed and step.loss - current.loss > JUMP * abs(current.loss) + floor
@@ -643,7 +652,7 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
     else:
         if _reached(design, history[-1].values):
             stopped = "tol"
-    if converged and not (checks and int(checks[-1]["step"]) == len(history) - 1):
+    if design.fd_every is not None and converged and not (checks and int(checks[-1]["step"]) == len(history) - 1):
         check(len(history) - 1)
     timings["compile_s"] = runner.compile_s
     timings["total_s"] = time.perf_counter() - wall
@@ -665,8 +674,11 @@ def fd_check(runner: _Runner, step: Step, rng: np.random.Generator, h: float, k:
     losses = []
     for sign in (+1.0, -1.0):
         theta = {name: jnp.asarray(step.theta[name] + sign * h * v[name]) for name in names}
-        params = runner.physical(theta)
-        q, info, pairs, _ = runner.relax(params, step.q)
+        relaxed = runner.relax(theta, step.q)
+        if relaxed is None:
+            return {"step": k, "h": h, "directional": directional, "finite_difference": math.nan,
+                    "relative_error": math.inf, "passed": False}
+        params, q, info, pairs, _ = relaxed
         q = runner.polish(q, params, jnp.asarray(step.rattler))
         losses.append(float(runner.evaluate(q, theta, pairs)[0]))
     fd = (losses[0] - losses[1]) / (2 * h)
