@@ -37,7 +37,10 @@ def _human_summary(result, output: Path) -> str:
         target = f"  (target {s['targets'][name]:g})" if name in s["targets"] else ""
         lines.append(f"  {name:<14s} {v['start']:.8g} -> {v['final']:.8g}{target}")
     lines.append(f"contact changes {s['contact_changes']}, rejected steps {s['rejections']}, "
-                 f"compiles {s['compiles']}")
+                 f"loss jumps {s['jumps']}, compiles {s['compiles']}")
+    best = s["best"]
+    lines.append(f"lowest loss {best['loss']:.6g} at step {best['step']}: "
+                 + ", ".join(f"{n} {best[n]:.8g}" for n in s["observables"]))
     for c in s["fd_check"]:
         lines.append(f"  fd check step {int(c['step'])}: gradient·v {c['directional']:.8e}, "
                      f"finite difference {c['finite_difference']:.8e}, relative error {c['relative_error']:.1e}"

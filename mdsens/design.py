@@ -25,10 +25,13 @@ diameter outgrows the ceiling or the pairs their capacity (counted in
 ``compiles``).
 
 Contact changes make ℒ piecewise smooth. The contact network is compared
-between accepted steps and its changes counted; a step whose loss jumps
-(rises by more than ``JUMP`` × |ℒ| plus a small floor) or whose relaxation
-fails is rejected and retried with half the learning rate, which then
-recovers by ``RECOVER`` per accepted step.
+between accepted steps and its changes counted. A step whose loss jumps
+(rises by more than ``JUMP`` × |ℒ| plus a small floor) within one contact
+network, or whose relaxation fails, is rejected and retried with half the
+learning rate; a jump across a contact change is the loss's discontinuity
+and is accepted (rejecting it pinned designs to the edge of a branch, with
+the rate falling to 1e-17), the rate halved. The rate recovers by
+``RECOVER`` per smooth step, and never falls below lr·2^−max_retries.
 
 Correctness is checked as it goes: every ``fd_every``-th step and the last,
 the gradient along a random unit direction against central differences of
@@ -131,6 +134,7 @@ class DesignResult:
     fd_checks: list[dict[str, float]]
     contact_changes: int
     rejections: int
+    jumps: int  # accepted steps whose loss jumped (across a contact change, or after every retry)
     compiles: dict[str, int]
     converged: bool  # every relaxation converged
     stopped: str  # why the loop ended
@@ -140,6 +144,11 @@ class DesignResult:
     @property
     def final(self) -> Step:
         return self.history[-1]
+
+    @property
+    def best(self) -> int:
+        """The row of the lowest loss."""
+        return int(np.argmin([s.loss for s in self.history]))
 
     def record(self) -> dict[str, Any]:
         """The run-file record of the final packing (:func:`mdsens.io.write`)
@@ -184,7 +193,8 @@ class DesignResult:
                 "bounds": {k: list(v) for k, v in self.plan.bounds.items()}, "keep": d.keep or "",
                 "phi": self.plan.phi if self.plan.phi is not None else "", "steps": len(self.history),
                 "steps_requested": d.steps, "tol": d.tol if d.tol is not None else "",
-                "contact_changes": self.contact_changes, "rejections": self.rejections,
+                "contact_changes": self.contact_changes, "rejections": self.rejections, "jumps": self.jumps,
+                "best_step": self.best, "best_loss": self.history[self.best].loss,
                 "fd_checks": len(self.fd_checks), "fd_failed": len(failed), "converged": self.converged,
                 "stopped": self.stopped, "compiles": dict(self.compiles), "jump": JUMP, "fd_rtol": FD_RTOL}
 
@@ -221,7 +231,9 @@ class DesignResult:
             "observables": {name: {"start": float(first.values[name]), "final": float(last.values[name])}
                             for name in self.plan.names},
             "targets": dict(self.plan.design.targets),
-            "contact_changes": self.contact_changes, "rejections": self.rejections,
+            "contact_changes": self.contact_changes, "rejections": self.rejections, "jumps": self.jumps,
+            "best": {"step": self.best, "loss": self.history[self.best].loss,
+                     **{name: float(self.history[self.best].values[name]) for name in self.plan.names}},
             "fd_check": [{k: (bool(v) if k == "passed" else float(v)) for k, v in c.items()} for c in self.fd_checks],
             "compiles": dict(self.compiles), "timings": dict(self.timings),
         }
@@ -598,7 +610,7 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
 
     history: list[Step] = []
     checks: list[dict[str, float]] = []
-    contact_changes = rejections = 0
+    contact_changes = rejections = jumps = 0
     lr = design.lr
     first = attempt(theta, None, lr)
     if first is None or first.solve is None:
@@ -626,23 +638,29 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
         grads = {name: jnp.asarray(current.grad[name]) for name in design.vary}
         theta_now = {name: jnp.asarray(current.theta[name]) for name in design.vary}
         note, accepted = "", None
+        lowest = design.lr * 0.5**design.max_retries
         for retry in range(design.max_retries + 1):
             trial, new_state = update(grads, opt_state, theta_now, jnp.asarray(lr, jnp.result_type(float)))
             step = attempt(trial, current.q, lr)
             failed = step is None or step.solve is None
             jumped = not failed and step.loss - current.loss > JUMP * abs(current.loss) + floor
-            if not failed and (not jumped or retry == design.max_retries):
+            crossed = not failed and step.contacts != current.contacts
+            # A jump across a contact change is the loss's discontinuity, not too
+            # long a step: rejecting it would pin the design to the edge of the
+            # branch it is on. Accept it and slow down; reject a jump within one
+            # branch (or a failed relaxation) and retry with half the step.
+            if not failed and (not jumped or crossed or retry == design.max_retries or lr <= lowest):
                 accepted, opt_state = step, new_state
                 if jumped:
-                    note = "jump accepted after retries"
+                    jumps += 1
+                    note = "loss jumped across a contact change" if crossed else "jump accepted after retries"
                 break
             rejections += 1
-            lr *= 0.5
+            lr = max(lr * 0.5, lowest) if not failed else lr * 0.5
         if accepted is None:
             stopped, converged = f"relaxation failed at step {k} even at learning rate {lr:g}", False
             break
-        if not jumped:
-            lr = min(lr * RECOVER, design.lr)
+        lr = max(lr * 0.5, lowest) if jumped else min(lr * RECOVER, design.lr)
         if accepted.contacts != current.contacts:
             contact_changes += 1
             note = (note + "; " if note else "") + "contacts changed"
@@ -656,7 +674,7 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
         check(len(history) - 1)
     timings["compile_s"] = runner.compile_s
     timings["total_s"] = time.perf_counter() - wall
-    return DesignResult(plan, history, checks, contact_changes, rejections, dict(runner.compiles), converged,
+    return DesignResult(plan, history, checks, contact_changes, rejections, jumps, dict(runner.compiles), converged,
                         stopped, timings, runner.relax_sys)
 
 
