@@ -19,7 +19,8 @@ def plot(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing image."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No log line."),
 ) -> None:
-    """Draw the packing to scale with arrows for dx*/dθ, and the distribution of |dx_i*/dθ|."""
+    """Draw the packing to scale with arrows for dx*/dθ, and the distribution of |dx_i*/dθ|;
+    for a design file, the observables and the loss against the step and the diameters' changes."""
     from mdsens import io
     from mdsens import plot as _plot
 

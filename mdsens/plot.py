@@ -178,11 +178,84 @@ def figure(record: Mapping[str, Any], wrt: str | None = None, slab: float | None
     return fig
 
 
+def design_figure(record: Mapping[str, Any]):
+    """A design file (``mdsens design``): the observables and the loss against the
+    step (targets dashed, steps where the contact network changed marked on the
+    loss), and the final packing coloured by each diameter's relative change."""
+    import matplotlib
+
+    if os.environ.get("MPLBACKEND") is None and not os.environ.get("DISPLAY"):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Circle, Rectangle
+
+    design = record["design"]
+    attrs = design.get("attrs", {})
+    targets = attrs.get("targets", {}) or {}
+    loss = np.asarray(design["loss"], dtype=float)
+    steps = np.arange(loss.size)
+    has_diameters = "diameter" in design and np.ndim(design["diameter"]) == 2 \
+        and np.shape(design["diameter"])[1] == np.shape(record["positions"])[0]
+    panels = 3 if has_diameters and np.shape(record["positions"])[1] == 2 else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.6))
+    for k, (name, values) in enumerate(design.get("observables", {}).items()):
+        colour = _COLOURS[k % len(_COLOURS)]
+        axes[0].plot(steps, np.asarray(values, dtype=float), color=colour, label=name)
+        if name in targets:
+            axes[0].axhline(float(targets[name]), color=colour, linestyle="--", linewidth=1,
+                            label=f"target {float(targets[name]):g}")
+    axes[0].set_xlabel("design step")
+    axes[0].set_ylabel("observable")
+    axes[0].legend(fontsize=8)
+    if np.all(loss > 0):
+        axes[1].semilogy(steps, loss, color="k")
+    else:
+        axes[1].plot(steps, loss, color="k")
+    axes[1].set_xlabel("design step")
+    axes[1].set_ylabel("loss")
+    checks = design.get("fd_check", {})
+    passed = np.asarray(checks.get("passed", []), dtype=bool)
+    axes[1].set_title(f"contact changes {attrs.get('contact_changes', '?')}, gradient checks passed "
+                      f"{int(passed.sum())}/{passed.size}", fontsize=10)
+    if panels == 3:
+        ax = axes[2]
+        d0 = np.asarray(design["diameter"][0], dtype=float)
+        d1 = np.asarray(design["diameter"][-1], dtype=float)
+        change = d1 / d0 - 1
+        x = np.asarray(record["positions"], dtype=float)
+        box = None if record["box"] is None else np.asarray(record["box"], dtype=float)
+        centres, index = _images(x, d1 / 2, box)
+        limit = float(np.max(np.abs(change))) or 1.0
+        disks = PatchCollection([Circle(c, d1[i] / 2) for c, i in zip(centres, index)], cmap="coolwarm",
+                                edgecolor="k", linewidth=0.4)
+        disks.set_array(change[index])
+        disks.set_clim(-limit, limit)
+        ax.add_collection(disks)
+        if box is not None:
+            frame = ax.add_patch(Rectangle((0, 0), box[0], box[1], fill=False, edgecolor="k", linewidth=1.2))
+            disks.set_clip_path(frame)
+            ax.set_xlim(-0.05 * box[0], 1.05 * box[0])
+            ax.set_ylim(-0.05 * box[1], 1.05 * box[1])
+        else:
+            ax.set_xlim(x[:, 0].min() - 1, x[:, 0].max() + 1)
+            ax.set_ylim(x[:, 1].min() - 1, x[:, 1].max() + 1)
+        ax.set_aspect("equal")
+        fig.colorbar(disks, ax=ax, label="D_final / D_start − 1", shrink=0.8)
+        ax.set_title("final packing", fontsize=10)
+    meta = record.get("meta", {})
+    fig.suptitle(f"{meta.get('system', '')}: design, {loss.size} steps, loss {loss[0]:.3g} → {loss[-1]:.3g}",
+                 fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
 def plot(record: Mapping[str, Any], output: str | os.PathLike, wrt: str | None = None, dpi: int = 150) -> None:
-    """Draw :func:`figure` and save it to ``output`` (format from the suffix)."""
+    """Draw :func:`figure` (or :func:`design_figure` for a design file, unless
+    ``wrt`` asks for a sensitivity field) and save it to ``output``."""
     import matplotlib.pyplot as plt
 
-    fig = figure(record, wrt)
+    fig = design_figure(record) if record.get("design") and wrt is None else figure(record, wrt)
     try:
         fig.savefig(output, dpi=dpi)
     finally:

@@ -267,3 +267,10 @@ def test_keep_phi_box_formula():
     box = np.asarray(design.physical_fn(plan)({"diameter": jnp.asarray(new)})["box"])
     volume = np.sum(4 / 3 * math.pi * (new / 2) ** 3) / 0.3
     assert_close(box, np.full(3, volume ** (1 / 3)), rtol=1e-13)
+
+
+def test_plot_draws_a_design_file(pressure_run, tmp_path):
+    image = tmp_path / "design.png"
+    result = cli.invoke(app, ["plot", str(pressure_run[1]), "-o", str(image)])
+    assert result.exit_code == 0, result.output
+    assert image.stat().st_size > 10_000
