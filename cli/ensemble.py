@@ -140,6 +140,9 @@ def _distributed(coordinator: Optional[str], num_processes: Optional[int], proce
         raise UsageError(f"--coordinator {coordinator!r}: expected HOST:PORT, e.g. 127.0.0.1:12345")
     import jax
 
+    # JAX aborts the whole process (a C++ check failure, no Python exception)
+    # when the coordinator cannot be reached: probe it first, for a one-line error.
+    _wait_for_coordinator(host, int(port), process_id, timeout)
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id, initialization_timeout=timeout)
@@ -148,3 +151,29 @@ def _distributed(coordinator: Optional[str], num_processes: Optional[int], proce
         raise RuntimeError(f"--coordinator {coordinator}: could not join the other processes within {timeout} s "
                            f"({first[:200]})") from None
     return jax.process_index(), jax.process_count()
+
+
+def _wait_for_coordinator(host: str, port: int, process_id: int, timeout: float) -> None:
+    """Process 0 checks it can listen on the port; the others wait until it does
+    (up to ``timeout`` seconds), else a one-line RuntimeError (exit 1)."""
+    import socket
+    import time
+
+    if process_id == 0:
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, port))
+        except OSError as err:
+            raise RuntimeError(f"--coordinator {host}:{port}: process 0 cannot listen there ({err.strerror})") from None
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"--coordinator {host}:{port}: no coordinator answered within {timeout:g} s "
+                                   "(start process 0 there, or check the address)") from None
+            time.sleep(0.25)

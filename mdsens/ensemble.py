@@ -499,6 +499,9 @@ def run(ej: EnsembleJob, progress: Callable[[int, int, float, float], None] | No
     prepare(first_job)
     built = [systems.get(job.system).build_fn(seed=mb.seed, **systems.get(job.system).resolve(mb.job(job).overrides))
              for mb in everyone]
+    if len({(s.n, s.dim) for s in built}) > 1:
+        raise UsageError("--sweep over a key that changes N or d: the members would not fit one file's arrays; "
+                         "run one ensemble per size")
     batches = group(built)
     p, count = share
     mine = set(np.array_split(np.arange(len(everyone)), count)[p].tolist())
@@ -528,10 +531,10 @@ def run(ej: EnsembleJob, progress: Callable[[int, int, float, float], None] | No
         place = (lambda a: a) if sharding is None else (lambda a: jax.device_put(a, sharding))
         q = out.x / params["box"][:, None, :] if model.periodic else out.x
         pairs = jax.vmap(lambda i_: table_pairs(i_, model.n))(out.idx)
-        # Derivatives are computed for every member of a batch with one converged
-        # member at least, and kept for the converged ones only.
-        some = bool(np.any(out.converged))
-        fn = jax.vmap(derivative_fn(member_job, model, observe, wrts if some else [], member_job.grad if some else []))
+        # Derivatives are computed for every member (one program) and kept for
+        # the converged ones only (NaN for the others, so every file has the
+        # same datasets).
+        fn = jax.vmap(derivative_fn(member_job, model, observe, wrts, member_job.grad))
         t0 = time.perf_counter()
         compiled = jax.jit(fn).lower(place(q), params, place(pairs)).compile()
         t1 = time.perf_counter()
@@ -600,9 +603,6 @@ def _assemble(ej: EnsembleJob, everyone: list[Member], built: list[System], per_
     from mdsens.job import versions
 
     ref = built[0]
-    if len({(s.n, s.dim) for s in built}) > 1:
-        raise UsageError("--sweep over a key that changes N or d: the members do not fit one file's arrays; "
-                         "run one ensemble per size")
     template = next(iter(per_member.values()))
     m = len(everyone)
 
