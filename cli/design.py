@@ -48,7 +48,7 @@ def _human_summary(result, output: Path) -> str:
     t = s["timings"]
     lines.append(f"time: relax {t['relax_s']:.2f} s, loss and gradient {t['loss_s']:.2f} s "
                  f"(compile {t.get('compile_s', 0.0):.2f} s), checks {t['fd_check_s']:.2f} s, total {t['total_s']:.2f} s")
-    lines.append(f"wrote {output}")
+    lines.append(f"wrote {output} (the packing of step {best['step']}, the lowest loss)")
     return "\n".join(lines)
 
 

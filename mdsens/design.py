@@ -151,9 +151,11 @@ class DesignResult:
         return int(np.argmin([s.loss for s in self.history]))
 
     def record(self) -> dict[str, Any]:
-        """The run-file record of the final packing (:func:`mdsens.io.write`)
-        plus the ``design`` group: the trajectory and the checks."""
-        plan, last = self.plan, self.final
+        """The run-file record of the designed packing — the accepted step of
+        lowest loss (``best_step``; the last one when a design converges
+        smoothly) — for :func:`mdsens.io.write`, plus the ``design`` group: the
+        whole trajectory, the gradient at that step and the checks."""
+        plan, last = self.plan, self.history[self.best]
         system = plan.system
         params = {k: jnp.asarray(v) for k, v in last.params.items()}
         observed = {name: np.asarray(last.values[name]) for name in plan.names}
@@ -199,7 +201,7 @@ class DesignResult:
                 "stopped": self.stopped, "compiles": dict(self.compiles), "jump": JUMP, "fd_rtol": FD_RTOL}
 
     def meta(self) -> dict[str, Any]:
-        job, system, last = self.plan.design.job, self.plan.system, self.final
+        job, system, last = self.plan.design.job, self.plan.system, self.history[self.best]
         return {
             "system": system.name,
             "configuration": {**system.config, "seed": job.seed},
@@ -619,6 +621,7 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
                            "nothing to design from")
     history.append(first)
     floor = JUMP_FLOOR * abs(first.loss) + 1e-14
+    previous_best = 0
     stopped, converged = "steps", True
     if progress is not None:
         progress(first, 0, "")
@@ -665,6 +668,11 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
             contact_changes += 1
             note = (note + "; " if note else "") + "contacts changed"
         history.append(accepted)
+        # Keep the states (q, pairs) of the last and the best step only: O(1) memory in K.
+        best = min(range(len(history)), key=lambda i: history[i].loss)
+        for i in {previous_best, len(history) - 2} - {best, len(history) - 1}:
+            history[i].q, history[i].pairs = None, None
+        previous_best = best
         if progress is not None:
             progress(accepted, k, note)
     else:

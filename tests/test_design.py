@@ -129,9 +129,11 @@ def _check_file(run, target_name, target):
     # The loss is the squared relative error (recomputed here from the recorded values).
     assert_close(trajectory["loss"], ((values - target) / target) ** 2, rtol=1e-12)
     assert trajectory["loss"][-1] < 0.5 * trajectory["loss"][0]
-    # The final packing is the last row of the trajectory.
-    assert_close(record["parameters"]["diameter"], trajectory["diameter"][-1], rtol=0)
-    assert float(record["observables"][target_name]) == values[-1]
+    # The packing written is the row of the lowest loss.
+    best = trajectory["attrs"]["best_step"]
+    assert best == int(np.argmin(trajectory["loss"]))
+    assert_close(record["parameters"]["diameter"], trajectory["diameter"][best], rtol=0)
+    assert float(record["observables"][target_name]) == values[best]
     # φ held: the box follows Σ(π D²/4)/φ, computed here from the recorded diameters.
     phi = np.sum(np.pi * trajectory["diameter"] ** 2 / 4, axis=1) / np.prod(trajectory["box"], axis=1)
     assert_close(phi, np.full(k, 0.9), rtol=1e-12)
