@@ -66,6 +66,13 @@ def bench(
                                     "derivative methods, e.g. for large N."),
     polish: Optional[float] = typer.Option(None, "--polish", metavar="FTOL", help="Relax with the Newton polish "
                                            "from this max|F| (as mdsens run --polish)."),
+    ensemble: Optional[int] = typer.Option(None, "--ensemble", metavar="M", help="Instead: one `mdsens ensemble` "
+                                           "of M members (seeds 0:M) against M sequential `mdsens run` calls, whole "
+                                           "commands timed side by side (packings per second, speed-up, peak "
+                                           "memory, members in another minimum than their run)."),
+    sequential: int = typer.Option(4, "--sequential", metavar="K", help="With --ensemble: how many of the M "
+                                   "runs to time (their median × M is the loop's time)."),
+    device: Optional[str] = typer.Option(None, "--device", help="With --ensemble: cpu or gpu for both commands."),
 ) -> None:
     """Time and memory of implicit derivatives against unrolled autodiff and finite
     differences, side by side, each method in its own subprocess (peak RSS)."""
@@ -81,6 +88,23 @@ def bench(
         if preconditioner not in ("none", "jacobi", "twolevel"):
             fail(f"--preconditioner {preconditioner!r}: choose twolevel, jacobi or none", EXIT_USAGE)
         ns = _ints(n, "--n")
+        if ensemble is not None:
+            from mdsens import bench_ensemble
+
+            if ensemble < 1 or sequential < 1:
+                fail("--ensemble M and --sequential K must be at least 1", EXIT_USAGE)
+            if no_cache:
+                os.environ["MDSENS_NO_CACHE"] = "1"
+            report = bench_ensemble.run(system, ns, ensemble, sequential, _parse_sets(set_), timeout,
+                                        lambda m: log(m, quiet), device)
+            report["cpu_count"] = os.cpu_count()
+            tmp = output.with_name(output.name + ".tmp")
+            tmp.write_text(json.dumps(report, indent=1))
+            tmp.replace(output)
+            print(json.dumps(report) if as_json else bench_ensemble.table(report))
+            if not as_json:
+                print(f"wrote {output}")
+            return
         steps = _ints(unroll_steps, "--unroll-steps")
         if peer is not None:
             _check_peer(peer, system, _parse_sets(set_), seed, ns)

@@ -449,8 +449,14 @@ class EnsembleResult:
         """JSON digest: counts, timings, and per sweep value the mean ± standard error."""
         return {"system": self.job.job.system, "members": self.m, "n": self.n, "dim": self.dim,
                 "converged": int(np.sum(self.converged)), "steps_max": int(np.max(self.steps)),
-                "worst_max_force": float(np.max(self.max_force)),
+                "worst_max_force": float(np.max(self.max_force)), "peak_rss_mb": round(_peak_rss() / 1e6, 1),
                 "timings": dict(self.timings), "devices": self.meta.get("devices")}
+
+
+def _peak_rss() -> float:
+    from mdsens import memory
+
+    return memory.peak_rss()
 
 
 def _devices(count: int | None) -> list:
