@@ -295,7 +295,7 @@ def _programs(system: CellSystem, method: str, ftol: float, skin: float, capacit
     n, d = system.n, system.dim
     basis_np = strain_basis(d, system.box_dof)
     norms = jnp.asarray(np.sum(basis_np**2, axis=(1, 2)))
-    upper = jnp.asarray(np.triu(np.ones((n, n), bool), k=1))
+    off_diagonal = jnp.asarray(~np.eye(n, dtype=bool))
 
     def scale(theta):  # the cell variable w = c u, c = N ℓ₀ (module docstring)
         return n * (jnp.prod(theta["box"]) / n) ** (1.0 / d)
@@ -307,18 +307,31 @@ def _programs(system: CellSystem, method: str, ftol: float, skin: float, capacit
         strain = jnp.tensordot(x[n * d:] / scale(theta), basis, axes=1)
         return q, {**theta, "strain": strain}
 
+    rows = jnp.arange(n)[:, None]
+
     def force_fn(x, env):
-        theta, pairs = env
+        """Gather-only, as relax.py's table force: each pair is in both rows of the
+        table ``idx`` (N, K); real-space forces f_x = −Σ_k φ'(r) r̂ and the virial
+        ∂E/∂ε = ½ Σ_ik φ'(r)/r r ⊗ r come from the same terms, no scatter."""
+        theta, idx = env
         q, params = unpack_x(x, theta)
-        listed = system.with_pairs(pairs)
-        zero = jnp.zeros((d, d), x.dtype)
-        g_q, g_e = jax.grad(lambda q_, e: listed.energy(q_, params, strain=e), argnums=(0, 1))(q, zero)
+        f = system.deformation(params)
+        valid_ = idx < n
+        j = jnp.where(valid_, idx, rows)
+        dq = q[:, None, :] - q[j]
+        dr = ((dq - jnp.round(dq)) * theta["box"]) @ f.T
+        r2 = jnp.sum(dr * dr, axis=-1)
+        r = jnp.sqrt(jnp.where(r2 > 0, r2, 1.0))
+        dphi = jax.grad(lambda r_: jnp.sum(system.pair(r_, rows, j, params)))(r)
+        terms = jnp.where(valid_ & (r2 > 0), dphi / r, 0.0)[..., None] * dr
+        f_x = -jnp.sum(terms, axis=1)
+        virial = 0.5 * jnp.einsum("nka,nkb->ab", terms, dr)
         volume = system.volume(params)
-        r = g_e / volume + theta["pressure"] * jnp.eye(d, dtype=x.dtype)
+        res = virial / volume + theta["pressure"] * jnp.eye(d, dtype=x.dtype)
         # −V (σ + P I) : B_k, the "virial in log space": the exact gradient for
         # iso and aniso, a descent direction with the same zero for shear.
-        f_u = -volume * jnp.tensordot(jnp.asarray(basis_np, x.dtype), r, axes=([1, 2], [0, 1]))
-        return jnp.concatenate([(-g_q / theta["box"]).ravel(), f_u / scale(theta)])
+        f_u = -volume * jnp.tensordot(jnp.asarray(basis_np, x.dtype), res, axes=([1, 2], [0, 1]))
+        return jnp.concatenate([(f_x @ f).ravel(), f_u / scale(theta)])
 
     def shift(x, dx, env):
         box = env[0]["box"]
@@ -342,15 +355,20 @@ def _programs(system: CellSystem, method: str, ftol: float, skin: float, capacit
     else:
         raise ValueError(f"unknown minimizer {method!r}: choose 'fire' or 'gd'")
 
-    def build(x, theta):
+    def near_fn(x, theta):
         q, params = unpack_x(x, theta)
         reach = system.cutoff(theta) + skin
         dq = q[:, None, :] - q[None, :, :]
         dr = ((dq - jnp.round(dq)) * theta["box"]) @ system.deformation(params).T
-        near = (jnp.sum(dr**2, axis=-1) < reach**2) & upper
-        count = jnp.sum(near)
-        i, j = jnp.nonzero(near, size=capacity, fill_value=n)
-        return jnp.stack([i, j]).astype(jnp.int32), count, q, system.deformation(params)
+        return (jnp.sum(dr**2, axis=-1) < reach**2) & off_diagonal, q, params
+
+    def build(x, theta):
+        """The table (N, K = capacity): each row's neighbors within cutoff + skin
+        (O(N²) search, a sort of each row), padded with N; and the widest row."""
+        near, q, params = near_fn(x, theta)
+        count = jnp.max(jnp.sum(near, axis=1))
+        idx = jnp.sort(jnp.where(near, jnp.arange(n)[None, :], n), axis=1)[:, :capacity]
+        return idx.astype(jnp.int32), count, q, system.deformation(params)
 
     def valid(x, theta, ref_q, ref_f):
         """No pair outside the list can have come within the cutoff since its build:
@@ -390,7 +408,7 @@ def _programs(system: CellSystem, method: str, ftol: float, skin: float, capacit
             s, pairs, ref_q, ref_f, _, overflow, rebuilds = c
             return (s, pairs, ref_q, ref_f, ~valid(s.x, theta, ref_q, ref_f), overflow, rebuilds)
 
-        empty = jnp.full((2, capacity), n, jnp.int32)
+        empty = jnp.full((n, capacity), n, jnp.int32)
         eye = jnp.eye(d, dtype=state.x.dtype)
         init = (state, empty, jnp.zeros((n, d), state.x.dtype), eye, jnp.asarray(True), jnp.asarray(False),
                 jnp.zeros((), jnp.int32))
@@ -399,11 +417,7 @@ def _programs(system: CellSystem, method: str, ftol: float, skin: float, capacit
         return s, overflow, rebuilds, fmax, smax
 
     def count_fn(x, theta):
-        q, params = unpack_x(x, theta)
-        reach = system.cutoff(theta) + skin
-        dq = q[:, None, :] - q[None, :, :]
-        dr = ((dq - jnp.round(dq)) * theta["box"]) @ system.deformation(params).T
-        return jnp.sum((jnp.sum(dr**2, axis=-1) < reach**2) & upper)
+        return jnp.max(jnp.sum(near_fn(x, theta)[0], axis=1))
 
     programs = {"mini": mini, "chunk": jax.jit(chunk), "count": jax.jit(count_fn), "scale": scale, "ran": False}
     cache[key] = programs
@@ -444,7 +458,7 @@ def relax(
     while True:
         if capacity == 0 or state is None:
             probe = _programs(system, method, ftol, skin, 1)["count"]
-            capacity = int(int(probe(x, theta)) * 1.5) + 16
+            capacity = min(int(int(probe(x, theta)) * 1.25) + 2, n)
             state = _programs(system, method, ftol, skin, capacity)["mini"].blank(x)
         programs = _programs(system, method, ftol, skin, capacity)
         until = jnp.asarray(min(int(state.step) + chunk, max_steps), jnp.int32)
@@ -457,7 +471,7 @@ def relax(
             compile_s += time.perf_counter() - t0
             programs["ran"] = True
         if bool(overflow):
-            capacity = int(capacity * 1.5) + 16
+            capacity = min(int(capacity * 1.5) + 2, n)
             continue
         state = out
         rebuilds += int(count)
