@@ -148,7 +148,7 @@ class DesignResult:
     @property
     def best(self) -> int:
         """The row of the lowest loss."""
-        return int(np.argmin([s.loss for s in self.history]))
+        return int(np.nanargmin([s.loss for s in self.history]))
 
     def record(self) -> dict[str, Any]:
         """The run-file record of the designed packing — the accepted step of
@@ -167,6 +167,7 @@ class DesignResult:
             "observables": {name: np.array([s.values[name] for s in h]) for name in plan.names},
             "learning_rate": np.array([s.lr for s in h]),
             "relax_steps": np.array([int(s.info.steps) for s in h]),
+            "rattlers": np.array([int(np.sum(s.rattler)) for s in h]),
             "gradient": {name: np.asarray(last.grad[name]) for name in plan.design.vary},
             "fd_check": {key: np.array([c[key] for c in self.fd_checks]) for key in _FD_KEYS},
             "attrs": self.attributes(),
@@ -615,7 +616,7 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
     contact_changes = rejections = jumps = 0
     lr = design.lr
     first = attempt(theta, None, lr)
-    if first is None or first.solve is None:
+    if first is None or first.solve is None or not math.isfinite(first.loss):
         raise RuntimeError("the starting packing did not relax (max|F| = "
                            f"{float(first.info.max_force) if first else float('nan'):.2e} > ftol {design.job.ftol:g}); "
                            "nothing to design from")
@@ -645,7 +646,11 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
         for retry in range(design.max_retries + 1):
             trial, new_state = update(grads, opt_state, theta_now, jnp.asarray(lr, jnp.result_type(float)))
             step = attempt(trial, current.q, lr)
-            failed = step is None or step.solve is None
+            # A non-finite loss (a diverged relaxation or solve) counts as a failed
+            # relaxation, and so does an unjammed packing (every particle a rattler:
+            # no moduli; ν came out as the affine Cauchy value 1/3 just before).
+            failed = (step is None or step.solve is None or not math.isfinite(step.loss)
+                      or bool(np.all(step.rattler)))
             jumped = not failed and step.loss - current.loss > JUMP * abs(current.loss) + floor
             crossed = not failed and step.contacts != current.contacts
             # A jump across a contact change is the loss's discontinuity, not too
@@ -669,7 +674,7 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
             note = (note + "; " if note else "") + "contacts changed"
         history.append(accepted)
         # Keep the states (q, pairs) of the last and the best step only: O(1) memory in K.
-        best = min(range(len(history)), key=lambda i: history[i].loss)
+        best = int(np.nanargmin([s.loss for s in history]))
         for i in {previous_best, len(history) - 2} - {best, len(history) - 1}:
             history[i].q, history[i].pairs = None, None
         previous_best = best

@@ -365,6 +365,7 @@ _DESIGN_DESCRIPTIONS = {
     "observables": "observables at each accepted step",
     "learning_rate": "learning rate of the step that reached each row (halved on every rejected step)",
     "relax_steps": "minimizer steps of each step's warm-started relaxation",
+    "rattlers": "number of rattlers at each step",
     "gradient": "d(loss)/d(parameter) at the final state (reverse mode)",
     "fd_check": "gradient along a random unit direction vs central differences of the loss re-relaxed "
                 "at theta +- h (step, h, directional, finite_difference, relative_error, passed)",
