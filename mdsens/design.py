@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens import implicit, job as _job, linsolve, observables, relax, sensitivity
+from mdsens import implicit, job as _job, linsolve, observables, sensitivity
 from mdsens.system import Params, System
 from mdsens.systems import UsageError
 
@@ -666,7 +666,8 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
             rejections += 1
             lr = max(lr * 0.5, lowest) if not failed else lr * 0.5
         if accepted is None:
-            stopped, converged = f"relaxation failed at step {k} even at learning rate {lr:g}", False
+            stopped, converged = (f"no acceptable step {k} (a relaxation that failed or unjammed, a non-finite loss, "
+                                  f"or a range over half the box) down to learning rate {lr:g}"), False
             break
         lr = max(lr * 0.5, lowest) if jumped else min(lr * RECOVER, design.lr)
         if accepted.contacts != current.contacts:
