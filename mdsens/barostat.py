@@ -270,8 +270,8 @@ def _residual(system: CellSystem, r: Array, volume: Array) -> Array:
 class Relaxed(NamedTuple):
     """``q`` (N, d) fractional; ``params`` with the relaxed ``strain``; ``info``
     (steps, max|F|, E, converged); ``stress_residual`` (the scaled residual,
-    a force); ``pairs`` (2, M) every pair closer than the cutoff at the end;
-    ``compile_s``; ``rebuilds`` of the pair list."""
+    a force); ``pairs`` (2, M) every pair closer than the cutoff at the end
+    (for the derivatives); ``compile_s``; ``rebuilds`` of the table."""
 
     q: Array
     params: dict[str, Array]
@@ -308,6 +308,14 @@ def _programs(system: CellSystem, method: str, ftol: float, skin: float, capacit
         return q, {**theta, "strain": strain}
 
     rows = jnp.arange(n)[:, None]
+    diagonal = system.box_dof in ("iso", "aniso")
+
+    def apply(v, f):
+        """``v @ fᵀ`` over the last axis as a broadcast multiply-and-sum (a tiny
+        dot_general is several times slower on XLA:CPU; docs/design.md)."""
+        if diagonal:
+            return v * jnp.diagonal(f)
+        return jnp.sum(v[..., None, :] * f, axis=-1)
 
     def force_fn(x, env):
         """Gather-only, as relax.py's table force: each pair is in both rows of the
@@ -319,19 +327,19 @@ def _programs(system: CellSystem, method: str, ftol: float, skin: float, capacit
         valid_ = idx < n
         j = jnp.where(valid_, idx, rows)
         dq = q[:, None, :] - q[j]
-        dr = ((dq - jnp.round(dq)) * theta["box"]) @ f.T
+        dr = apply((dq - jnp.round(dq)) * theta["box"], f)
         r2 = jnp.sum(dr * dr, axis=-1)
         r = jnp.sqrt(jnp.where(r2 > 0, r2, 1.0))
         dphi = jax.grad(lambda r_: jnp.sum(system.pair(r_, rows, j, params)))(r)
         terms = jnp.where(valid_ & (r2 > 0), dphi / r, 0.0)[..., None] * dr
         f_x = -jnp.sum(terms, axis=1)
-        virial = 0.5 * jnp.einsum("nka,nkb->ab", terms, dr)
+        virial = 0.5 * jnp.sum(terms[..., :, None] * dr[..., None, :], axis=(0, 1))
         volume = system.volume(params)
         res = virial / volume + theta["pressure"] * jnp.eye(d, dtype=x.dtype)
         # −V (σ + P I) : B_k, the "virial in log space": the exact gradient for
         # iso and aniso, a descent direction with the same zero for shear.
         f_u = -volume * jnp.tensordot(jnp.asarray(basis_np, x.dtype), res, axes=([1, 2], [0, 1]))
-        return jnp.concatenate([(f_x @ f).ravel(), f_u / scale(theta)])
+        return jnp.concatenate([apply(f_x, f.T).ravel(), f_u / scale(theta)])
 
     def shift(x, dx, env):
         box = env[0]["box"]
@@ -342,7 +350,7 @@ def _programs(system: CellSystem, method: str, ftol: float, skin: float, capacit
         """(max real |F_i|, scaled stress residual) from the state's force."""
         q, params = unpack_x(x, theta)
         inverse = jnp.linalg.inv(system.deformation(params))
-        real = f[:n * d].reshape(n, d) @ inverse
+        real = apply(f[:n * d].reshape(n, d), inverse.T)
         volume = system.volume(params)
         coeff = -f[n * d:] * scale(theta) / (volume * norms)
         worst = jnp.max(jnp.abs(coeff)) if system.box_dof != "iso" else jnp.abs(coeff[0])
@@ -359,7 +367,7 @@ def _programs(system: CellSystem, method: str, ftol: float, skin: float, capacit
         q, params = unpack_x(x, theta)
         reach = system.cutoff(theta) + skin
         dq = q[:, None, :] - q[None, :, :]
-        dr = ((dq - jnp.round(dq)) * theta["box"]) @ system.deformation(params).T
+        dr = apply((dq - jnp.round(dq)) * theta["box"], system.deformation(params))
         return (jnp.sum(dr**2, axis=-1) < reach**2) & off_diagonal, q, params
 
     def build(x, theta):
@@ -376,7 +384,7 @@ def _programs(system: CellSystem, method: str, ftol: float, skin: float, capacit
         q, params = unpack_x(x, theta)
         f = system.deformation(params)
         dq = q - ref_q
-        moved = jnp.max(jnp.linalg.norm(((dq - jnp.round(dq)) * theta["box"]) @ f.T, axis=-1))
+        moved = jnp.sqrt(jnp.max(jnp.sum(apply((dq - jnp.round(dq)) * theta["box"], f) ** 2, axis=-1)))
         a = f @ jnp.linalg.inv(ref_f)
         s_min = jnp.sqrt(jnp.maximum(jnp.min(jnp.linalg.eigvalsh(a.T @ a)), 0.0))
         c = system.cutoff(theta)
@@ -441,9 +449,12 @@ def relax(
     holds or ``max_steps``; ``callback(step, max_force, elapsed_s)`` between
     compiled chunks of ``chunk`` steps.
 
-    Pairs come from an O(N²) list of the pairs within cutoff + ``skin`` in the
-    deformed cell, rebuilt inside the compiled loop when a particle's move or
-    the cell's change could bring an unlisted pair within the cutoff."""
+    Forces come from a table (N, K) of each particle's neighbors within
+    cutoff + ``skin`` in the deformed cell (an O(N²) search), rebuilt inside
+    the compiled loop when a particle's move or the cell's change could bring
+    an unlisted pair within the cutoff; a table that overflows is widened and
+    the chunk redone. Raises RuntimeError if the cell ends up narrower than
+    twice the interaction range (the minimum image would miss pairs)."""
     params = {k: jnp.asarray(v) for k, v in (system.params if params is None else params).items()}
     theta, strain = split(params)
     n, d = system.n, system.dim
@@ -486,7 +497,12 @@ def relax(
     q = jnp.mod(y / theta["box"], 1.0)
     basis = jnp.asarray(strain_basis(d, system.box_dof), y.dtype)
     relaxed = {**theta, "strain": jnp.tensordot(state.x[n * d:] / scale, basis, axes=1)}
-    pairs = _pairs_numpy(system, np.asarray(q), relaxed, float(system.cutoff(relaxed)) * (1 + 1e-9))
+    cutoff = float(system.cutoff(relaxed))
+    widths = 1.0 / np.linalg.norm(np.linalg.inv(np.asarray(system.cell(relaxed))), axis=0)
+    if cutoff >= 0.5 * float(widths.min()):
+        raise RuntimeError(f"the relaxed cell is {float(widths.min()):.3g} wide, less than twice the interaction "
+                           f"range {cutoff:.3g} (the minimum image would miss pairs); use more particles")
+    pairs = _pairs_numpy(system, np.asarray(q), relaxed, cutoff * (1 + 1e-9))
     energy = system.with_pairs(jnp.asarray(pairs)).energy(q, relaxed) if pairs.shape[1] else jnp.zeros(())
     info = minimize.RelaxInfo(state.step, fmax, energy, (fmax < ftol) & (smax < ftol))
     return Relaxed(q, relaxed, info, float(smax), pairs, compile_s, rebuilds)
