@@ -105,7 +105,7 @@ def with_pressure(system: System, pressure: float | None, box_dof: str) -> Syste
 #: the fixed-pressure keys, shared by the periodic soft-sphere families
 PRESSURE_KEYS = (
     Key("pressure", "float", None, "target pressure P: the box relaxes too, minimising E + P V "
-        "(fixed pressure; excludes phi)", positive_or_none),
+        "(fixed pressure; excludes phi); adds the parameter pressure (--wrt pressure: dphi/dP)", positive_or_none),
     Key("box_dof", "str", "iso", "with pressure: which box degrees of freedom relax: iso (one scale), "
         "aniso (each side) or shear (the full cell)", one_of("iso", "aniso", "shear")),
 )
@@ -131,7 +131,6 @@ FAMILY = Family(
         "epsilon": "() interaction strength ε",
         "alpha": "() stiffness exponent α",
         "box": "(d,) periodic box side lengths (at fixed pressure: the reference box the strain deforms)",
-        "pressure": "() target pressure P (fixed pressure only; d/dpressure is the compressibility)",
     },
     build_fn=build,
     exclusive=(("phi", "pressure"),),

@@ -64,7 +64,6 @@ FAMILY = Family(
         "epsilon": "() interaction strength ε",
         "alpha": "() stiffness exponent α",
         "box": "(d,) periodic box side lengths (at fixed pressure: the reference box the strain deforms)",
-        "pressure": "() target pressure P (fixed pressure only; d/dpressure is the compressibility)",
     },
     build_fn=build,
     exclusive=(("phi", "pressure"),),
