@@ -165,6 +165,12 @@ def _observables(job: Job, system: System) -> dict[str, Callable]:
             raise UsageError(f"unknown observable {name!r}; choose from: {', '.join(observables.OBSERVABLES)}")
         if name == "pressure" and not system.periodic:
             raise UsageError(f"observable 'pressure' needs a periodic box; {system.name!r} is in free space")
+        if name in ("volume", "cell", "packing_fraction") and not system.periodic:
+            raise UsageError(f"observable {name!r} needs a periodic box; {system.name!r} is in free space")
+        if name == "packing_fraction" and "diameter" not in system.params:
+            raise UsageError(f"observable 'packing_fraction' needs particle diameters; {system.name!r} has none")
+        if name == "enthalpy" and "pressure" not in system.params:
+            raise UsageError("observable 'enthalpy' needs a target pressure: build with --set pressure=P")
         chosen[name] = observables.OBSERVABLES[name]
     return chosen
 

@@ -295,6 +295,18 @@ def test_bad_input_is_one_line_exit_2_and_no_file(tmp_path, system, sets, messag
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["bidisperse", "--set", "n=16", "--observe", "enthalpy"], "needs a target pressure"),
+    (["morse_cluster", "--observe", "volume"], "periodic box"),
+    (["lj_crystal", "--observe", "packing_fraction"], "diameters"),
+])
+def test_observables_that_need_a_pressure_or_a_box(tmp_path, args, message):
+    out = tmp_path / "x.h5"
+    result = runner.invoke(app, ["run", *args, "-o", str(out)])
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert not out.exists()
+
+
 def test_strain_is_state_not_a_parameter(tmp_path):
     out = tmp_path / "x.h5"
     result = runner.invoke(app, ["run", "--set", "n=16", "--set", "pressure=0.01", "--wrt", "strain",
