@@ -189,3 +189,19 @@ def test_unreachable_coordinator_times_out_with_a_message(tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 1 and "no coordinator answered within 2 s" in err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_jamming_from_a_small_ensemble():
+    """Above jamming ⟨P⟩ grows linearly in φ and extrapolates to zero near φ_c ≈ 0.84
+    (O'Hern et al. 2003; 0.82–0.86 allows for N = 64), and a larger diameter raises P."""
+    ej = ensemble.EnsembleJob(J.Job(system="bidisperse", overrides={"n": "64"}, max_steps=300_000),
+                              seeds=range(8), sweeps={"phi": ["0.86", "0.88", "0.90", "0.92"]})
+    r = ensemble.run(ej)
+    assert r.converged.all()
+    phis = np.asarray([0.86, 0.88, 0.90, 0.92])
+    mean_p = np.asarray([r.observables["pressure"][r.sweep["phi"] == p].mean() for p in phis])
+    assert np.all(np.diff(mean_p) > 0)
+    a, b = np.polyfit(phis, mean_p, 1)
+    assert 0.82 < -b / a < 0.86
+    assert np.all(r.sensitivity["diameter"]["pressure"] > 0)

@@ -48,7 +48,7 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
 
 
 def test_notebooks_exist():
-    assert [p.name for p in NOTEBOOKS] == ["01_reproduce_paper.py", "02_explore.py"]
+    assert [p.name for p in NOTEBOOKS] == ["01_reproduce_paper.py", "02_explore.py", "03_jamming.py", "04_design.py"]
     shipped = sorted(p.name for p in NOTEBOOKS[0].parent.glob("*.ipynb"))
     assert shipped == [p.with_suffix(".ipynb").name for p in NOTEBOOKS], "one .ipynb per .py source, no other"
 
