@@ -56,7 +56,7 @@ DEFAULT_NEIGHBORS = {2: 32, 3: 80}
 DEFAULT_CANDIDATES = {2: 160, 3: 900}
 
 #: observables whose value needs d(d+1)/2 further linear solves.
-ELASTIC = ("elastic_tensor", "bulk_modulus", "shear_modulus")
+ELASTIC = ("elastic_tensor", "bulk_modulus", "shear_modulus", "poisson_ratio")
 
 
 def _ball(dim: int, radius: float) -> float:
