@@ -235,6 +235,20 @@ def test_relaxed_pressure_equals_the_target(dim, box_dof, n):
     assert max_force < 1e-12
 
 
+def test_cell_system_hessian_blocks_and_coordinates():
+    """The pair-Hessian blocks (F L)ᵀ K (F L) that the moduli and preconditioners use
+    equal the jvp of the energy's gradient in the sheared cell; to_solver inverts
+    to_real; the volume is |det cell|."""
+    system, q, params, _ = relaxed(*FAST)
+    v = jax.random.normal(jax.random.PRNGKey(0), q.shape)
+    assembled = system.hessian_vp(q, params)(v)
+    reference = jax.jvp(jax.grad(lambda y: system.energy(y, params)), (q,), (v,))[1]
+    np.testing.assert_allclose(assembled, reference, rtol=1e-10, atol=1e-12 * float(jnp.max(jnp.abs(reference))))
+    np.testing.assert_allclose(system.to_solver(system.to_real(q, params), params), q, atol=1e-13)
+    cell = np.asarray(system.cell(params))
+    assert abs(abs(np.linalg.det(cell)) - float(system.volume(params))) < 1e-10
+
+
 # -- the triangular crystal in closed form --------------------------------------------
 
 
