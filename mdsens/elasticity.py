@@ -20,6 +20,9 @@ JAX computes through both solves (forward or reverse mode).
 
 from __future__ import annotations
 
+import contextvars
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +52,11 @@ def _require_box(system: System, what: str) -> None:
         raise ValueError(f"{what} needs a periodic box (a volume); system {system.name!r} is in free space")
 
 
+#: ``(system, q, params, rattler) -> solve`` for the moduli's solves, or None
+#: (unpreconditioned CG at rtol 1e-10); set by :func:`mdsens.sensitivity.solving`.
+SOLVE_AT: "contextvars.ContextVar[Callable | None]" = contextvars.ContextVar("mdsens_elastic_solve", default=None)
+
+
 def strain_response(
     system: System, q: Array, params: Params, rattler: Array, solve: implicit.Solve | None = None
 ) -> Array:
@@ -70,6 +78,8 @@ def strain_response(
         return jax.grad(energy, argnums=1)(q_, gamma)
 
     project = _gauge.translations(rattler)
+    if solve is None and SOLVE_AT.get() is not None:
+        solve = SOLVE_AT.get()(system, q, params, rattler)
     gamma0 = jnp.zeros(k, q.dtype)
     directions = jnp.eye(k, dtype=q.dtype)
 

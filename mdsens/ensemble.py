@@ -561,7 +561,10 @@ def run(ej: EnsembleJob, progress: Callable[[int, int, float, float], None] | No
         # same datasets).
         fn = jax.vmap(derivative_fn(member_job, model, observe, wrts, member_job.grad))
         t0 = time.perf_counter()
-        compiled = jax.jit(fn).lower(place(q), params, place(pairs)).compile()
+        from mdsens.job import solving
+
+        with solving(member_job):
+            compiled = jax.jit(fn).lower(place(q), params, place(pairs)).compile()
         t1 = time.perf_counter()
         rattler, values, forwards, gradients = jax.block_until_ready(compiled(place(q), params, place(pairs)))
         timings["compile_s"] += t1 - t0

@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from mdsens import linsolve
 
@@ -114,20 +115,33 @@ def custom_root(
     solve: Solve | None = None,
     gauge: Gauge | None = None,
     hvp: HVP | None = None,
+    solve_at: Callable[[Array, Params], Solve] | None = None,
 ) -> Callable[[Callable[[Array, Params], Array]], Callable[[Array, Params], Array]]:
     """Decorator: make ``solver(init, params) -> x*`` differentiable in ``params``.
 
     ``optimality_fn(x, params)`` vanishes at the solver's output and has a
     symmetric Jacobian in ``x`` (a gradient); ``hvp``, if given, is an
     assembled product with that Jacobian. ``solve`` defaults to
-    :func:`mdsens.linsolve.cg`. The returned function has zero derivative with
-    respect to ``init`` (the root does not depend on where the search started,
-    within one basin).
-    """
-    solve = linsolve.cg() if solve is None else solve
+    :func:`mdsens.linsolve.cg`; ``solve_at(x*, params) -> solve``, if given,
+    builds the solve at the root instead (a preconditioner assembled there,
+    :func:`mdsens.sensitivity.solver_for`). The returned function has zero
+    derivative with respect to ``init`` (the root does not depend on where the
+    search started, within one basin).
 
-    def solution_only(matvec, b):
-        return solve(matvec, b)[0]
+    No silent failure: a tangent whose linear solve did not reach its
+    tolerance (CG at its iteration cap, ``SolveInfo.converged`` False) is NaN,
+    and so is every derivative computed from it; a solver that failed can
+    return NaN itself (:func:`mdsens.sensitivity.equilibrium` does). Check
+    ``jnp.isfinite`` on a derivative before following it.
+    """
+    default = linsolve.cg() if solve is None else solve
+
+    def poisoned(solve_fn):
+        def solution_only(matvec, b):
+            u, info = solve_fn(matvec, b)
+            return jnp.where(info.converged, u, jnp.nan)
+
+        return solution_only
 
     def decorator(solver: Callable[[Array, Params], Array]) -> Callable[[Array, Params], Array]:
         @jax.custom_jvp
@@ -141,7 +155,8 @@ def custom_root(
             x = root(init, params)
             matvec, project = _operator(optimality_fn, x, params, gauge, hvp)
             _, dF = jax.jvp(lambda p: optimality_fn(x, p), (params,), (dparams,))
-            u = jax.lax.custom_linear_solve(matvec, -project(dF), solution_only, symmetric=True)
+            solve_fn = default if solve_at is None else solve_at(jax.lax.stop_gradient(x), params)
+            u = jax.lax.custom_linear_solve(matvec, -project(dF), poisoned(solve_fn), symmetric=True)
             return x, project(u)
 
         return root

@@ -177,23 +177,21 @@ def _observables(job: Job, system: System) -> dict[str, Callable]:
 
 def _solver(job: Job, system: System | None = None, q: jax.Array | None = None, params: Any = None,
             rattler: jax.Array | None = None) -> Any:
-    """The linear solve; with a system and its relaxed state, CG is preconditioned
-    (``job.preconditioner``) at that state."""
-    if job.preconditioner not in precondition.PRECONDITIONERS:
-        raise UsageError(f"unknown preconditioner {job.preconditioner!r}: choose "
-                         f"{' or '.join(precondition.PRECONDITIONERS)}")
-    if job.solver == "cg":
-        precond = None
-        if job.preconditioner != "none" and system is not None:
-            project = sensitivity.gauge_for(system, rattler)(jax.lax.stop_gradient(q), params)
-            if job.preconditioner == "jacobi":
-                precond = precondition.block_jacobi(system, q, params, project)
-            else:
-                precond = precondition.two_level(system, q, params, rattler, project)
-        return linsolve.cg(rtol=job.rtol, preconditioner=precond)
-    if job.solver == "dense":
-        return linsolve.dense()
-    raise UsageError(f"unknown linear solver {job.solver!r}: choose 'cg' or 'dense'")
+    """The linear solve of ``job`` (:func:`mdsens.sensitivity.solver_for`) at a
+    relaxed state; without one, only the options are validated."""
+    if system is None:
+        if job.preconditioner not in precondition.PRECONDITIONERS:
+            raise UsageError(f"unknown preconditioner {job.preconditioner!r}: choose "
+                             f"{' or '.join(precondition.PRECONDITIONERS)}")
+        if job.solver not in sensitivity.SOLVERS:
+            raise UsageError(f"unknown linear solver {job.solver!r}: choose 'cg' or 'dense'")
+        return None
+    return sensitivity.solver_for(system, q, params, rattler, job.solver, job.rtol, job.preconditioner)
+
+
+def solving(job: Job):
+    """The job's solver options for the solves inside observables (the moduli)."""
+    return sensitivity.solving(job.solver, job.rtol, job.preconditioner)
 
 
 def use_neighbor_list(job: Job, system: System) -> bool:
@@ -393,35 +391,37 @@ def execute(job: Job, progress: Callable[[int, float, float], None] | None = Non
     fn, extra = _bind(system, pairs, lambda s_: lambda q_, p_: observables.rattlers(s_, q_, p_))
     rattler = jax.jit(fn)(q, params, *extra)
 
-    values = {}
-    for name, obs in observe.items():
-        fn, extra = _bind(system, pairs, lambda s_, f=obs: lambda q_, p_: f(s_, q_, p_))
-        values[name] = np.asarray(jax.jit(fn)(q, params, *extra))
-    values["max_force"] = np.asarray(info.max_force)
+    # The moduli's own solves (inside observables) follow --solver/--rtol/--preconditioner too.
+    with solving(job):
+        values = {}
+        for name, obs in observe.items():
+            fn, extra = _bind(system, pairs, lambda s_, f=obs: lambda q_, p_: f(s_, q_, p_))
+            values[name] = np.asarray(jax.jit(fn)(q, params, *extra))
+        values["max_force"] = np.asarray(info.max_force)
 
-    forwards: dict[str, sensitivity.Forward] = {}
-    gradients: dict[str, tuple[dict[str, jax.Array], linsolve.SolveInfo]] = {}
-    if bool(info.converged):
-        for text, name, index in wrts:
-            def make_forward(s_, name=name, index=index):
-                def fn_(q_, p_):
-                    solve = _solver(job, s_, q_, p_, rattler)
-                    return sensitivity.forward_fn(s_, name, observe, rattler, solve, index)(q_, p_)
-                return fn_
-            fn, extra = _bind(system, pairs, make_forward)
-            forwards[text], c, r = _compile_and_run(fn, q, params, *extra)
-            timings["compile_s"] += c
-            timings["derivative_s"] += r
-        for name in job.grad:
-            def make_gradient(s_, name=name):
-                def fn_(q_, p_):
-                    solve = _solver(job, s_, q_, p_, rattler)
-                    return sensitivity.gradient_fn(s_, observables.OBSERVABLES[name], rattler, solve)(q_, p_)
-                return fn_
-            fn, extra = _bind(system, pairs, make_gradient)
-            gradients[name], c, r = _compile_and_run(fn, q, params, *extra)
-            timings["compile_s"] += c
-            timings["derivative_s"] += r
+        forwards: dict[str, sensitivity.Forward] = {}
+        gradients: dict[str, tuple[dict[str, jax.Array], linsolve.SolveInfo]] = {}
+        if bool(info.converged):
+            for text, name, index in wrts:
+                def make_forward(s_, name=name, index=index):
+                    def fn_(q_, p_):
+                        solve = _solver(job, s_, q_, p_, rattler)
+                        return sensitivity.forward_fn(s_, name, observe, rattler, solve, index)(q_, p_)
+                    return fn_
+                fn, extra = _bind(system, pairs, make_forward)
+                forwards[text], c, r = _compile_and_run(fn, q, params, *extra)
+                timings["compile_s"] += c
+                timings["derivative_s"] += r
+            for name in job.grad:
+                def make_gradient(s_, name=name):
+                    def fn_(q_, p_):
+                        solve = _solver(job, s_, q_, p_, rattler)
+                        return sensitivity.gradient_fn(s_, observables.OBSERVABLES[name], rattler, solve)(q_, p_)
+                    return fn_
+                fn, extra = _bind(system, pairs, make_gradient)
+                gradients[name], c, r = _compile_and_run(fn, q, params, *extra)
+                timings["compile_s"] += c
+                timings["derivative_s"] += r
     timings["total_s"] = time.perf_counter() - wall
 
     meta = {

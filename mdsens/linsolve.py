@@ -28,6 +28,7 @@ class SolveInfo(NamedTuple):
 
     iterations: Array
     residual: Array
+    converged: Array = True  # CG: reached its tolerance before the iteration cap; dense: a finite solution
 
 
 def _vdot(a: Array, b: Array) -> Array:
@@ -91,8 +92,8 @@ def cg(
             p = z + beta * p
             return x, r, z, p, rz_new, k + 1
 
-        x, _, _, _, _, k = jax.lax.while_loop(cond, body, init)
-        return x, SolveInfo(k, _true_residual(matvec, x, b))
+        x, r, _, _, _, k = jax.lax.while_loop(cond, body, init)
+        return x, SolveInfo(k, _true_residual(matvec, x, b), jnp.linalg.norm(r.ravel()) <= threshold)
 
     return solve
 
@@ -113,7 +114,7 @@ def dense() -> Callable[[MatVec, Array], tuple[Array, SolveInfo]]:
         columns = jax.vmap(lambda e: matvec(e.reshape(b.shape)).ravel())(jnp.eye(n, dtype=b.dtype))
         matrix = columns.T
         x = jnp.linalg.solve(matrix, b.ravel()).reshape(b.shape)
-        return x, SolveInfo(jnp.asarray(0, jnp.int32), _true_residual(matvec, x, b))
+        return x, SolveInfo(jnp.asarray(0, jnp.int32), _true_residual(matvec, x, b), jnp.all(jnp.isfinite(x)))
 
     return solve
 

@@ -10,6 +10,8 @@ that each linear solve's iterations and residual can be reported), and
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from typing import Callable, Mapping, NamedTuple
 
 import jax
@@ -79,26 +81,96 @@ def gauge_for(system: System, rattler: Array | None = None) -> implicit.Gauge:
     return build
 
 
+SOLVERS = ("cg", "dense")
+
+
+def solver_for(
+    system: System, q: Array, params: Params, rattler: Array | None = None, method: str = "cg",
+    rtol: float = 1e-10, preconditioner: str = "twolevel",
+) -> implicit.Solve:
+    """The linear solve of the implicit derivatives at the relaxed state ``(q, θ)``:
+    ``method`` "cg" (preconditioned by ``preconditioner``: "twolevel" —
+    block-Jacobi plus a coarse correction, fewest iterations — "jacobi" or
+    "none", assembled here from the pair Hessian blocks) or "dense" (exact,
+    small N). ``rattler`` (N,) bool: detected from the contacts at ``q`` when
+    None. The one place that turns solver options into a solve: ``mdsens run``,
+    ``ensemble``, ``design``, :func:`equilibrium` and the elastic moduli
+    (:func:`solving`) all come here."""
+    from mdsens import linsolve, precondition
+    from mdsens.systems import UsageError
+
+    if preconditioner not in precondition.PRECONDITIONERS:
+        raise UsageError(f"unknown preconditioner {preconditioner!r}: choose "
+                         f"{' or '.join(precondition.PRECONDITIONERS)}")
+    if method == "dense":
+        return linsolve.dense()
+    if method != "cg":
+        raise UsageError(f"unknown linear solver {method!r}: choose 'cg' or 'dense'")
+    precond = None
+    if preconditioner != "none":
+        q = jax.lax.stop_gradient(q)
+        if rattler is None:
+            rattler = observables.rattlers(system, q, jax.lax.stop_gradient(params))
+        project = gauge_for(system, rattler)(q, params)
+        if preconditioner == "jacobi":
+            precond = precondition.block_jacobi(system, q, params, project)
+        else:
+            precond = precondition.two_level(system, q, params, rattler, project)
+    return linsolve.cg(rtol=rtol, preconditioner=precond)
+
+
+@contextlib.contextmanager
+def solving(method: str = "cg", rtol: float = 1e-10, preconditioner: str = "twolevel"):
+    """Inside this context (while tracing), the solves *inside* observables —
+    the elastic moduli's non-affine relaxation — use :func:`solver_for` with
+    these options instead of unpreconditioned CG at rtol 1e-10."""
+    from mdsens import elasticity
+
+    token = elasticity.SOLVE_AT.set(
+        lambda system, q, params, rattler: solver_for(system, q, params, rattler, method, rtol, preconditioner))
+    try:
+        yield
+    finally:
+        elasticity.SOLVE_AT.reset(token)
+
+
 def equilibrium(
     system: System,
     method: str = "fire",
     ftol: float = 1e-10,
     max_steps: int = 100_000,
     solve: implicit.Solve | None = None,
+    preconditioner: str | None = "twolevel",
+    rtol: float = 1e-10,
 ) -> Callable[[Array, Params], Array]:
     """``q*(q0, θ)``: relax from ``q0`` at parameters ``θ``, differentiable in θ.
 
     Starting from an already relaxed ``q0`` costs one force evaluation, so
     ``equilibrium(system)(q_star, params)`` is the cheap way to put a relaxed
     state into a differentiable computation.
+
+    The derivative's linear solve: ``solve`` as given, else CG at ``rtol``
+    preconditioned by ``preconditioner`` assembled at the root
+    (:func:`solver_for`; None: unpreconditioned).
+
+    No silent failure: when the relaxation does not reach ``ftol`` within
+    ``max_steps`` the result is NaN, and a derivative whose linear solve did
+    not converge is NaN (:func:`mdsens.implicit.custom_root`); test
+    ``jnp.isfinite`` before following a gradient.
     """
     mini = minimizer_for(system, method)
+    solve_at = None
+    if solve is None:
+        def solve_at(q: Array, params: Params) -> implicit.Solve:
+            return solver_for(system, q, params, None, "cg", rtol, preconditioner or "none")
 
-    @implicit.custom_root(optimality(system), solve=solve, gauge=gauge_for(system), hvp=system.hessian_vp)
+    @implicit.custom_root(optimality(system), solve=solve, gauge=gauge_for(system), hvp=system.hessian_vp,
+                          solve_at=solve_at)
     def solver(q0: Array, params: Params) -> Array:
         x0 = system.to_real(q0, params)
-        x, _ = minimize.run(mini, system.energy_real, x0, params, ftol, max_steps)
-        return system.to_solver(x, params)
+        x, info = minimize.run(mini, system.energy_real, x0, params, ftol, max_steps)
+        q = system.to_solver(x, params)
+        return jnp.where(info.converged, q, jnp.nan)
 
     return solver
 
@@ -210,7 +282,9 @@ def forward(
     see :func:`forward_fn`. ``x*`` is the real-space position (includes the
     affine part ``q* ⊙ ∂L/∂θ`` for the box).
     """
-    return jax.jit(forward_fn(system, name, observe, rattler, solve, index, batch))(q, dict(params))
+    fn = _cached(system, ("forward", name, tuple(observe.items()), solve, index, batch),
+                 lambda: lambda q_, p_, r_: forward_fn(system, name, observe, r_, solve, index, batch)(q_, p_))
+    return fn(q, dict(params), jnp.asarray(rattler))
 
 
 def gradient_fn(
@@ -245,7 +319,27 @@ def gradient(
     ``dO/dθ = ∂θO + (∂q*/∂θ)ᵀ ∂qO``. ``observable`` must return a scalar
     (``jax.grad`` raises a TypeError otherwise).
     """
-    return jax.jit(gradient_fn(system, observable, rattler, solve))(q, dict(params))
+    fn = _cached(system, ("gradient", observable, solve),
+                 lambda: lambda q_, p_, r_: gradient_fn(system, observable, r_, solve)(q_, p_))
+    return fn(q, dict(params), jnp.asarray(rattler))
+
+
+_JITTED: "weakref.WeakKeyDictionary[System, dict]" = weakref.WeakKeyDictionary()
+
+
+def _cached(system: System, key: tuple, make: Callable[[], Callable]) -> Callable:
+    """One jitted function per (system, key), the rattler mask an argument: a
+    second :func:`forward` or :func:`gradient` with new θ, q* or rattlers of
+    the same shapes compiles nothing (an optimiser or a sweep calls them in a
+    loop). ``solve`` is part of the key by identity: pass the same one."""
+    per_system = _JITTED.setdefault(system, {})
+    try:
+        fn = per_system.get(key)
+    except TypeError:  # an unhashable part of the key: no caching
+        return jax.jit(make())
+    if fn is None:
+        fn = per_system[key] = jax.jit(make())
+    return fn
 
 
 # -- finite differences: the independent check ----------------------------------

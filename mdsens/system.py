@@ -123,8 +123,9 @@ class System:
         d2 = jnp.sum(dr**2, axis=-1)
         # Coincident particles would make grad(sqrt) NaN; they never occur in a
         # packing, and the guard keeps one bad input from poisoning everything
-        # (padding pairs (0, 0) of a neighbor list land here too).
-        r = jnp.sqrt(jnp.where(d2 > 0, d2, 1.0))
+        # (padding pairs (0, 0) of a neighbor list land here too). NaN positions
+        # (a failed relaxation, see sensitivity.equilibrium) stay NaN.
+        r = jnp.sqrt(jnp.where(d2 == 0, 1.0, d2))
         return r, i, j, valid
 
     def energy(self, q: Array, params: Params, strain: Array | None = None) -> Array:
@@ -166,7 +167,7 @@ class System:
 
         def pair_energy(r_vec: Array, a: Array, b: Array) -> Array:
             d2 = jnp.sum(r_vec**2)
-            return self.pair(jnp.sqrt(jnp.where(d2 > 0, d2, 1.0)), a, b, params)
+            return self.pair(jnp.sqrt(jnp.where(d2 == 0, 1.0, d2)), a, b, params)
 
         k = jax.vmap(jax.hessian(pair_energy))(dr, i, j)
         k = jnp.where(valid[:, None, None], k, 0.0)
