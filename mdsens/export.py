@@ -291,4 +291,10 @@ def export(source: str | os.PathLike, fmt: str, output: str | os.PathLike) -> No
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: choose {', '.join(FORMATS)}")
     record = io.read(source)
+    box = record["box"]
+    if box is not None and np.ndim(box) == 2:
+        if not np.allclose(box, np.diag(np.diag(box)), rtol=0, atol=0):
+            raise io.FormatError(f"{source}: a sheared (triclinic) cell from a fixed-pressure run with box_dof=shear; "
+                                 f"export to {fmt} supports rectangular boxes only so far")
+        record = {**record, "box": np.diag(box)}
     _WRITERS[fmt](record, output)
