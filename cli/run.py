@@ -89,6 +89,8 @@ def _human_summary(result) -> str:
         f"max|F| = {s['max_force']:.2e}, rattlers {s['rattlers']}",
         f"time: compile {t['compile_s']:.2f} s, relax {t['relax_s']:.2f} s, derivatives {t['derivative_s']:.2f} s",
     ]
+    if isinstance(result.meta, dict) and result.meta.get("ensemble"):  # fixed pressure: which box dof relaxed
+        lines.append(f"ensemble: {result.meta['ensemble']}")
     for name in result.observables:
         if name != "max_force":
             lines.append(f"  {name:<10s} = {np.array2string(np.asarray(result.observables[name]), precision=8)}")
