@@ -39,8 +39,12 @@ from pathlib import Path
 import matplotlib.pyplot as plt  # inline in Jupyter; Agg when run headless as a script
 import numpy as np
 
+import mdsens
+
+# The data ship with the repository: found from here upwards, or beside the installed (editable) package.
 here = Path.cwd()
-root = next(p for p in [here, *here.parents] if (p / "data" / "jamming").is_dir())
+candidates = [here, *here.parents, Path(mdsens.__file__).resolve().parent.parent]
+root = next(p for p in candidates if (p / "data" / "jamming").is_dir())
 
 
 def load(n):

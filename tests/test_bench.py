@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from mdsens.cli import app
 
 
+@pytest.mark.slow
 def test_bench_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("MDSENS_NO_CACHE", "1")
     out = tmp_path / "bench.json"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import jax.numpy as jnp
 import numpy as np
 from typer.testing import CliRunner
@@ -26,6 +28,7 @@ def test_resumed_relaxation_retraces_the_uninterrupted_one():
     np.testing.assert_array_equal(np.asarray(resumed.x), np.asarray(whole.x))
 
 
+@pytest.mark.slow
 def test_cli_checkpoint_then_resume(tmp_path):
     runner = CliRunner()
     base = ["run", "--set", "n=96", "--no-cache", "--quiet", "--json"]

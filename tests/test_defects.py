@@ -250,6 +250,7 @@ def test_fixed_point_hands_cg_a_positive_operator():
     assert lam.min() > -1e-10 * lam.max(), lam[:5]
 
 
+@pytest.mark.slow
 def test_fixed_point_equals_root_with_cg_and_with_hvp():
     system, q, params, gauge_fn, d = _fixed_point_setup()
     grad_e = jax.grad(system.energy)
@@ -307,6 +308,7 @@ def test_forward_docstring_names_the_batching():
 # -- 7. the two-level preconditioner with several coarse cells ---------------------
 
 
+@pytest.mark.slow
 def test_two_level_with_several_coarse_cells():
     system, q, params, rattler = relaxed("bidisperse", n=256, dim=2, phi=0.9)
     cells = precondition._cells(system, q, 32, 1024)[1]

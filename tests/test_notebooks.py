@@ -28,7 +28,12 @@ pytest.importorskip("ipykernel")
 REGENERATE = "regenerate it from the .py source: jupytext --to ipynb notebooks/0*.py"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+# 02 and 04 (a minute each on 2 cores) run with -m slow; 01 (the paper) and 03 stay in the default run.
+SLOW_NOTEBOOKS = ("02_explore", "04_design")
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW_NOTEBOOKS else p
+                                  for p in NOTEBOOKS], ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, monkeypatch, tmp_path):
     # 32 particles: every cell still runs (relax, derivatives, figure, checks) in seconds.
     monkeypatch.setenv("MDSENS_NOTEBOOK_N", "32")

@@ -37,9 +37,7 @@ def test_unconverged_relaxation_and_capped_solve_are_nan(relaxed):
     start = jnp.asarray(system.to_solver(jnp.asarray(system.positions), params))
     short = sensitivity.equilibrium(system, max_steps=5)
     assert bool(jnp.all(jnp.isnan(short(start, params))))
-    jac = jax.jacfwd(lambda d: short(start, {**params, "diameter": d}))(params["diameter"])
-    assert bool(jnp.all(jnp.isnan(jac)))
-    # and an observable of the failed state is NaN too (not a finite energy of garbage)
+    # an observable of the failed state and its gradient are NaN too (not a finite energy of garbage)
     grad = jax.grad(lambda d: observables.energy(system, short(start, {**params, "diameter": d}),
                                                  {**params, "diameter": d}))(params["diameter"])
     assert bool(jnp.all(jnp.isnan(grad)))
@@ -48,8 +46,7 @@ def test_unconverged_relaxation_and_capped_solve_are_nan(relaxed):
     dp = {k: jnp.zeros_like(v) for k, v in params.items()}
     dp["diameter"] = jnp.asarray([1.0, 0.0])
     assert bool(jnp.all(jnp.isnan(jax.jvp(lambda p: capped(q, p), (params,), (dp,))[1])))
-    good = sensitivity.equilibrium(system, solve=linsolve.cg())
-    assert bool(jnp.all(jnp.isfinite(jax.jvp(lambda p: good(q, p), (params,), (dp,))[1])))
+    # (an uncapped CG gives a finite tangent: test_equilibrium_is_preconditioned_and_exact)
 
 
 def test_moduli_solves_follow_the_solver_options(relaxed, monkeypatch):
