@@ -99,6 +99,7 @@ def _to_float32(tree):
     return jax.tree_util.tree_map(lambda v: jnp.asarray(np.asarray(v), jnp.float32), tree)
 
 
+@pytest.mark.slow
 def test_float32_coarse_space_drops_the_translation_modes():
     """The coarse matrix of the two-level preconditioner is a cell-graph
     Laplacian: its d translation eigenvalues are round-off, ~1e-7·max in
@@ -230,6 +231,7 @@ def _fixed_point_setup():
     return system, q, params, gauge_fn, d
 
 
+@pytest.mark.slow
 def test_fixed_point_hands_cg_a_positive_operator():
     system, q, params, gauge_fn, d = _fixed_point_setup()
     grad_e = jax.grad(system.energy)
