@@ -725,31 +725,11 @@ def execute(job, system: CellSystem, observe: dict, wrts: list, progress=None, w
             timings["compile_s"] += c
             timings["derivative_s"] += r
     timings["total_s"] = time.perf_counter() - wall
-    meta = {
-        "system": system.name,
-        "configuration": {**system.config, "seed": job.seed},
-        "seed": job.seed,
-        "command": job.command,
-        "ensemble": ensemble(system),
-        "box_dof": system.box_dof,
-        "target_pressure": float(params["pressure"]),
-        "stress_residual": out.stress_residual,
-        "minimizer": job.minimizer,
-        "ftol": job.ftol,
-        "max_steps": job.max_steps,
-        "linear_solver": job.solver,
-        "rtol": job.rtol,
-        "preconditioner": "none",
-        "neighbor_list": {"pairs": int(out.pairs.shape[1]) if listed else None, "skin": job.skin,
-                          "rebuilds": out.rebuilds},
-        "steps": int(info.steps),
-        "converged": bool(info.converged),
-        "derivatives": "computed" if bool(info.converged) else "skipped: relaxation did not converge",
-        "versions": _job.versions(),
-        "device": _job.device_name(),
-        "precision": str(jnp.result_type(float)),
-        "timings": timings,
-    }
+    meta = _job.run_meta(
+        job, system, info, timings, ensemble=ensemble(system), box_dof=system.box_dof,
+        target_pressure=float(params["pressure"]), stress_residual=out.stress_residual, preconditioner="none",
+        neighbor_list={"pairs": int(out.pairs.shape[1]) if listed else None, "skin": job.skin,
+                       "rebuilds": out.rebuilds})
     return PressureResult(job, system, q, params, info, rattler, values, forwards, gradients, timings, meta)
 
 

@@ -203,26 +203,8 @@ class DesignResult:
 
     def meta(self) -> dict[str, Any]:
         job, system, last = self.plan.design.job, self.plan.system, self.history[self.best]
-        return {
-            "system": system.name,
-            "configuration": {**system.config, "seed": job.seed},
-            "seed": job.seed,
-            "command": job.command,
-            "minimizer": job.minimizer,
-            "ftol": job.ftol,
-            "max_steps": job.max_steps,
-            "linear_solver": job.solver,
-            "rtol": job.rtol,
-            "preconditioner": job.preconditioner if job.solver == "cg" else "none",
-            "steps": int(last.info.steps),
-            "converged": bool(last.info.converged),
-            "derivatives": "the loss gradient of every design step (/design)",
-            "versions": _job.versions(),
-            "device": _job.device_name(),
-            "precision": str(jnp.result_type(float)),
-            "timings": dict(self.timings),
-            "design": self.attributes(),
-        }
+        return _job.run_meta(job, system, last.info, dict(self.timings), design=self.attributes(),
+                             derivatives="the loss gradient of every design step (/design)")
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able digest: what ``mdsens design --json`` prints."""

@@ -373,6 +373,35 @@ def load_checkpoint(path: str, job: Job) -> dict[str, np.ndarray]:
     return state
 
 
+def run_meta(job: Job, system: System, info: RelaxInfo, timings: dict[str, float], **extra: Any) -> dict[str, Any]:
+    """The provenance a run file records (``/parameters`` attributes): the
+    system and its configuration, the job's options, convergence, versions,
+    device, precision and timings; ``extra`` adds or overrides keys (e.g. the
+    neighbor list, a fixed-pressure ensemble, a design's settings)."""
+    converged = bool(info.converged)
+    meta = {
+        "system": system.name,
+        "configuration": {**system.config, "seed": job.seed},
+        "seed": job.seed,
+        "command": job.command,
+        "minimizer": job.minimizer,
+        "ftol": job.ftol,
+        "max_steps": job.max_steps,
+        "linear_solver": job.solver,
+        "rtol": job.rtol,
+        "preconditioner": job.preconditioner if job.solver == "cg" else "none",
+        "steps": int(info.steps),
+        "converged": converged,
+        "derivatives": "computed" if converged else "skipped: relaxation did not converge",
+        "versions": versions(),
+        "device": device_name(),
+        "precision": str(jnp.result_type(float)),
+        "timings": timings,
+    }
+    meta.update(extra)
+    return meta
+
+
 def execute(job: Job, progress: Callable[[int, float, float], None] | None = None) -> Result:
     """Run ``job``: relax, then (if converged) every requested derivative."""
     wall = time.perf_counter()
@@ -424,24 +453,5 @@ def execute(job: Job, progress: Callable[[int, float, float], None] | None = Non
                 timings["derivative_s"] += r
     timings["total_s"] = time.perf_counter() - wall
 
-    meta = {
-        "system": system.name,
-        "configuration": {**system.config, "seed": job.seed},
-        "seed": job.seed,
-        "command": job.command,
-        "minimizer": job.minimizer,
-        "ftol": job.ftol,
-        "max_steps": job.max_steps,
-        "linear_solver": job.solver,
-        "rtol": job.rtol,
-        "preconditioner": job.preconditioner if job.solver == "cg" else "none",
-        "neighbor_list": nl_meta,
-        "steps": int(info.steps),
-        "converged": bool(info.converged),
-        "derivatives": "computed" if bool(info.converged) else "skipped: relaxation did not converge",
-        "versions": versions(),
-        "device": device_name(),
-        "precision": str(jnp.result_type(float)),
-        "timings": timings,
-    }
+    meta = run_meta(job, system, info, timings, neighbor_list=nl_meta)
     return Result(job, system, q, params, info, rattler, values, forwards, gradients, timings, meta)
