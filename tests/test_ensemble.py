@@ -205,3 +205,17 @@ def test_jamming_from_a_small_ensemble():
     a, b = np.polyfit(phis, mean_p, 1)
     assert 0.82 < -b / a < 0.86
     assert np.all(r.sensitivity["diameter"]["pressure"] > 0)
+
+
+def test_export_member_and_bench_ensemble_bad_input(batch, tmp_path):
+    _, path = batch
+    out = tmp_path / "m.h5"
+    res = runner.invoke(app, ["export", str(path), "--member", "6", "-o", str(out)])
+    assert res.exit_code == 2 and "members 0 … 5" in res.output and not out.exists()
+    res = runner.invoke(app, ["export", str(path), "--member", "1", "--format", "extxyz", "-o", str(out)])
+    assert res.exit_code == 2 and "--member writes an mdsens run file" in res.output and not out.exists()
+    res = runner.invoke(app, ["export", str(path), "-o", str(out)])
+    assert res.exit_code == 2 and "--format is required" in res.output
+    report = tmp_path / "b.json"
+    res = runner.invoke(app, ["bench", "bidisperse", "--ensemble", "0", "-o", str(report)])
+    assert res.exit_code == 2 and "at least 1" in res.output and not report.exists()
