@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 
 from mdsens.cli.app import EXIT_NOT_CONVERGED, EXIT_USAGE, app, errors, fail, log
-from mdsens.cli.run import _configure, _parse_sets
+from mdsens.cli.run import _parse_sets, configure, require_writable
 
 
 def _progress_line(design, quiet: bool):
@@ -99,16 +99,8 @@ def design(
         return f"no file written, {output} untouched" if state["existed"] else "no file written"
 
     with errors(on_interrupt):
-        if output.exists() and not force:
-            fail(f"{output} exists; pass --force to overwrite it, or -o another path", EXIT_USAGE)
-        if not output.resolve().parent.is_dir():
-            fail(f"cannot write {output}: directory {output.parent} does not exist", EXIT_USAGE)
-        _configure(precision, device)
-        from mdsens import cache
-
-        cache.enable(not no_cache)
-        if precision == "float32":
-            ftol = max(ftol, 1e-5)
+        require_writable(output, force)
+        ftol = configure(precision, device, no_cache, ftol)
         job = Job(system=system, overrides=_parse_sets(set_), seed=seed, minimizer=minimizer, ftol=ftol,
                   max_steps=max_steps, solver=solver, rtol=rtol, preconditioner=preconditioner,
                   neighbor_list=neighbor_list, command=shlex.join(["mdsens", *sys.argv[1:]]))

@@ -46,6 +46,24 @@ def _configure(precision: str, device: Optional[str]) -> None:
             _require_gpu()
 
 
+def require_writable(output: Path, force: bool) -> None:
+    """Exit 2 before any work unless ``output`` may be written (absent, or --force; its directory exists)."""
+    if output.exists() and not force:
+        fail(f"{output} exists; pass --force to overwrite it, or -o another path", EXIT_USAGE)
+    if not output.resolve().parent.is_dir():
+        fail(f"cannot write {output}: directory {output.parent} does not exist", EXIT_USAGE)
+
+
+def configure(precision: str, device: Optional[str], no_cache: bool, ftol: float) -> float:
+    """Precision, device and the compilation cache of a computing verb; returns
+    the force tolerance (raised to 1e-5 in float32)."""
+    _configure(precision, device)
+    from mdsens import cache
+
+    cache.enable(not no_cache)
+    return max(ftol, 1e-5) if precision == "float32" else ftol
+
+
 def _cuda_plugin_installed() -> bool:
     """Whether this JAX has CUDA support (the ``jax[cuda12]`` plugin), GPU or not."""
     import importlib.util
@@ -155,16 +173,8 @@ def run(
         return f"no file written, {output} untouched" if state["existed"] else "no file written"
 
     with errors(on_interrupt):
-        if output.exists() and not force:
-            fail(f"{output} exists; pass --force to overwrite it, or -o another path", EXIT_USAGE)
-        if not output.resolve().parent.is_dir():
-            fail(f"cannot write {output}: directory {output.parent} does not exist", EXIT_USAGE)
-        _configure(precision, device)
-        from mdsens import cache
-
-        cache.enable(not no_cache)
-        if precision == "float32":
-            ftol = max(ftol, 1e-5)
+        require_writable(output, force)
+        ftol = configure(precision, device, no_cache, ftol)
         job = Job(system=system, overrides=_parse_sets(set_), seed=seed, wrt=list(wrt),
                   observe=list(observe) if observe else None, grad=list(grad), minimizer=minimizer,
                   ftol=ftol, max_steps=max_steps, solver=solver, rtol=rtol,
