@@ -86,6 +86,31 @@ def test_table_forces_are_the_energy_gradient():
         assert abs(float(e) - float(system.energy_real(x, params))) <= 1e-12 * abs(float(e)), family
 
 
+def test_pair_list_forces_are_the_energy_gradient_and_the_table_forces():
+    # The pair list computes each pair once and gathers it back into the rows:
+    # the energy's gradient for every family (cells, all pairs, free space,
+    # the static Morse table), and the table force to round-off.
+    for family, config in (("bidisperse", {"n": 600, "dim": 2}), ("polydisperse", {"n": 30, "dim": 3}),
+                           ("lj_crystal", {"dim": 2}), ("morse_cluster", {"n": 7, "dim": 3})):
+        system = systems.get(family).build(seed=1, **config)
+        params = {k: jnp.asarray(v) for k, v in system.params.items()}
+        x = jnp.asarray(system.positions)
+        if system.periodic:
+            x = jnp.mod(x, params["box"])
+        table = relax.Table(system, params)
+        nbrs = table.allocate(x)
+        capacity = table.pair_capacity(x, nbrs.cells.shape[1])
+        pairs = relax.pair_list(nbrs.idx, system.n, capacity)
+        assert not bool(pairs.overflow), family
+        listed = {tuple(p) for p in np.stack([np.asarray(pairs.i), np.asarray(pairs.j)], 1) if p[0] != p[1]}
+        assert listed == {tuple(p) for p in relax.pairs_from_table(nbrs.idx, system.n).T}, family
+        f = relax.pair_list_force_fn(system)(x, pairs, params)
+        assert relative_error(f, -jax.grad(system.energy_real)(x, params)) < 1e-12, family
+        assert relative_error(f, relax.pair_force_fn(system)(x, nbrs.idx, params)) < 1e-14, family
+        # Too small a capacity is flagged, never truncated silently.
+        assert bool(relax.pair_list(nbrs.idx, system.n, len(listed) - 1).overflow), family
+
+
 def test_overflow_is_detected_and_the_chunk_redone(monkeypatch):
     system = systems.get("bidisperse").build(n=128, dim=2, phi=0.9)
     params = {k: jnp.asarray(v) for k, v in system.params.items()}
@@ -106,6 +131,22 @@ def test_overflow_is_detected_and_the_chunk_redone(monkeypatch):
         return original(self, x, grow, shrink)
 
     monkeypatch.setattr(relax.Table, "capacities", capacities)
+    relax._CACHE.clear()
+    out = relax.relax(system, params, chunk=200)
+    assert bool(out.info.converged) and out.stats.reallocations >= 1
+    assert int(out.info.steps) == int(reference.info.steps)
+    np.testing.assert_allclose(np.asarray(out.x), np.asarray(reference.x), atol=1e-12)
+    # The same for the pair list: a first one with room for 10 pairs.
+    monkeypatch.setattr(relax.Table, "capacities", original)
+    pair_original, tiny = relax.Table.pair_capacity, []
+
+    def pair_capacity(self, x, cell_capacity, grow=1.0, shrink=False):
+        if not tiny:
+            tiny.append(True)
+            return 10
+        return pair_original(self, x, cell_capacity, grow, shrink)
+
+    monkeypatch.setattr(relax.Table, "pair_capacity", pair_capacity)
     relax._CACHE.clear()
     out = relax.relax(system, params, chunk=200)
     assert bool(out.info.converged) and out.stats.reallocations >= 1
