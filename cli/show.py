@@ -19,6 +19,7 @@ def _jsonable(value: Any) -> Any:
 
 def summarize(record: Mapping[str, Any], top: int = 5) -> dict[str, Any]:
     """A JSON-able digest of a file record (:func:`mdsens.io.read`)."""
+    from mdsens import names
     from mdsens.export import derivative_fields
 
     meta = record.get("meta", {})
@@ -63,9 +64,9 @@ def summarize(record: Mapping[str, Any], top: int = 5) -> dict[str, Any]:
         }
         item.update({f"d{name}": _jsonable(v) for name, v in entry["values"].items() if name != "position"})
         item["most_sensitive"] = {}
-        base = wrt.split("[")[0]
+        wanted = names.parse(wrt)
         for label, field in fields.items():
-            if label != wrt and not (label.startswith(base + "[") and "[" not in wrt):
+            if not names.matches(wanted, names.parse(label)):
                 continue
             magnitude = np.linalg.norm(field, axis=-1)
             order = np.argsort(-magnitude)[:top]

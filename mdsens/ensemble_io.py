@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from mdsens import io
+from mdsens import io, names
 
 GROUP = "ensemble"
 
@@ -83,7 +83,7 @@ def write(path: str | os.PathLike, result: Any) -> None:
             sens = g.create_group("sensitivity")
             for wrt, entry in result.sensitivity.items():
                 sub = sens.create_group(wrt)
-                param = wrt.split("[")[0]
+                param = names.parse(wrt).base
                 for name, value in entry.items():
                     if name in ("iterations", "residual"):
                         put(sub, name, value, f"linear solve {name} of each member and element")
