@@ -19,7 +19,7 @@ def _jsonable(value: Any) -> Any:
 
 def summarize(record: Mapping[str, Any], top: int = 5) -> dict[str, Any]:
     """A JSON-able digest of a file record (:func:`mdsens.io.read`)."""
-    from mdsens import names
+    from mdsens import io, names, observables
     from mdsens.export import derivative_fields
 
     meta = record.get("meta", {})
@@ -47,6 +47,11 @@ def summarize(record: Mapping[str, Any], top: int = 5) -> dict[str, Any]:
         },
         "observables": {k: _jsonable(v) for k, v in obs.items()
                         if k not in ("converged", "minimizer_steps", "max_force")},
+        "units": {  # reduced units (H5MD strings; None: a count, a flag, or not known)
+            "observables": {k: observables.unit(k, int(x.shape[1])) for k in obs},
+            "parameters": {k: io.parameter_unit(str(meta.get("system", "")), k, io.potential_of(meta),
+                                                int(x.shape[1])) for k in record["parameters"]},
+        },
         "sensitivity": {},
         "gradient": {},
         "provenance": {key: meta.get(key) for key in ("command", "seed", "configuration", "versions", "device",

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping
 import h5py
 import numpy as np
 
-from mdsens import io, names
+from mdsens import io, names, observables
 
 FORMATS = ("extxyz", "h5md3d", "gsd")
 
@@ -203,7 +203,8 @@ def to_h5md3d(record: Mapping[str, Any], path: str | os.PathLike) -> None:
         group.create_dataset("rattler", data=np.asarray(record["rattler"], dtype=bool))
         system = str(meta.get("system", ""))
         for name, label, u in derivative_fields(record):
-            unit = io.divide_units(io.LENGTH, io.parameter_unit(system, label.split("[")[0], io.potential_of(meta)))
+            param = names.parse(label).base
+            unit = io.divide_units(io.LENGTH, io.parameter_unit(system, param, io.potential_of(meta), d))
             element = _time_series(group, name, _embed(u), step, None, f"dx*/d{label}, z = 0 for 2D")
             if unit is not None:
                 element["value"].attrs["reduced_unit"] = unit
@@ -211,7 +212,7 @@ def to_h5md3d(record: Mapping[str, Any], path: str | os.PathLike) -> None:
         obs = f.create_group("observables")
         for name, value in record["observables"].items():
             unit = io.observable_unit(name, d)
-            element = _time_series(obs, name, np.asarray(value), step, None, f"{name} at the relaxed state")
+            element = _time_series(obs, name, np.asarray(value), step, None, observables.description(name))
             if unit is not None:
                 element["value"].attrs["reduced_unit"] = unit
         parameters = f.create_group("parameters")

@@ -21,6 +21,7 @@ from mdsens.minimize import RelaxInfo
 from mdsens.system import System
 from mdsens.systems import UsageError
 
+
 @dataclass
 class Job:
     """Everything a run needs. ``overrides`` are the ``--set KEY=VALUE`` texts."""
@@ -145,11 +146,11 @@ def parse_wrt(text: str, params: dict[str, jax.Array]) -> tuple[str, tuple[int, 
 
 
 def _observables(job: Job, system: System) -> dict[str, Callable]:
-    names = job.observe
-    if names is None:
-        names = ["energy", "pressure"] if system.periodic else ["energy"]
+    wanted = job.observe
+    if wanted is None:
+        wanted = ["energy", "pressure"] if system.periodic else ["energy"]
     chosen = {}
-    for name in names:
+    for name in wanted:
         if name not in observables.OBSERVABLES:
             raise UsageError(f"unknown observable {name!r}; choose from: {', '.join(observables.OBSERVABLES)}")
         observables.require(system, name, UsageError)
