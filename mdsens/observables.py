@@ -152,16 +152,19 @@ def _held_rattlers(system: System, q: Array, params: Params) -> Array:
 def elastic_tensor(system: System, q: Array, params: Params) -> Array:
     """Elastic modulus tensor ``C`` (d, d, d, d) with non-affine relaxation
     (:func:`mdsens.elasticity.elastic_tensor`; d(d+1)/2 linear solves)."""
+    require(system, "elastic_tensor")
     return elasticity.elastic_tensor(system, q, params, _held_rattlers(system, q, params))
 
 
 def bulk_modulus(system: System, q: Array, params: Params) -> Array:
     """Angle-averaged bulk modulus ``B`` of :func:`elastic_tensor`."""
+    require(system, "bulk_modulus")
     return elasticity.bulk_modulus_of(elastic_tensor(system, q, params))
 
 
 def shear_modulus(system: System, q: Array, params: Params) -> Array:
     """Angle-averaged shear modulus ``G`` of :func:`elastic_tensor`."""
+    require(system, "shear_modulus")
     return elasticity.shear_modulus_of(elastic_tensor(system, q, params))
 
 
@@ -181,6 +184,7 @@ def poisson_ratio(system: System, q: Array, params: Params) -> Array:
     """Isotropic Poisson ratio ``ν`` (dimensionless) from ``B`` and ``G`` of one
     :func:`elastic_tensor` (:func:`poisson_ratio_of`): 2D ``(B − G)/(B + G)``,
     3D ``(3B − 2G)/(2(3B + G))``."""
+    require(system, "poisson_ratio")
     c = elastic_tensor(system, q, params)
     return poisson_ratio_of(elasticity.bulk_modulus_of(c), elasticity.shear_modulus_of(c), system.dim)
 
