@@ -96,6 +96,8 @@ def _fmt(value: Any) -> str:
 
 def render(summary: Mapping[str, Any], path: str) -> str:
     """The human-readable text of :func:`summarize`."""
+    from mdsens import names
+
     s, c, p = summary["system"], summary["convergence"], summary["provenance"]
     lines = [f"{path}: {s['name']}, N = {s['n']}, d = {s['dim']}, "
              + (f"box {_fmt(s['box'])}" if s["box"] is not None else "free space")
@@ -112,13 +114,13 @@ def render(summary: Mapping[str, Any], path: str) -> str:
     for wrt, item in summary["sensitivity"].items():
         lines.append(f"d/d{wrt}:  (CG iterations {item['iterations']}, residual {_fmt(item['residual'])})")
         lines.append(f"  |dx*/d{wrt}| = {_fmt(item['position_norm'])}")
-        lines += [f"  {k}/d{wrt} = {_fmt(v)}" for k, v in item.items() if k.startswith("d")]
+        lines += [f"  {names.derivative(k[1:], wrt)} = {_fmt(v)}" for k, v in item.items() if k.startswith("d")]
         for label, rows in item["most_sensitive"].items():
             text = ", ".join(f"#{r['particle']} (s{r['species']}) {r['magnitude']:.4g}" for r in rows)
             lines.append(f"  most sensitive to {label}: {text}")
     for name, item in summary["gradient"].items():
         lines.append(f"grad {name}: (CG iterations {item['iterations']}, residual {_fmt(item['residual'])})")
-        lines += [f"  d{name}/d{k} = {_fmt(v)}" for k, v in item["values"].items()]
+        lines += [f"  {names.derivative(name, k)} = {_fmt(v)}" for k, v in item["values"].items()]
     lines.append(f"made by: {p['command'] or '(python API)'}")
     versions = p.get("versions") or {}
     timings = p.get("timings") or {}

@@ -12,8 +12,9 @@ file", and in the file itself as ``description`` / ``unit`` attributes):
     /particles/all/species      (N,) int
     /particles/all/diameter     (N,) float, each particle's diameter (for viewers)
     /particles/all/rattler      (N,) bool
-    /parameters/<name>          every differentiable parameter; attrs: configuration,
-                                seed, command, versions, device, precision, timings
+    /parameters/<name>          every differentiable parameter; attrs: system, potential (what the
+                                parameter units follow), configuration, seed, command, versions,
+                                device, precision, timings
     /observables/<name>         scalars/tensors at the relaxed state; minimizer_steps, converged
     /sensitivity/<wrt>/{position (param.shape + (N, d)), <observable> (param.shape + obs.shape)}
                                 attrs iterations, residual (one per element)
