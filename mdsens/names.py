@@ -2,18 +2,18 @@
 
 Parameters and observables are named ``diameter``, ``diameter[1]``,
 ``stress[0,1]``; a derivative is labelled ``d<of>/d<wrt>``
-(``denergy/ddiameter[2]``). Every part of mdsens that
-reads or writes such a name — ``--wrt`` of ``run``/``check``/``plot``, the
-``/sensitivity/<wrt>`` groups of a file, export column names, ``show`` —
-goes through this module, so there is one grammar and one set of messages:
+(``denergy/ddiameter[2]``). Every part of mdsens that reads or writes such a
+name — ``--wrt`` of ``run``/``check``/``plot``, the ``/sensitivity/<wrt>``
+groups of a file, export column names, ``show`` — goes through this module,
+so there is one grammar and one set of messages:
 
     name   := identifier [ "[" int { "," int } "]" ]        (spaces allowed around ints)
 
 :func:`parse` checks the grammar only; :func:`resolve` also checks the name
-against the parameters (or observables) on offer and the index against the
-shape. Both raise :class:`NameSyntaxError`, a ``ValueError`` with a one-line
-message that starts with the text as given (callers prefix the option, e.g.
-``--wrt``, and turn it into their own usage error).
+against the parameters on offer and the index against the shape. Both raise
+:class:`NameSyntaxError`, a ``ValueError`` with a one-line message that starts
+with the text as given (callers prefix the option, e.g. ``--wrt``, and turn it
+into their own usage error).
 """
 
 from __future__ import annotations
@@ -82,25 +82,19 @@ def parse(text: str) -> Name:
     return Name(base, tuple(int(p) for p in parts))
 
 
-def check_index(name: Name, shape: Sequence[int], text: str | None = None) -> Name:
-    """``name`` if its index addresses one element of an array of ``shape``."""
-    shape = tuple(int(s) for s in shape)
-    if name.index is None:
-        return name
-    if len(name.index) != len(shape) or any(not 0 <= i < s for i, s in zip(name.index, shape)):
-        what = "a scalar" if not shape else f"shape {shape}"
-        raise NameSyntaxError(str(name) if text is None else text, f"index out of range for {name.base} of {what}")
-    return name
-
-
-def resolve(text: str, shapes: Mapping[str, Sequence[int]], kind: str = "parameter") -> Name:
+def resolve(text: str, shapes: Mapping[str, Sequence[int]]) -> Name:
     """:func:`parse` ``text`` and check it against ``shapes`` ({name: shape}): an
-    unknown name or an index out of range is a :class:`NameSyntaxError`."""
+    unknown name or an index that is not one element is a :class:`NameSyntaxError`."""
     name = parse(text)
     if name.base not in shapes:
         offered = ", ".join(shapes) or "none"
-        raise NameSyntaxError(text, f"no {kind} {name.base!r}; on offer: {offered}")
-    return check_index(name, shapes[name.base], text)
+        raise NameSyntaxError(text, f"no parameter {name.base!r}; on offer: {offered}")
+    shape = tuple(int(s) for s in shapes[name.base])
+    if name.index is not None and (len(name.index) != len(shape)
+                                   or any(not 0 <= i < s for i, s in zip(name.index, shape))):
+        what = "a scalar" if not shape else f"shape {shape}"
+        raise NameSyntaxError(text, f"index out of range for {name.base} of {what}")
+    return name
 
 
 def elements(base: str, shape: Sequence[int]) -> Iterator[Name]:

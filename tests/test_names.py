@@ -60,8 +60,8 @@ def test_resolve_checks_the_name_and_the_index():
                          ("epsilon[0]", "index out of range for epsilon of a scalar")]:
         with pytest.raises(NameSyntaxError, match=r"^'.*': " + reason.replace("(", r"\(").replace(")", r"\)")):
             names.resolve(text, shapes)
-    with pytest.raises(NameSyntaxError, match="no observable 'x'"):
-        names.resolve("x", {}, kind="observable")
+    with pytest.raises(NameSyntaxError, match="no parameter 'x'; on offer: none"):
+        names.resolve("x", {})
 
 
 def test_elements_matches_and_columns():
