@@ -204,17 +204,13 @@ _PRESSURE = "epsilon sigma-{d}"  # an energy density: energy over a d-dimensiona
 
 @dataclass(frozen=True)
 class Quantity:
-    """A named quantity a run records: shape ``(d,) * rank``, the unit (an H5MD
-    unit string in reduced units, ``{d}`` the dimension; None for a count or a
-    flag) and a one-line description (the file's ``description`` attribute)."""
+    """A named quantity a run records: its unit (an H5MD unit string in reduced
+    units, ``{d}`` the dimension; None for a count or a flag) and a one-line
+    description (the file's ``description`` attribute)."""
 
     name: str
-    rank: int
     unit: str | None
     description: str
-
-    def shape(self, dim: int) -> tuple[int, ...]:
-        return (dim,) * self.rank
 
     def unit_in(self, dim: int) -> str | None:
         return None if self.unit is None else self.unit.format(d=dim)
@@ -222,12 +218,17 @@ class Quantity:
 
 @dataclass(frozen=True)
 class Observable(Quantity):
-    """An observable: a :class:`Quantity` with its function ``fn(system, q,
-    params)`` and what it ``needs`` of the system (keys of :data:`NEEDS`).
-    Calling it checks the needs and calls ``fn``."""
+    """An observable: a :class:`Quantity` with the ``rank`` of its shape
+    ``(d,) * rank``, its function ``fn(system, q, params)`` and what it
+    ``needs`` of the system (keys of :data:`NEEDS`; ``fn`` checks them with
+    :func:`require`). Calling the entry calls ``fn``."""
 
+    rank: int = 0
     fn: Callable[[System, Array, Params], Array] = field(default=None, repr=False)
     needs: tuple[str, ...] = ()
+
+    def shape(self, dim: int) -> tuple[int, ...]:
+        return (dim,) * self.rank
 
     def __call__(self, system: System, q: Array, params: Params) -> Array:
         return self.fn(system, q, params)
@@ -236,7 +237,7 @@ class Observable(Quantity):
 def require_box(system: System, what: str, error: type[Exception] = ValueError) -> None:
     """Raise ``error`` (one line) unless ``system`` has a periodic box: the one
     check and message for everything that needs a volume (observables, the
-    moduli, fixed pressure, ``--keep phi``)."""
+    moduli, fixed pressure, ``--keep phi``, the LAMMPS peer)."""
     if not system.periodic:
         raise error(f"{what} {_need_text(system, 'box')}")
 
@@ -265,7 +266,7 @@ def _need_text(system: System, need: str) -> str:
 
 
 def _observable(fn: Callable, rank: int, unit: str | None, description: str, *needs: str) -> Observable:
-    return Observable(fn.__name__, rank, unit, description, fn, needs)
+    return Observable(fn.__name__, unit, description, rank, fn, needs)
 
 
 OBSERVABLES: dict[str, Observable] = {o.name: o for o in (
@@ -290,12 +291,12 @@ OBSERVABLES: dict[str, Observable] = {o.name: o for o in (
 
 #: what a run file records beside the observables (no function of its own)
 RECORDED: dict[str, Quantity] = {q.name: q for q in (
-    Quantity("position", 2, "sigma", "relaxed positions x*"),
-    Quantity("stress_residual", 0, "epsilon sigma-1",
+    Quantity("position", "sigma", "relaxed positions x*"),
+    Quantity("stress_residual", "epsilon sigma-1",
              "fixed pressure: max |sigma + P I| over the relaxed stress components, times (V/N)^((d-1)/d) "
              "(a force; converged when below ftol)"),
-    Quantity("minimizer_steps", 0, None, "minimizer steps taken"),
-    Quantity("converged", 0, None, "whether max|F| < ftol was reached (derivatives are written only if so)"),
+    Quantity("minimizer_steps", None, "minimizer steps taken"),
+    Quantity("converged", None, "whether max|F| < ftol was reached (derivatives are written only if so)"),
 )}
 
 
