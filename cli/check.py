@@ -40,15 +40,15 @@ def rebuild(record: Mapping[str, Any]):
     return system, params
 
 
-def _elements(wrt: str, shape: tuple[int, ...]) -> list[tuple[str, str, tuple[int, ...], tuple[int, ...]]]:
-    """(label, parameter name, parameter index, index into the stored array) for each element of ``wrt``."""
-    name = wrt.split("[")[0]
-    if "[" in wrt:
-        index = tuple(int(t) for t in wrt.split("[")[1].rstrip("]").split(",") if t.strip())
-        return [(wrt, name, index, ())]
-    if not shape:
-        return [(name, name, (), ())]
-    return [(f"{name}[{','.join(map(str, i))}]", name, i, i) for i in np.ndindex(*shape)]
+def _elements(key: str, shape: tuple[int, ...]) -> list[tuple[str, str, tuple[int, ...], tuple[int, ...]]]:
+    """(label, parameter name, parameter index, index into the stored array) for
+    each element of the stored derivative ``key`` (``NAME`` or ``NAME[i]``)."""
+    from mdsens import names
+
+    stored = names.parse(key)
+    if stored.index is not None:
+        return [(str(stored), stored.base, stored.index, ())]
+    return [(str(e), e.base, e.index, e.index) for e in names.elements(stored.base, shape)]
 
 
 def verify(record: Mapping[str, Any], wrt: str | None = None, h: float = 1e-5, tol: float = 1e-4,
@@ -57,7 +57,7 @@ def verify(record: Mapping[str, Any], wrt: str | None = None, h: float = 1e-5, t
     differences. Returns {"elements": {label: {quantity: relative error}}, "max_error", "ok", ...}."""
     import jax.numpy as jnp
 
-    from mdsens import barostat, observables, sensitivity
+    from mdsens import barostat, names, observables, sensitivity
 
     system, params = rebuild(record)
     q = system.to_solver(jnp.asarray(record["positions"]), params)
@@ -65,8 +65,14 @@ def verify(record: Mapping[str, Any], wrt: str | None = None, h: float = 1e-5, t
     if not entries:
         raise ValueError("the file has no forward derivatives to check (/sensitivity is empty: "
                          "the relaxation did not converge, or no --wrt was given)")
+    wanted = None
     if wrt is not None:
-        matches = [k for k in entries if k == wrt or k.split("[")[0] == wrt.split("[")[0]]
+        try:
+            wanted = names.parse(wrt)
+        except names.NameSyntaxError as err:
+            raise KeyError(f"--wrt {wrt!r}: no stored derivative element matches ({err.reason}); "
+                           f"stored: {', '.join(entries)}") from None
+        matches = [k for k in entries if names.parse(k).base == wanted.base]
         if not matches:
             raise KeyError(f"--wrt {wrt!r}: not in the file; stored: {', '.join(entries)}")
     else:
@@ -75,9 +81,9 @@ def verify(record: Mapping[str, Any], wrt: str | None = None, h: float = 1e-5, t
     for key in matches:
         values = entries[key]["values"]
         observe = {n: observables.OBSERVABLES[n] for n in values if n in observables.OBSERVABLES}
-        shape = np.shape(record["parameters"][key.split("[")[0]])
+        shape = np.shape(record["parameters"][names.parse(key).base])
         for label, name, index, at in _elements(key, shape):
-            if wrt is not None and "[" in wrt and label != wrt:
+            if wanted is not None and not names.matches(wanted, names.Name(name, index)):
                 continue
             if barostat.is_fixed_pressure(system):  # re-minimise the enthalpy, the box relaxing too
                 fd = barostat.finite_difference(system, q, params, name, index, h=h, observe=observe)

@@ -99,6 +99,8 @@ def _require_gpu() -> None:
 
 
 def _human_summary(result) -> str:
+    from mdsens import names
+
     s = result.summary()
     t = result.timings
     lines = [
@@ -118,7 +120,7 @@ def _human_summary(result) -> str:
         lines.append(f"  |dx*/d{key}| = {np.array2string(norm, precision=6)}")
         for name, value in fw.values.items():
             if name != "position":
-                lines.append(f"  d{name}/d{key} = {np.array2string(np.asarray(value), precision=8)}")
+                lines.append(f"  {names.derivative(name, key)} = {np.array2string(np.asarray(value), precision=8)}")
         lines.append(f"  CG iterations {np.asarray(fw.iterations).tolist()}, "
                      f"residual {np.array2string(np.asarray(fw.residual), precision=2)}")
     for key, (values, info) in result.gradient.items():
@@ -126,7 +128,7 @@ def _human_summary(result) -> str:
         for name, value in values.items():
             v = np.asarray(value)
             text = np.array2string(v, precision=6) if v.size <= 6 else f"shape {v.shape}, |·| = {np.linalg.norm(v):.6g}"
-            lines.append(f"  d{key}/d{name} = {text}")
+            lines.append(f"  {names.derivative(key, name)} = {text}")
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ def _jsonable(value: Any) -> Any:
 
 def summarize(record: Mapping[str, Any], top: int = 5) -> dict[str, Any]:
     """A JSON-able digest of a file record (:func:`mdsens.io.read`)."""
+    from mdsens import io, names, observables
     from mdsens.export import derivative_fields
 
     meta = record.get("meta", {})
@@ -46,6 +47,11 @@ def summarize(record: Mapping[str, Any], top: int = 5) -> dict[str, Any]:
         },
         "observables": {k: _jsonable(v) for k, v in obs.items()
                         if k not in ("converged", "minimizer_steps", "max_force")},
+        "units": {  # reduced units (H5MD strings; None: a count, a flag, or not known)
+            "observables": {k: observables.unit(k, int(x.shape[1])) for k in obs},
+            "parameters": {k: io.parameter_unit(str(meta.get("system", "")), k, io.potential_of(meta),
+                                                int(x.shape[1])) for k in record["parameters"]},
+        },
         "sensitivity": {},
         "gradient": {},
         "provenance": {key: meta.get(key) for key in ("command", "seed", "configuration", "versions", "device",
@@ -63,9 +69,9 @@ def summarize(record: Mapping[str, Any], top: int = 5) -> dict[str, Any]:
         }
         item.update({f"d{name}": _jsonable(v) for name, v in entry["values"].items() if name != "position"})
         item["most_sensitive"] = {}
-        base = wrt.split("[")[0]
+        wanted = names.parse(wrt)
         for label, field in fields.items():
-            if label != wrt and not (label.startswith(base + "[") and "[" not in wrt):
+            if not names.matches(wanted, names.parse(label)):
                 continue
             magnitude = np.linalg.norm(field, axis=-1)
             order = np.argsort(-magnitude)[:top]
@@ -90,6 +96,8 @@ def _fmt(value: Any) -> str:
 
 def render(summary: Mapping[str, Any], path: str) -> str:
     """The human-readable text of :func:`summarize`."""
+    from mdsens import names
+
     s, c, p = summary["system"], summary["convergence"], summary["provenance"]
     lines = [f"{path}: {s['name']}, N = {s['n']}, d = {s['dim']}, "
              + (f"box {_fmt(s['box'])}" if s["box"] is not None else "free space")
@@ -106,13 +114,13 @@ def render(summary: Mapping[str, Any], path: str) -> str:
     for wrt, item in summary["sensitivity"].items():
         lines.append(f"d/d{wrt}:  (CG iterations {item['iterations']}, residual {_fmt(item['residual'])})")
         lines.append(f"  |dx*/d{wrt}| = {_fmt(item['position_norm'])}")
-        lines += [f"  {k}/d{wrt} = {_fmt(v)}" for k, v in item.items() if k.startswith("d")]
+        lines += [f"  {names.derivative(k[1:], wrt)} = {_fmt(v)}" for k, v in item.items() if k.startswith("d")]
         for label, rows in item["most_sensitive"].items():
             text = ", ".join(f"#{r['particle']} (s{r['species']}) {r['magnitude']:.4g}" for r in rows)
             lines.append(f"  most sensitive to {label}: {text}")
     for name, item in summary["gradient"].items():
         lines.append(f"grad {name}: (CG iterations {item['iterations']}, residual {_fmt(item['residual'])})")
-        lines += [f"  d{name}/d{k} = {_fmt(v)}" for k, v in item["values"].items()]
+        lines += [f"  {names.derivative(name, k)} = {_fmt(v)}" for k, v in item["values"].items()]
     lines.append(f"made by: {p['command'] or '(python API)'}")
     versions = p.get("versions") or {}
     timings = p.get("timings") or {}

@@ -168,8 +168,9 @@ def _pairs_numpy(system: CellSystem, q: np.ndarray, params: Params, reach: float
 def at_pressure(system: System, pressure: float, box_dof: str = "iso") -> CellSystem:
     """``system`` (periodic) with the box as a degree of freedom at target pressure
     ``pressure``: adds the parameters ``pressure`` () and ``strain`` (d, d) = 0."""
-    if not system.periodic:
-        raise ValueError(f"fixed pressure needs a periodic box; {system.name!r} is in free space")
+    from mdsens.observables import require_box
+
+    require_box(system, "fixed pressure")
     strain_basis(system.dim, box_dof)  # validates box_dof
     values = {f.name: getattr(system, f.name) for f in fields(System)}
     dtype = jnp.result_type(float)

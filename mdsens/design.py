@@ -331,8 +331,7 @@ def prepare(design: Design) -> Plan:
                              f"({np.min(v):g} to {np.max(v):g})")
     phi = None
     if d.keep == "phi":
-        if not system.periodic or "diameter" not in params:
-            raise UsageError("--keep phi needs a periodic system with a diameter parameter")
+        observables.require(system, "packing_fraction", UsageError, what="--keep phi")
         if "box" in d.vary:
             raise UsageError("--keep phi sets the box from the diameters: do not --vary box")
         _check_scale_free(system, params)

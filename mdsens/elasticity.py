@@ -48,8 +48,9 @@ def strain_basis(dim: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]
 
 
 def _require_box(system: System, what: str) -> None:
-    if not system.periodic:
-        raise ValueError(f"{what} needs a periodic box (a volume); system {system.name!r} is in free space")
+    from mdsens.observables import require_box  # the one box check (observables imports this module)
+
+    require_box(system, what)
 
 
 #: ``(system, q, params, rattler) -> solve`` for the moduli's solves, or None

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from mdsens import io
+from mdsens import io, names
 
 GROUP = "ensemble"
 
@@ -75,7 +75,7 @@ def write(path: str | os.PathLike, result: Any) -> None:
         put(g, "rattler", result.rattler.astype(bool), "rattlers of each member (M, N)")
         params = g.create_group("parameters")
         for name, value in result.parameters.items():
-            put(params, name, value, f"parameter {name} of each member", io.parameter_unit(system, name, potential))
+            put(params, name, value, f"parameter {name} of each member", io.parameter_unit(system, name, potential, d))
         obs = g.create_group("observables")
         for name, value in result.observables.items():
             put(obs, name, value, f"{name} of each member at its relaxed state", io.observable_unit(name, d))
@@ -83,14 +83,14 @@ def write(path: str | os.PathLike, result: Any) -> None:
             sens = g.create_group("sensitivity")
             for wrt, entry in result.sensitivity.items():
                 sub = sens.create_group(wrt)
-                param = wrt.split("[")[0]
+                param = names.parse(wrt).base
                 for name, value in entry.items():
                     if name in ("iterations", "residual"):
                         put(sub, name, value, f"linear solve {name} of each member and element")
                         continue
                     what = "position x*" if name == "position" else name
                     put(sub, name, value, f"d{what}/d{wrt} of each member (member axis first)",
-                        io.divide_units(io.observable_unit(name, d), io.parameter_unit(system, param, potential)))
+                        io.divide_units(io.observable_unit(name, d), io.parameter_unit(system, param, potential, d)))
         if result.gradient:
             grad = g.create_group("gradient")
             for obs_name, entry in result.gradient.items():
@@ -100,7 +100,7 @@ def write(path: str | os.PathLike, result: Any) -> None:
                         put(sub, name, value, f"linear solve {name} of each member")
                         continue
                     put(sub, name, value, f"d{obs_name}/d{name} of each member (reverse mode)",
-                        io.divide_units(io.observable_unit(obs_name, d), io.parameter_unit(system, name, potential)))
+                        io.divide_units(io.observable_unit(obs_name, d), io.parameter_unit(system, name, potential, d)))
 
 
 def is_ensemble(path: str | os.PathLike) -> bool:

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping
 import h5py
 import numpy as np
 
-from mdsens import io
+from mdsens import io, names, observables
 
 FORMATS = ("extxyz", "h5md3d", "gsd")
 
@@ -64,14 +64,12 @@ def derivative_fields(record: Mapping[str, Any]) -> Iterator[tuple[str, str, np.
     for wrt, entry in record.get("sensitivity", {}).items():
         u = np.asarray(entry["values"]["position"])
         lead = u.shape[:-2]
-        base = _column_name(wrt.split("[")[0])
+        stored = names.parse(wrt)
         if not lead:
-            suffix = "_" + "_".join(_column_name(wrt.split("[")[1]).split("_")) if "[" in wrt else ""
-            yield f"dx_d{base}{suffix}", wrt, u
+            yield f"dx_d{stored.column}", str(stored), u
             continue
-        for index in np.ndindex(*lead):
-            name = f"dx_d{base}_" + "_".join(str(i) for i in index)
-            yield name, f"{base}[{','.join(str(i) for i in index)}]", u[index]
+        for element in names.elements(stored.base, lead):
+            yield f"dx_d{element.column}", str(element), u[element.index]
 
 
 def _slab(record: Mapping[str, Any]) -> float:
@@ -122,7 +120,7 @@ def to_extxyz(record: Mapping[str, Any], path: str | os.PathLike) -> None:
     for wrt, entry in record.get("sensitivity", {}).items():
         for name, value in entry["values"].items():
             if name != "position" and np.asarray(value).ndim <= 1:
-                header.append(f"d{_column_name(name)}_d{_column_name(wrt)}={_info_value(value)}")
+                header.append(f"d{_column_name(name)}_d{names.parse(wrt).column}={_info_value(value)}")
     lines = [str(n), " ".join(header)]
     for i in range(n):
         row = []
@@ -205,7 +203,8 @@ def to_h5md3d(record: Mapping[str, Any], path: str | os.PathLike) -> None:
         group.create_dataset("rattler", data=np.asarray(record["rattler"], dtype=bool))
         system = str(meta.get("system", ""))
         for name, label, u in derivative_fields(record):
-            unit = io.divide_units(io.LENGTH, io.parameter_unit(system, label.split("[")[0], io.potential_of(meta)))
+            param = names.parse(label).base
+            unit = io.divide_units(io.LENGTH, io.parameter_unit(system, param, io.potential_of(meta), d))
             element = _time_series(group, name, _embed(u), step, None, f"dx*/d{label}, z = 0 for 2D")
             if unit is not None:
                 element["value"].attrs["reduced_unit"] = unit
@@ -213,7 +212,7 @@ def to_h5md3d(record: Mapping[str, Any], path: str | os.PathLike) -> None:
         obs = f.create_group("observables")
         for name, value in record["observables"].items():
             unit = io.observable_unit(name, d)
-            element = _time_series(obs, name, np.asarray(value), step, None, f"{name} at the relaxed state")
+            element = _time_series(obs, name, np.asarray(value), step, None, observables.description(name))
             if unit is not None:
                 element["value"].attrs["reduced_unit"] = unit
         parameters = f.create_group("parameters")

@@ -12,8 +12,9 @@ file", and in the file itself as ``description`` / ``unit`` attributes):
     /particles/all/species      (N,) int
     /particles/all/diameter     (N,) float, each particle's diameter (for viewers)
     /particles/all/rattler      (N,) bool
-    /parameters/<name>          every differentiable parameter; attrs: configuration,
-                                seed, command, versions, device, precision, timings
+    /parameters/<name>          every differentiable parameter; attrs: system, potential (what the
+                                parameter units follow), configuration, seed, command, versions,
+                                device, precision, timings
     /observables/<name>         scalars/tensors at the relaxed state; minimizer_steps, converged
     /sensitivity/<wrt>/{position (param.shape + (N, d)), <observable> (param.shape + obs.shape)}
                                 attrs iterations, residual (one per element)
@@ -42,22 +43,26 @@ from typing import Any, Iterator, Mapping
 import h5py
 import numpy as np
 
+from mdsens import names, observables
+
 FORMAT_VERSION = (1, 1)
 
 LENGTH, ENERGY, TIME = "sigma", "epsilon", "tau"
 
-# Units of each parameter; (potential, name) overrides the name alone. The
-# unit of a parameter is the potential's, not the system's: α is the
-# dimensionless stiffness exponent of soft spheres but the Morse width (1/σ),
-# and a from_file system can carry either.
+# Units of each parameter ("{d}": the dimension); (potential, name) overrides
+# the name alone. The unit of a parameter is the potential's, not the
+# system's: α is the dimensionless stiffness exponent of soft spheres but the
+# Morse width (1/σ), and a from_file system can carry either. (Observables:
+# their units and descriptions are in the registry, mdsens.observables.)
 _PARAMETER_UNITS: dict[Any, str] = {
     "diameter": LENGTH, "sigma": LENGTH, "box": LENGTH, "epsilon": ENERGY,
+    "pressure": f"{ENERGY} {LENGTH}-{{d}}", "strain": "1",
     ("harmonic", "alpha"): "1",
     ("morse", "alpha"): f"{LENGTH}-1",
 }
-# The potential of each catalogue system; from_file records its own in the
-# configuration (key "potential": harmonic, lj or morse).
-_SYSTEM_POTENTIALS = {
+#: the potential of each catalogue system (from_file records its own in its
+#: configuration, key "potential": harmonic, lj or morse)
+CATALOGUE_POTENTIALS = {
     "bidisperse": "harmonic", "polydisperse": "harmonic", "lj_crystal": "lj", "morse_cluster": "morse",
 }
 _PARAMETER_DESCRIPTIONS = {
@@ -69,39 +74,6 @@ _PARAMETER_DESCRIPTIONS = {
               "not a parameter)",
     "epsilon": "interaction strength ε",
     "alpha": "stiffness exponent α (soft spheres) or Morse width parameter a",
-}
-# Units of each observable in d dimensions ("{d}" is the dimension).
-_OBSERVABLE_UNITS = {
-    "energy": ENERGY, "energy_per_particle": ENERGY,
-    "pressure": f"{ENERGY} {LENGTH}-{{d}}", "stress": f"{ENERGY} {LENGTH}-{{d}}",
-    "elastic_tensor": f"{ENERGY} {LENGTH}-{{d}}", "bulk_modulus": f"{ENERGY} {LENGTH}-{{d}}",
-    "shear_modulus": f"{ENERGY} {LENGTH}-{{d}}",
-    "poisson_ratio": "1",
-    "contact_number": "1", "rattler_fraction": "1", "max_force": f"{ENERGY} {LENGTH}-1",
-    "volume": f"{LENGTH}{{d}}", "cell": LENGTH, "packing_fraction": "1", "enthalpy": ENERGY,
-    "stress_residual": f"{ENERGY} {LENGTH}-1",
-    "position": LENGTH,
-}
-_OBSERVABLE_DESCRIPTIONS = {
-    "energy": "total potential energy E at the relaxed state",
-    "energy_per_particle": "E / N at the relaxed state",
-    "pressure": "athermal pressure P = -dE/dV under affine dilation",
-    "stress": "stress tensor (1/V) dE/dstrain, tension positive",
-    "elastic_tensor": "elastic modulus tensor C with non-affine relaxation",
-    "bulk_modulus": "angle-averaged bulk modulus",
-    "shear_modulus": "angle-averaged shear modulus",
-    "poisson_ratio": "isotropic Poisson ratio from B and G: (B - G)/(B + G) in 2D, (3B - 2G)/(2(3B + G)) in 3D",
-    "contact_number": "mean contacts per held particle",
-    "rattler_fraction": "fraction of particles that are rattlers",
-    "max_force": "largest per-particle force magnitude max_i |F_i| at the end of the relaxation",
-    "volume": "box volume (area in 2D)",
-    "cell": "periodic cell, edge vectors as rows",
-    "packing_fraction": "sum of the particles' volumes over the box volume",
-    "enthalpy": "enthalpy E + P V at the target pressure P",
-    "stress_residual": "fixed pressure: max |sigma + P I| over the relaxed stress components, times "
-                       "(V/N)^((d-1)/d) (a force; converged when below ftol)",
-    "minimizer_steps": "minimizer steps taken",
-    "converged": "whether max|F| < ftol was reached (derivatives are written only if so)",
 }
 
 
@@ -160,31 +132,46 @@ def divide_units(numerator: str | None, denominator: str | None) -> str | None:
     return _format_unit(fa / fb, pa)
 
 
+def model_potential(system: Any) -> str | None:
+    """The potential (harmonic, lj, morse) of a built :class:`mdsens.system.System`:
+    its configuration's ``potential`` (from_file), else its catalogue family's.
+    :func:`mdsens.job.run_meta` records it, so a file's units follow the model."""
+    chosen = system.config.get("potential") if isinstance(system.config, Mapping) else None
+    return str(chosen) if chosen is not None else CATALOGUE_POTENTIALS.get(system.name)
+
+
 def potential_of(meta: Mapping[str, Any]) -> str | None:
     """The potential a run used (harmonic, lj, morse), from its metadata: the
-    ``potential`` of its configuration (from_file), else the catalogue system's."""
+    recorded ``potential`` (:func:`model_potential`), else the configuration's
+    (from_file files written before it was recorded), else the catalogue system's."""
+    if meta.get("potential") is not None:
+        return str(meta["potential"])
     config = meta.get("configuration")
     if isinstance(config, Mapping) and config.get("potential") is not None:
         return str(config["potential"])
-    return _SYSTEM_POTENTIALS.get(str(meta.get("system", "")))
+    return CATALOGUE_POTENTIALS.get(str(meta.get("system", "")))
 
 
-def parameter_unit(system: str, name: str, potential: str | None = None) -> str | None:
+def parameter_unit(system: str, name: str, potential: str | None = None, dim: int | None = None) -> str | None:
     """Unit string of parameter ``name`` (None when not known).
 
     The unit depends on the potential (``alpha``: dimensionless for soft
     spheres, ``sigma-1`` for Morse); ``potential`` defaults to the catalogue
     ``system``'s. A name whose unit depends on an unknown potential (``alpha``
-    of a from_file system without its configuration) has no known unit."""
+    of a from_file system without its configuration), or on the dimension
+    when ``dim`` is not given (``pressure``), has no known unit."""
     if potential is None:
-        potential = _SYSTEM_POTENTIALS.get(system)
-    return _PARAMETER_UNITS.get((potential, name), _PARAMETER_UNITS.get(name))
+        potential = CATALOGUE_POTENTIALS.get(system)
+    unit = _PARAMETER_UNITS.get((potential, name), _PARAMETER_UNITS.get(name))
+    if unit is None or ("{d}" in unit and dim is None):
+        return None
+    return unit.format(d=dim)
 
 
 def observable_unit(name: str, dim: int) -> str | None:
-    """Unit string of observable ``name`` in ``dim`` dimensions (None: a count, a flag, or not known)."""
-    unit = _OBSERVABLE_UNITS.get(name)
-    return None if unit is None else unit.format(d=dim)
+    """Unit string of observable ``name`` in ``dim`` dimensions (None: a count, a flag, or not known);
+    from the registry (:func:`mdsens.observables.unit`)."""
+    return observables.unit(name, dim)
 
 
 def _label(obj: h5py.HLObject, description: str, unit: str | None = None) -> None:
@@ -318,7 +305,8 @@ def write(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
         _label(parameters, "the differentiable parameters theta; attributes record how the file was made")
         for name, value in record["parameters"].items():
             ds = parameters.create_dataset(name, data=np.asarray(value))
-            _label(ds, _PARAMETER_DESCRIPTIONS.get(name, f"parameter {name}"), parameter_unit(system, name, potential))
+            _label(ds, _PARAMETER_DESCRIPTIONS.get(name, f"parameter {name}"),
+                   parameter_unit(system, name, potential, d))
         for key, value in meta.items():
             parameters.attrs[key] = _attr(value)
 
@@ -326,7 +314,7 @@ def write(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
         _label(obs, "observables O(x*, theta) at the relaxed state (time-independent)")
         for name, value in record.get("observables", {}).items():
             ds = obs.create_dataset(name, data=np.asarray(value))
-            _label(ds, _OBSERVABLE_DESCRIPTIONS.get(name, f"observable {name}"), observable_unit(name, d))
+            _label(ds, observables.description(name), observable_unit(name, d))
 
         for group_name in ("sensitivity", "gradient"):
             entries = record.get(group_name, {})
@@ -344,13 +332,13 @@ def write(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
                 for name, value in entry["values"].items():
                     ds = sub.create_dataset(name, data=np.asarray(value))
                     if group_name == "sensitivity":
-                        param = key.split("[")[0]
+                        param = names.parse(key).base
                         what = "position x*" if name == "position" else name
-                        _label(ds, f"d{what}/d{key} along the equilibrium",
-                               divide_units(observable_unit(name, d), parameter_unit(system, param, potential)))
+                        _label(ds, f"{names.derivative(what, key)} along the equilibrium",
+                               divide_units(observable_unit(name, d), parameter_unit(system, param, potential, d)))
                     else:
-                        _label(ds, f"d{key}/d{name} along the equilibrium (reverse mode)",
-                               divide_units(observable_unit(key, d), parameter_unit(system, name, potential)))
+                        _label(ds, f"{names.derivative(key, name)} along the equilibrium (reverse mode)",
+                               divide_units(observable_unit(key, d), parameter_unit(system, name, potential, d)))
                 sub.attrs["iterations"] = np.asarray(entry["iterations"])
                 sub.attrs["residual"] = np.asarray(entry["residual"])
                 _label(sub, "linear solves: iterations and true residual |H u - b| of each")
@@ -478,6 +466,11 @@ def _read_open(path: Path, f: h5py.File) -> dict[str, Any]:
         record[group_name] = {}
         if group_name in f:
             for key, sub in f[group_name].items():
+                if group_name == "sensitivity":  # named NAME or NAME[i] (mdsens.names)
+                    try:
+                        names.parse(key)
+                    except names.NameSyntaxError as err:
+                        raise FormatError(f"{path}: /sensitivity/{key}: not a parameter name ({err.reason})") from None
                 attrs = _attrs(sub)
                 record[group_name][key] = {"values": _load(sub), "iterations": attrs.get("iterations"),
                                            "residual": attrs.get("residual")}

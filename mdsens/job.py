@@ -8,7 +8,6 @@ from Python: ``execute(Job(overrides={"n": "64"}))``.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -17,12 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens import linsolve, memory, observables, precondition, relax, sensitivity, systems
+from mdsens import io, linsolve, memory, names, observables, precondition, relax, sensitivity, systems
 from mdsens.minimize import RelaxInfo
 from mdsens.system import System
 from mdsens.systems import UsageError
-
-_WRT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\[([0-9,\s]+)\])?$")
 
 
 @dataclass
@@ -139,38 +136,24 @@ class Result:
 
 
 def parse_wrt(text: str, params: dict[str, jax.Array]) -> tuple[str, tuple[int, ...] | None]:
-    """``NAME`` or ``NAME[i]`` / ``NAME[i,j]`` → (name, index or None), validated."""
-    match = _WRT.match(text.strip())
-    if not match:
-        raise UsageError(f"--wrt {text!r}: expected NAME or NAME[i], e.g. diameter or diameter[1]")
-    name, index_text = match.group(1), match.group(2)
-    if name not in params:
-        raise UsageError(f"--wrt {text!r}: no parameter {name!r}; this system's parameters: {', '.join(params)}")
-    shape = jnp.shape(params[name])
-    if index_text is None:
-        return name, None
-    index = tuple(int(t) for t in index_text.split(",") if t.strip())
-    if len(index) != len(shape) or any(not 0 <= i < s for i, s in zip(index, shape)):
-        raise UsageError(f"--wrt {text!r}: index out of range for {name} of shape {tuple(shape)}")
-    return name, index
+    """``NAME`` or ``NAME[i]`` / ``NAME[i,j]`` → (name, index or None), validated
+    against ``params`` (:func:`mdsens.names.resolve`)."""
+    try:
+        name = names.resolve(text, {k: jnp.shape(v) for k, v in params.items()})
+    except names.NameSyntaxError as err:
+        raise UsageError(f"--wrt {err}") from None
+    return name.base, name.index
 
 
 def _observables(job: Job, system: System) -> dict[str, Callable]:
-    names = job.observe
-    if names is None:
-        names = ["energy", "pressure"] if system.periodic else ["energy"]
+    wanted = job.observe
+    if wanted is None:
+        wanted = ["energy", "pressure"] if system.periodic else ["energy"]
     chosen = {}
-    for name in names:
+    for name in wanted:
         if name not in observables.OBSERVABLES:
             raise UsageError(f"unknown observable {name!r}; choose from: {', '.join(observables.OBSERVABLES)}")
-        if name == "pressure" and not system.periodic:
-            raise UsageError(f"observable 'pressure' needs a periodic box; {system.name!r} is in free space")
-        if name in ("volume", "cell", "packing_fraction") and not system.periodic:
-            raise UsageError(f"observable {name!r} needs a periodic box; {system.name!r} is in free space")
-        if name == "packing_fraction" and "diameter" not in system.params:
-            raise UsageError(f"observable 'packing_fraction' needs particle diameters; {system.name!r} has none")
-        if name == "enthalpy" and "pressure" not in system.params:
-            raise UsageError("observable 'enthalpy' needs a target pressure: build with --set pressure=P")
+        observables.require(system, name, UsageError)
         chosen[name] = observables.OBSERVABLES[name]
     return chosen
 
@@ -282,13 +265,14 @@ def prepare(job: Job) -> tuple[System, dict[str, Callable], list[tuple[str, str,
                          "which Newton steps take over)")
     params = dict(system.params)
     requested = job.wrt if job.wrt else [next(k for k in family.parameters if k in params)]
-    wrts = [(text, *parse_wrt(text, params)) for text in requested]
+    # Each --wrt in its canonical spelling (names.format_name): the key of its /sensitivity group.
+    wrts = [(names.format_name(*parsed), *parsed) for parsed in (parse_wrt(text, params) for text in requested)]
     observe = _observables(job, system)
     for name in job.grad:
         if name not in observables.OBSERVABLES:
             raise UsageError(f"--grad {name!r}: unknown observable; choose from: {', '.join(observables.OBSERVABLES)}")
-        shape = jax.eval_shape(lambda q, p: observables.OBSERVABLES[name](system, q, p),
-                               jnp.asarray(system.positions), params).shape
+        observables.require(system, name, UsageError)
+        shape = observables.OBSERVABLES[name].shape(system.dim)
         if shape != ():
             raise UsageError(f"--grad {name!r}: reverse mode needs a scalar observable, {name} has shape {shape}")
     _solver(job)
@@ -381,6 +365,7 @@ def run_meta(job: Job, system: System, info: RelaxInfo, timings: dict[str, float
     converged = bool(info.converged)
     meta = {
         "system": system.name,
+        "potential": io.model_potential(system),  # what the file's parameter units follow
         "configuration": {**system.config, "seed": job.seed},
         "seed": job.seed,
         "command": job.command,

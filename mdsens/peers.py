@@ -87,8 +87,9 @@ def atom_types(system, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     if system.name not in ("bidisperse", "polydisperse"):
         raise UsageError(f"--peer lammps: system {system.name!r} is not supported; the LAMMPS peer runs the "
                          "harmonic soft spheres of 'bidisperse' and 'polydisperse'")
-    if not system.periodic:
-        raise UsageError("--peer lammps needs a periodic box")
+    from mdsens.observables import require_box
+
+    require_box(system, "--peer lammps", UsageError)
     alpha = float(np.asarray(params["alpha"]))
     if alpha != 2.0:
         raise UsageError(f"--peer lammps: alpha = {alpha:g}; LAMMPS's pair_style harmonic/cut is alpha = 2 only")

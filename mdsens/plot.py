@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mdsens import names
 from mdsens.export import derivative_fields
 
 _COLOURS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860")
@@ -40,12 +41,12 @@ def select_field(record: Mapping[str, Any], wrt: str | None = None) -> tuple[str
                         "was the relaxation converged, and was --wrt given to `mdsens run`?")
     if wrt is None:
         return fields[0]
-    wanted = wrt.replace(" ", "")
+    try:
+        wanted = names.parse(wrt)
+    except names.NameSyntaxError as err:
+        raise PlotError(f"--wrt {err}") from None
     for label, u in fields:
-        if label == wanted:
-            return label, u
-    for label, u in fields:
-        if label.split("[")[0] == wanted:
+        if names.matches(wanted, names.parse(label)):
             return label, u
     raise PlotError(f"--wrt {wrt!r}: not in the file; available: {', '.join(label for label, _ in fields)}")
 

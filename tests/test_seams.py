@@ -1,5 +1,9 @@
-"""The engine's seams (issue 13): one solver factory, no silent failure, compile once."""
+"""The engine's seams (issue 13): one solver factory, no silent failure, compile once; one NAME[i]
+spelling, one registry of observables, one box check."""
 
+import re
+
+import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,3 +89,160 @@ def test_forward_and_gradient_compile_once(relaxed):
     sensitivity.gradient(system, q * 1.0, moved, observables.OBSERVABLES["energy"], rattler)
     assert len(sensitivity._JITTED[system]) == 2
     assert all(f._cache_size() == 1 for f in sensitivity._JITTED[system].values())
+
+
+# -- seam 6: one registry of observables, one box check -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_systems():
+    out = []
+    for family, keys in (("bidisperse", dict(n=8, dim=2)), ("bidisperse", dict(n=32, dim=3)),
+                         ("morse_cluster", dict(n=3, dim=2)), ("lj_crystal", dict(cells=5, dim=2))):
+        system = systems.get(family).build(seed=0, **keys)
+        params = {k: jnp.asarray(v) for k, v in system.params.items()}
+        out.append((family, system, params, jnp.asarray(system.to_solver(jnp.asarray(system.positions), params))))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(observables.OBSERVABLES))
+def test_the_registry_knows_each_observables_shape_unit_and_needs(name, small_systems):
+    """The registry's shape is what the function returns (by tracing it), and
+    its unit is the one physics gives (pressure-like: energy per volume)."""
+    from mdsens import io
+
+    entry = observables.OBSERVABLES[name]
+    assert entry.name == name and entry.description and entry.fn.__name__ == name
+    for family, system, params, q in small_systems:
+        reason = observables.requirement(system, name)
+        if reason is None:
+            shape = jax.eval_shape(lambda q_, p_: entry(system, q_, p_), q, params).shape
+            assert shape == entry.shape(system.dim), (family, system.dim)
+        else:  # refused up front, and by the function itself, with the same one line
+            assert reason.startswith(f"observable {name!r} needs ") and f"system {family!r}" in reason
+            with pytest.raises(ValueError) as err:
+                entry(system, q, params)
+            assert str(err.value) == reason
+    d = 3
+    energy, volume, length = (observables.unit(n, d) for n in ("energy", "volume", "position"))
+    expected = {"pressure": io.divide_units(energy, volume), "max_force": io.divide_units(energy, length),
+                "volume": "sigma3", "cell": length, "energy_per_particle": energy}
+    for same in ("stress", "elastic_tensor", "bulk_modulus", "shear_modulus"):
+        expected[same] = expected["pressure"]
+    for ratio in ("packing_fraction", "poisson_ratio", "contact_number", "rattler_fraction"):
+        expected[ratio] = "1"
+    if name in expected:
+        assert entry.unit_in(d) == expected[name]
+
+
+def test_box_needing_observables_are_refused_up_front_on_free_space(tmp_path):
+    """--observe or --grad of anything that needs a box, on a free-space system:
+    one line, exit 2, no file — before any relaxation (stress and the moduli
+    used to fail only after it, with exit 1)."""
+    from typer.testing import CliRunner
+
+    from mdsens.cli import app
+
+    runner = CliRunner()
+    boxed = [n for n, o in observables.OBSERVABLES.items() if "box" in o.needs]
+    assert {"pressure", "stress", "volume", "cell", "elastic_tensor", "bulk_modulus"} <= set(boxed)
+    out = tmp_path / "x.h5"
+    for args in (["--observe", "stress"], ["--observe", "bulk_modulus"], ["--grad", "pressure"],
+                 ["--observe", "energy", "--grad", "volume"]):
+        result = runner.invoke(app, ["run", "morse_cluster", "--set", "n=3", *args, "-o", str(out)])
+        assert result.exit_code == 2, result.output
+        line = result.stderr.strip()
+        assert "\n" not in line and "needs a periodic box; system 'morse_cluster' is in free space" in line
+        assert not out.exists()
+    result = runner.invoke(app, ["run", "lj_crystal", "--observe", "contact_number", "-o", str(out)])
+    assert result.exit_code == 2 and "needs a contact rule; system 'lj_crystal' has none" in result.stderr
+    assert not out.exists()
+
+
+def test_one_box_message_for_every_caller():
+    from mdsens import barostat
+
+    system = systems.get("morse_cluster").build(n=3, dim=2)
+    messages = []
+    for call in (lambda: barostat.at_pressure(system, 0.1),
+                 lambda: elasticity.elastic_tensor(system, jnp.asarray(system.positions), dict(system.params),
+                                                   jnp.zeros(3, bool)),
+                 lambda: observables.require_box(system, "something")):
+        with pytest.raises(ValueError) as err:
+            call()
+        messages.append(str(err.value))
+    assert all(m.endswith(" needs a periodic box; system 'morse_cluster' is in free space") for m in messages)
+    assert messages[0].startswith("fixed pressure ")
+
+
+def test_pressure_parameter_and_model_potential_units(tmp_path):
+    """The fixed-pressure parameter `pressure` has a unit (an energy density, so
+    dx*/dP is a length per energy density); the parameter units follow the
+    potential recorded from the model, not the system's name."""
+    from mdsens import io
+
+    n, d = 4, 2
+    record = {
+        "positions": np.random.default_rng(0).uniform(0, 3, (n, d)), "box": np.full(d, 3.0),
+        "species": np.zeros(n, int), "rattler": np.zeros(n, bool),
+        "parameters": {"pressure": np.asarray(0.1), "alpha": np.asarray(2.0), "box": np.full(d, 3.0)},
+        "observables": {"energy": np.asarray(1.0)},
+        "sensitivity": {"pressure": {"values": {"position": np.zeros((n, d)), "energy": np.asarray(0.0)},
+                                     "iterations": 1, "residual": 0.0}},
+        "meta": {"system": "from_file", "potential": "morse", "configuration": {"path": "x"}},
+    }
+    io.write(tmp_path / "p.h5", record)
+    units = io.units_of(tmp_path / "p.h5")
+    pressure = io.divide_units(observables.unit("energy", d), observables.unit("volume", d))
+    assert units["/parameters/pressure"] == pressure == "epsilon sigma-2"
+    assert units["/sensitivity/pressure/position"] == io.divide_units("sigma", pressure)
+    assert units["/sensitivity/pressure/energy"] == "sigma+2"  # an energy over an energy density: a volume
+    assert units["/parameters/alpha"] == "sigma-1"  # Morse's width: from the recorded potential
+    assert io.model_potential(systems.get("morse_cluster").build(n=3)) == "morse"
+    assert io.model_potential(systems.get("bidisperse").build(n=8)) == "harmonic"
+
+
+def _tiny_record(sensitivity_key: str = "diameter[1]", meta: dict | None = None) -> dict:
+    n, d = 4, 2
+    return {
+        "positions": np.random.default_rng(1).uniform(0, 3, (n, d)), "box": np.full(d, 3.0),
+        "species": np.array([0, 0, 1, 1]), "rattler": np.zeros(n, bool),
+        "parameters": {"diameter": np.array([1.0, 1.4]), "epsilon": np.asarray(1.0), "box": np.full(d, 3.0)},
+        "observables": {"energy": np.asarray(1.0), "pressure": np.asarray(0.5)},
+        "sensitivity": {sensitivity_key: {"values": {"position": np.ones((n, d)), "energy": np.asarray(2.0)},
+                                          "iterations": 1, "residual": 0.0}},
+        "meta": meta or {"system": "bidisperse"},
+    }
+
+
+def test_one_spelling_of_names_from_the_command_line_to_the_file(tmp_path):
+    """--wrt is stored under its canonical spelling; every reader takes that
+    spelling, and a file whose group is not a name is a one-line FormatError."""
+    from mdsens import io, plot
+    from mdsens.cli.show import summarize
+    from mdsens.export import derivative_fields
+    from mdsens.job import Job, prepare
+
+    _, _, wrts = prepare(Job(overrides={"n": "16"}, wrt=[" diameter[ 1 ] ", "epsilon", "diameter"]))
+    assert wrts == [("diameter[1]", "diameter", (1,)), ("epsilon", "epsilon", None), ("diameter", "diameter", None)]
+    path = tmp_path / "r.h5"
+    io.write(path, _tiny_record())
+    record = io.read(path)
+    assert list(record["sensitivity"]) == ["diameter[1]"]
+    assert [(c, label) for c, label, _ in derivative_fields(record)] == [("dx_ddiameter_1", "diameter[1]")]
+    assert plot.select_field(record, "diameter")[0] == plot.select_field(record, "diameter[ 1 ]")[0] == "diameter[1]"
+    for bad, reason in (("diameter[x]", "index 'x'"), ("diameter[0]", "not in the file")):
+        with pytest.raises(plot.PlotError, match=r"^--wrt '.*': .*" + re.escape(reason)):
+            plot.select_field(record, bad)
+    summary = summarize(record)
+    assert list(summary["sensitivity"]["diameter[1]"]["most_sensitive"]) == ["diameter[1]"]
+    assert summary["units"]["observables"] == {"energy": "epsilon", "pressure": "epsilon sigma-2"}
+    assert summary["units"]["parameters"] == {"diameter": "sigma", "epsilon": "epsilon", "box": "sigma"}
+    bad = tmp_path / "bad.h5"
+    io.write(bad, _tiny_record())
+    with h5py.File(bad, "a") as f:
+        f.move("sensitivity/diameter[1]", "sensitivity/diameter[x]")
+    with pytest.raises(io.FormatError) as err:
+        io.read(bad)
+    assert "/sensitivity/diameter[x]: not a parameter name (index 'x'" in str(err.value)
+    assert "\n" not in str(err.value)
