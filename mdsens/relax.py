@@ -14,11 +14,12 @@ measured (a scatter-add of the pair gradient costs as much as the rest of the
 step), and it is the same sum of pair terms as ``System.energy``, so the
 minimum is the energy's minimum.
 
-The table comes from jax-md's cell list (``Dense`` format) over pairs closer
-than ``cutoff + skin``. It is rebuilt, inside the compiled loop, only when a
-particle has moved more than ``skin / 2`` since the last build: the check is
-one O(N) reduction per step; the rebuild is jax-md's ``update`` under a
-``lax.cond``. A chunk that overflows the table stops early and is redone
+The table comes from mdsens's own cell list over pairs closer than
+``cutoff + skin``. It is rebuilt, inside the compiled loop, only when the two
+largest displacements since the last build add up to more than ``skin``
+(:meth:`Table.moved`). The minimizer's force is taken on the table's
+:class:`PairList` — each pair once, gathered back into the rows in table
+order — which costs about half of summing the row-padded table. A chunk that overflows the table stops early and is redone
 from its start on a reallocated, bigger table, so no step is ever taken on a
 truncated list. An interaction without a finite range (Morse) gets the static
 table of all other particles (exactly all pairs, never rebuilt).
@@ -274,9 +275,9 @@ class Table:
         self.box = np.asarray(params["box"], dtype=float) if self.periodic else None
         self.grid = None
         self._build = jax.jit(self.build, static_argnums=(1, 2))
-        self._count = jax.jit(self.count, static_argnums=1)
+        self._counts = jax.jit(self._both_counts, static_argnums=1)
         self._sticky = (0, 0)
-        self._sticky_pairs, self._pairs = 0, None
+        self._sticky_pairs, self._last_pairs = 0, (None, 0)
         if not self.static and self.periodic and self.n >= CELL_LIST_THRESHOLD:
             grid = np.floor(self.box / self.reach).astype(int)
             if np.all(grid >= 3):
@@ -380,7 +381,8 @@ class Table:
             cell = np.asarray(self._cell_of(x))
             occupancy = int(np.bincount(cell, minlength=int(np.prod(self.grid))).max())
             cell_capacity = max(self._sticky[1], int(math.ceil(occupancy * 1.5 * grow)) + 2)
-        count = int(self._count(x, cell_capacity))
+        count, pairs = (int(c) for c in self._counts(x, cell_capacity))
+        self._last_pairs = ((x, cell_capacity), pairs)  # for pair_capacity at the same x
         capacity = max(self._sticky[0], int(math.ceil(count * 1.25 * grow)) + 1)
         if self.grid is None:
             capacity = min(capacity, self.n)
@@ -414,6 +416,10 @@ class Table:
         near = (cand < n) & (cand != rows) & (jnp.sum(dr * dr, axis=-1) < self.reach**2)
         return jnp.sum(near, axis=1)
 
+    def _both_counts(self, x: Array, cell_capacity: int) -> tuple[Array, Array]:
+        near = self._near_counts(x, cell_capacity)
+        return jnp.max(near), jnp.sum(near) // 2
+
     def count(self, x: Array, cell_capacity: int, box: Array | None = None) -> Array:
         """The most neighbors any particle has at ``x`` (jittable)."""
         return jnp.max(self._near_counts(x, cell_capacity, box))
@@ -427,9 +433,9 @@ class Table:
             self._sticky_pairs = 0
         if self.static:
             return self.n * (self.n - 1) // 2
-        if self._pairs is None:
-            self._pairs = jax.jit(lambda x_, c: jnp.sum(self._near_counts(x_, c)) // 2, static_argnums=1)
-        pairs = int(self._pairs(jnp.asarray(x), cell_capacity))
+        at, pairs = self._last_pairs
+        if at is None or at[0] is not x or at[1] != cell_capacity:
+            pairs = int(self._counts(jnp.asarray(x), cell_capacity)[1])
         capacity = max(self._sticky_pairs, int(math.ceil(pairs * 1.2 * grow)) + 8)
         self._sticky_pairs = min(capacity, self.n * (self.n - 1) // 2)
         return self._sticky_pairs
@@ -506,7 +512,11 @@ def _programs(system: System, params: Params, method: str, ftol: float, skin: fl
     (and box, minimizer, tolerance, skin): a second relaxation compiles nothing."""
     box = tuple(np.asarray(params["box"]).tolist()) if system.periodic else None
     cutoff = float(system.cutoff(params))
-    key = (method, float(ftol), float(skin), box)
+    # The model's code-path parameters (the soft-sphere α) become constants of
+    # the compiled loop: one program per value (System.specialize).
+    constants = {name: float(params[name]) for name in system.specialize
+                 if name in params and np.ndim(params[name]) == 0}
+    key = (method, float(ftol), float(skin), box, tuple(sorted(constants.items())))
     per_system = _CACHE.setdefault(system, {})
     for table, programs in per_system.get(key, []):
         # A cached table serves a slightly smaller cutoff too (a finite
@@ -521,12 +531,12 @@ def _programs(system: System, params: Params, method: str, ftol: float, skin: fl
         list) overflows; returns ``(state, table, pairs, rebuilds, max|F|, stalled, E)``.
 
         Two loops, so that a step pays no branch: the inner one steps on a fixed
-        table while every particle stays within ``skin / 2`` of the table's
-        reference positions; the outer one rebuilds the table and re-evaluates
+        table until :meth:`Table.moved` says it may miss a pair; the outer one rebuilds the table and re-evaluates
         the force that the inner loop took on the old one (one extra force per
         rebuild, about one step in thirty). ``stale`` (a fresh start, an empty
         table of the right shape) builds the table and the force first, so
         that nothing but this loop is compiled."""
+        params = {**params, **constants}
 
         def go(s, nb):
             return minimize.running(mini, s, ftol, until) & ~nb.overflow

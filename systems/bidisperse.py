@@ -89,7 +89,7 @@ def build(n: int, dim: int, phi: float, diameter: tuple[float, ...], epsilon: fl
     }
     config = {"n": n, "dim": dim, "phi": phi, "diameter": list(diameter), "epsilon": epsilon, "alpha": alpha}
     system = System("bidisperse", positions, species, params, pair,
-                    cutoff=lambda p: jnp.max(p["diameter"]), contact=contact, config=config)
+                    cutoff=lambda p: jnp.max(p["diameter"]), contact=contact, config=config, specialize=("alpha",))
     return with_pressure(system, pressure, box_dof)
 
 

@@ -286,7 +286,8 @@ def build(path: str, potential: str, onset: float, cutoff: float, format: str = 
               "format": format, "frame": frame, "dim": dim}
     if diameter:
         config["diameter"] = list(diameter)
-    return System("from_file", positions, species, params, pair, cutoff=cutoff_fn, contact=contact, config=config)
+    return System("from_file", positions, species, params, pair, cutoff=cutoff_fn, contact=contact, config=config,
+                  specialize=("alpha",) if potential == "harmonic" else ())
 
 
 FAMILY = Family(

@@ -43,7 +43,7 @@ def build(n: int, dim: int, phi: float, spread: float, seed: int = 0, pressure: 
     # One continuous species: the sizes live in the `diameter` parameter.
     species = np.zeros(n, dtype=np.int32)
     system = System("polydisperse", positions, species, params, pair,
-                    cutoff=lambda p: jnp.max(p["diameter"]), contact=contact, config=config)
+                    cutoff=lambda p: jnp.max(p["diameter"]), contact=contact, config=config, specialize=("alpha",))
     return with_pressure(system, pressure, box_dof)
 
 
