@@ -196,3 +196,18 @@ def test_newton_polish_reaches_a_minimum_with_fewer_minimizer_steps():
     assert float(jnp.max(jnp.linalg.norm(f, axis=1))) < 1e-10
     assert int(polished.info.steps) < int(plain.info.steps)
     assert float(polished.info.energy) <= float(plain.info.energy) * (1 + 1e-6)
+
+
+def test_specialised_exponent_is_not_reused_for_another_value():
+    # The soft-sphere α is a constant of the compiled loop (System.specialize):
+    # relaxing the same system at α = 2 and then 5/2 must use each value, as
+    # the energy's own gradient (α traced) at each result shows.
+    system = systems.get("bidisperse").build(n=48, dim=2, phi=0.9, seed=2)
+    assert "alpha" in system.specialize
+    params = {k: jnp.asarray(v) for k, v in system.params.items()}
+    for alpha in (2.0, 2.5):
+        theta = {**params, "alpha": jnp.asarray(alpha)}
+        out = relax.relax(system, theta, ftol=1e-11)
+        assert bool(out.info.converged), alpha
+        force = -jax.grad(system.energy_real)(out.x, theta)
+        assert float(minimize.max_force(force)) < 1e-10, alpha
