@@ -63,7 +63,7 @@ def design(
     optimizer: str = typer.Option("adam", help="optax optimizer: adam, rmsprop or sgd."),
     lr: float = typer.Option(0.01, "--lr", help="Learning rate (halved on every rejected step)."),
     bound: List[str] = typer.Option([], "--bound", help="PARAM=LO,HI: keep a varied parameter in [LO, HI] by projection (LO or HI may be empty). Diameters, ε, σ stay positive by default."),
-    keep: Optional[str] = typer.Option(None, "--keep", help="phi: scale the box with the diameters to hold the packing fraction."),
+    keep: Optional[str] = typer.Option(None, "--keep", help="What the design holds while parameters change. phi: the box is scaled with the diameters to hold the packing fraction. pressure: every step relaxes positions and cell at the target pressure, and the gradient carries the cell's response (build the system with --set pressure=P [--set box_dof=iso|aniso|shear]; such a system implies it; --vary pressure tunes P itself)."),
     tol: Optional[float] = typer.Option(None, "--tol", help="Stop once every target is within this relative error."),
     observe: List[str] = typer.Option([], "--observe", help="Observable recorded at every step, outside the loss (repeatable)."),
     set_: List[str] = typer.Option([], "--set", help="Build key, KEY=VALUE (repeatable), e.g. --set n=64."),
@@ -85,7 +85,11 @@ def design(
 ) -> None:
     """Inverse design: relax, take the exact gradient of the loss, update with optax, repeat.
 
-    Example: mdsens design polydisperse --target poisson_ratio=0.3 --vary diameter --keep phi -o design.h5
+    Examples:
+
+      mdsens design polydisperse --set n=64 --target poisson_ratio=0.3 --vary diameter --keep phi -o nu.h5
+
+      mdsens design bidisperse --set pressure=0.01 --keep pressure --maximize shear_modulus --vary diameter -o g.h5
     """
     from mdsens import design as _design
     from mdsens import io

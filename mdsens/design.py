@@ -50,14 +50,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens import implicit, job as _job, linsolve, observables, sensitivity
+from mdsens import barostat, implicit, job as _job, linsolve, observables, sensitivity
 from mdsens.system import Params, System
 from mdsens.systems import UsageError
 
 Array = jax.Array
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
-KEEP = ("phi",)
+KEEP = ("phi", "pressure")
 #: a step whose loss rises by more than JUMP·|ℒ| + JUMP_FLOOR·|ℒ_start| is rejected (the floor keeps an
 #: optimizer's small oscillations about a reached target from counting as jumps)
 JUMP, JUMP_FLOOR = 1.0, 1e-3
@@ -68,7 +68,7 @@ CUTOFF_HEADROOM = 1.25
 #: the derivative pairs' capacity, as a multiple of the first count
 PAIR_HEADROOM = 1.25
 #: parameters that must stay positive: their default lower bound is this fraction of their smallest start value
-POSITIVE = {"diameter": 1e-3, "epsilon": 1e-3, "sigma": 1e-3, "box": 1e-3}
+POSITIVE = {"diameter": 1e-3, "epsilon": 1e-3, "sigma": 1e-3, "box": 1e-3, "pressure": 1e-3}
 #: the finite-difference check passes within this relative error (see ``fd_check``)
 FD_RTOL = 1e-3
 
@@ -105,6 +105,7 @@ class Plan:
     bounds: dict[str, tuple[float, float]]
     base: dict[str, Array]  # the starting parameters
     phi: float | None  # the packing fraction held (keep="phi")
+    fixed: bool = False  # a fixed-pressure system (keep="pressure"): the state is (q, cell)
 
 
 @dataclass
@@ -174,9 +175,18 @@ class DesignResult:
         }
         if plan.phi is not None:
             design["box"] = np.stack([s.params["box"] for s in h])
+        if plan.fixed:  # the relaxed cell of every step: sides (iso, aniso) or edge vectors as rows (shear)
+            cell = jax.jit(lambda p: system.cell(p))
+            design["box"] = np.stack([np.asarray(cell({k: jnp.asarray(v) for k, v in s.params.items()}))
+                                      for s in h])
+            if system.box_dof != "shear":
+                design["box"] = np.stack([np.diag(c) for c in design["box"]])
+        box = None
+        if system.periodic:
+            box = barostat.record_box(system, params) if plan.fixed else np.asarray(params["box"])
         return {
             "positions": np.asarray(system.to_real(last.q, params)),
-            "box": np.asarray(params["box"]) if system.periodic else None,
+            "box": box,
             "species": np.asarray(system.species),
             "rattler": np.asarray(last.rattler),
             "parameters": {k: np.asarray(v) for k, v in last.params.items()},
@@ -203,8 +213,12 @@ class DesignResult:
 
     def meta(self) -> dict[str, Any]:
         job, system, last = self.plan.design.job, self.plan.system, self.history[self.best]
+        extra = {}
+        if self.plan.fixed:
+            extra = dict(ensemble=barostat.ensemble(system), box_dof=system.box_dof,
+                         target_pressure=float(last.params["pressure"]), preconditioner="none")
         return _job.run_meta(job, system, last.info, dict(self.timings), design=self.attributes(),
-                             derivatives="the loss gradient of every design step (/design)")
+                             derivatives="the loss gradient of every design step (/design)", **extra)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able digest: what ``mdsens design --json`` prints."""
@@ -288,7 +302,7 @@ def prepare(design: Design) -> Plan:
     if d.optimizer not in OPTIMIZERS:
         raise UsageError(f"unknown optimizer {d.optimizer!r}: choose {', '.join(OPTIMIZERS)}")
     if d.keep is not None and d.keep not in KEEP:
-        raise UsageError(f"--keep {d.keep!r}: choose {' or '.join(KEEP)} (fixed pressure is not available yet)")
+        raise UsageError(f"--keep {d.keep!r}: choose {' or '.join(KEEP)}")
     if d.tol is not None and not d.tol > 0:
         raise UsageError(f"--tol must be positive, got {d.tol}")
     if d.fd_every is not None and d.fd_every <= 0:
@@ -308,9 +322,21 @@ def prepare(design: Design) -> Plan:
             raise UsageError(f"{name}: {err}") from None
         if shape != ():
             raise UsageError(f"{name} has shape {shape}: a design loss needs a scalar observable")
+    fixed = barostat.is_fixed_pressure(system)
+    if d.keep == "pressure" and not fixed:
+        raise UsageError("--keep pressure needs a system built at fixed pressure: add --set pressure=P "
+                         "(and --set box_dof=iso, aniso or shear; iso by default)")
+    if fixed and d.keep == "phi":
+        raise UsageError("--keep phi holds the packing fraction in a fixed box, but this system relaxes its box at "
+                         "fixed pressure (--set pressure=...): use --keep pressure")
+    if fixed and d.keep is None:  # built at fixed pressure: the box relaxes whatever --keep says
+        design = d = replace(d, keep="pressure")
     if len(set(d.vary)) != len(d.vary):
         raise UsageError("a parameter is given twice to --vary")
     for name in d.vary:
+        if fixed and name in ("strain", "box"):
+            raise UsageError(f"--vary {name}: at fixed pressure the cell relaxes to the pressure (it is state, not a "
+                             "design parameter); vary pressure or the diameters instead")
         if name not in params:
             raise UsageError(f"--vary {name!r}: no parameter {name!r}; this system's parameters: {', '.join(params)}")
         if not jnp.issubdtype(params[name].dtype, jnp.floating):
@@ -337,7 +363,7 @@ def prepare(design: Design) -> Plan:
             raise UsageError("--keep phi sets the box from the diameters: do not --vary box")
         _check_scale_free(system, params)
         phi = float(jax.jit(lambda p: packing_fraction(system, p))(params))
-    return Plan(design, system, names, bounds, params, phi)
+    return Plan(design, system, names, bounds, params, phi, fixed)
 
 
 def _check_scale_free(system: System, params: Params) -> None:
@@ -415,7 +441,78 @@ def loss_program(plan: Plan) -> Callable:
     return program
 
 
+def _without_strain(params: Params) -> Params:
+    return {k: v for k, v in params.items() if k != "strain"}
+
+
+def pressure_program(plan: Plan) -> Callable:
+    """The loss program at fixed pressure: ``(z*, θ, pairs) -> (ℒ, observables,
+    ∂ℒ/∂θ, solve info, rattler, contact flags)`` with ``z = (q, u)`` the
+    positions and the cell's box-dof coordinates (:mod:`mdsens.barostat`). The
+    gradient goes through the root ``∇_z (E + P V) = 0``: one reverse solve
+    with the Hessian of the enthalpy in (q, u), so it carries both the
+    particles' and the cell's response to θ."""
+    design, system, names = plan.design, plan.system, plan.names
+    physical = physical_fn(plan)
+    job = design.job
+
+    def program(z: Array, theta: dict[str, Array], pairs: Array | None):
+        s = system if pairs is None else system.with_pairs(pairs)
+        fixed = _without_strain(physical(theta))
+        q, params = barostat.unpack(s, z, fixed)
+        rattler = observables.rattlers(s, jax.lax.stop_gradient(q), jax.lax.stop_gradient(params))
+
+        def f(z_, theta_):
+            q_, p_ = barostat.unpack(s, z_, _without_strain(physical(theta_)))
+            values = {name: observables.OBSERVABLES[name](s, q_, p_) for name in names}
+            return _loss_of(design, values), values
+
+        (loss, values), (g_z, g_theta) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(z, theta)
+        solve = linsolve.dense() if job.solver == "dense" else linsolve.cg(rtol=job.rtol)
+        w, info = implicit.cotangent(barostat.optimality(s), z, fixed, g_z, solve, barostat.gauge_for(s, rattler))
+        _, pull = jax.vjp(lambda t: _without_strain(physical(t)), theta)
+        (g_implicit,) = pull(w)
+        grad = jax.tree_util.tree_map(jnp.add, g_theta, g_implicit)
+        contacts, i, j = s.contact_list(q, params)
+        return loss, values, grad, info, rattler, (contacts, i, j)
+
+    return program
+
+
 _POLISH: "weakref.WeakKeyDictionary[System, Callable]" = weakref.WeakKeyDictionary()
+_POLISH_PRESSURE: "weakref.WeakKeyDictionary[System, Callable]" = weakref.WeakKeyDictionary()
+
+
+def _newton(root: Callable, project: Callable, z: Array, theta: Params, steps: int) -> Array:
+    """``steps`` gauge-fixed Newton steps on ``root(z, θ) = 0`` with a dense solve;
+    kept only if they lowered max|root| (near a contact change the Hessian is
+    discontinuous and a Newton step can leave the basin)."""
+    dense = linsolve.dense()
+
+    def step(_, zk):
+        def matvec(v):
+            pv = project(v)
+            return project(jax.jvp(lambda y: root(y, theta), (zk,), (pv,))[1]) + (v - pv)
+
+        delta, _ = dense(matvec, -project(root(zk, theta)))
+        return zk + delta
+
+    polished = jax.lax.fori_loop(0, steps, step, z)
+    better = jnp.max(jnp.abs(root(polished, theta))) <= jnp.max(jnp.abs(root(z, theta)))
+    return jnp.where(better, polished, z)
+
+
+def _polish_pressure_program(system: System, steps: int = 4) -> Callable:
+    """:func:`_polish_program` at fixed pressure: Newton on ``∇_z (E + P V)``,
+    positions and cell together, all pairs, compiled once per system."""
+    if system not in _POLISH_PRESSURE:
+        root = barostat.optimality(system)
+
+        def polish(z, theta, rattler):
+            return _newton(root, barostat.gauge_for(system, rattler)(z, theta), z, theta, steps)
+
+        _POLISH_PRESSURE[system] = jax.jit(polish)
+    return _POLISH_PRESSURE[system]
 
 
 def _polish_program(system: System, steps: int = 4) -> Callable:
@@ -426,22 +523,7 @@ def _polish_program(system: System, steps: int = 4) -> Callable:
         root = sensitivity.optimality(system)
 
         def polish(q, params, rattler):
-            project = sensitivity.gauge_for(system, rattler)(q, params)
-            dense = linsolve.dense()
-
-            def step(_, qk):
-                def matvec(v):
-                    pv = project(v)
-                    return project(jax.jvp(lambda y: root(y, params), (qk,), (pv,))[1]) + (v - pv)
-
-                delta, _ = dense(matvec, -project(root(qk, params)))
-                return qk + delta
-
-            polished = jax.lax.fori_loop(0, steps, step, q)
-            # Near a contact change the Hessian is discontinuous and a Newton
-            # step can leave the basin: keep the polish only if it lowered |F|.
-            better = jnp.max(jnp.abs(root(polished, params))) <= jnp.max(jnp.abs(root(q, params)))
-            return jnp.where(better, polished, q)
+            return _newton(root, sensitivity.gauge_for(system, rattler)(q, params), q, params, steps)
 
         _POLISH[system] = jax.jit(polish)
     return _POLISH[system]
@@ -495,14 +577,15 @@ class _Runner:
             self.compiles["relax_system"] += 1
         return self.relax_sys
 
-    def relax(self, theta: dict[str, Array], q0: Array | None):
-        """Relax at θ from ``q0`` (None: the initial positions). Returns
-        ``(params, q*, info, pairs, relax_s)``, or None where the interaction
-        range would exceed half the box (the minimum image)."""
+    def relax(self, theta: dict[str, Array], start: "Step | None"):
+        """Relax at θ from the state of ``start`` (None: the initial positions).
+        Returns ``(params, q*, info, pairs, relax_s)``, or None where the
+        interaction range would exceed half the box (the minimum image)."""
         params, frame, cutoff, fits = self.parameters(theta)
         if not bool(fits):
             return None
         system = self._relax_system(float(cutoff))
+        q0 = None if start is None else start.q
         x0 = None if q0 is None else q0 * frame["box"] if system.periodic else q0
         t = time.perf_counter()
         q, info, compile_s, pairs, _ = _job.relax_system(self.job, system, frame, x0=x0)
@@ -519,19 +602,78 @@ class _Runner:
         out[:, :m] = pairs
         return jnp.asarray(out)
 
-    def evaluate(self, q: Array, theta: dict[str, Array], pairs: Array | None):
+    def state(self, q: Array, params: Params) -> Array:
+        """The loss program's state argument: q (fixed box)."""
+        return q
+
+    def evaluate(self, q: Array, params: Params, theta: dict[str, Array], pairs: Array | None):
+        state = self.state(q, params)
         key = None if pairs is None else pairs.shape
         if key not in self.executables:
             t = time.perf_counter()
-            self.executables[key] = self.program.lower(q, theta, pairs).compile()
+            self.executables[key] = self.program.lower(state, theta, pairs).compile()
             self.compiles["loss"] += 1
             self.compile_s += time.perf_counter() - t
-        return self.executables[key](q, theta, pairs)
+        return self.executables[key](state, theta, pairs)
 
-    def polish(self, q: Array, params: Params, rattler: Array) -> Array:
+    def polish(self, q: Array, params: Params, rattler: Array) -> tuple[Array, Params]:
         if self.plan.system.n > POLISH_MAX_N:
-            return q
-        return _polish_program(self.plan.system)(q, params, rattler)
+            return q, params
+        return _polish_program(self.plan.system)(q, params, rattler), params
+
+    def programs(self) -> int:
+        """Compiled relaxation programs so far (chunks, table builds)."""
+        return self.compiles["relax_system"]
+
+
+class _PressureRunner(_Runner):
+    """The design steps at fixed pressure: each relaxation minimises the enthalpy
+    from the previous step's positions *and cell* (:func:`mdsens.barostat.relax`,
+    whose programs are cached per system, tolerance and table capacity; the
+    interaction range is a traced parameter there, so no cutoff ceiling is
+    needed), and the loss program differentiates through the root in (q, cell)
+    (:func:`pressure_program`)."""
+
+    def __init__(self, plan: Plan):
+        super().__init__(plan)
+        self.program = jax.jit(pressure_program(plan))
+        self.listed = _job.use_neighbor_list(self.job, plan.system)
+        self.relax_sys = plan.system
+
+    def _parameters(self, theta):
+        params = _without_strain(self.physical(theta))
+        return params, params, self.plan.system.cutoff(params), jnp.asarray(True)
+
+    def relax(self, theta: dict[str, Array], start: "Step | None"):
+        params, _, _, _ = self.parameters(theta)
+        strain = self.plan.base["strain"] if start is None else jnp.asarray(start.params["strain"])
+        q0 = None if start is None else start.q
+        job = self.job
+        t = time.perf_counter()
+        try:
+            out = barostat.relax(self.plan.system, {**params, "strain": strain}, q0, job.minimizer, job.ftol,
+                                 job.max_steps, job.chunk, None, job.skin)
+        except RuntimeError:  # the cell became narrower than twice the interaction range
+            return None
+        self.compile_s += out.compile_s
+        pairs = self._pad(out.pairs) if self.listed else None
+        return out.params, out.q, out.info, pairs, time.perf_counter() - t - out.compile_s
+
+    def state(self, q: Array, params: Params) -> Array:
+        return barostat.pack(self.plan.system, q, {"strain": jnp.asarray(params["strain"])})
+
+    def polish(self, q: Array, params: Params, rattler: Array) -> tuple[Array, Params]:
+        system = self.plan.system
+        if system.n > POLISH_MAX_N:
+            return q, params
+        params = {k: jnp.asarray(v) for k, v in params.items()}
+        theta = _without_strain(params)
+        z = _polish_pressure_program(system)(self.state(q, params), theta, rattler)
+        q, params = barostat.unpack(system, z, theta)
+        return jnp.mod(q, 1.0), params
+
+    def programs(self) -> int:
+        return len(barostat._PROGRAMS.get(self.plan.system, {}))
 
 
 def _contact_set(flags, n: int) -> set:
@@ -561,7 +703,7 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
     wall = time.perf_counter()
     plan = design if isinstance(design, Plan) else prepare(design)
     design = plan.design
-    runner = _Runner(plan)
+    runner = _PressureRunner(plan) if plan.fixed else _Runner(plan)
     theta = {name: jnp.asarray(plan.base[name]) for name in design.vary}
     factory = getattr(optax, design.optimizer)
     optimizer = optax.inject_hyperparams(factory)(learning_rate=design.lr)
@@ -576,8 +718,8 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
     rng = np.random.default_rng(design.job.seed)
     timings = {"relax_s": 0.0, "loss_s": 0.0, "fd_check_s": 0.0}
 
-    def attempt(theta_: dict[str, Array], q0: Array | None, lr: float) -> Step | None:
-        relaxed = runner.relax(theta_, q0)
+    def attempt(theta_: dict[str, Array], start: Step | None, lr: float) -> Step | None:
+        relaxed = runner.relax(theta_, start)
         if relaxed is None:
             return None
         params, q, info, pairs, relax_s = relaxed
@@ -585,7 +727,7 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
         if not bool(info.converged):
             return Step({}, {}, q, math.nan, {}, {}, np.zeros(0), set(), info, None, lr, relax_s, 0.0, pairs)
         t, compiled = time.perf_counter(), runner.compile_s
-        loss, values, grad, solve_info, rattler, flags = jax.block_until_ready(runner.evaluate(q, theta_, pairs))
+        loss, values, grad, solve_info, rattler, flags = jax.block_until_ready(runner.evaluate(q, params, theta_, pairs))
         loss_s = time.perf_counter() - t - (runner.compile_s - compiled)
         timings["loss_s"] += loss_s
         return Step({k: np.asarray(v) for k, v in theta_.items()}, {k: np.asarray(v) for k, v in params.items()},
@@ -627,7 +769,7 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
         lowest = design.lr * 0.5**design.max_retries
         for retry in range(design.max_retries + 1):
             trial, new_state = update(grads, opt_state, theta_now, jnp.asarray(lr, jnp.result_type(float)))
-            step = attempt(trial, current.q, lr)
+            step = attempt(trial, current, lr)
             # A non-finite loss (a diverged relaxation or solve) counts as a failed
             # relaxation, and so does an unjammed packing (every particle a rattler:
             # no moduli; ν came out as the affine Cauchy value 1/3 just before).
@@ -669,6 +811,8 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
     if design.fd_every is not None and converged and not (checks and int(checks[-1]["step"]) == len(history) - 1):
         check(len(history) - 1)
     timings["compile_s"] = runner.compile_s
+    if plan.fixed:
+        runner.compiles["relax_programs"] = runner.programs()
     timings["total_s"] = time.perf_counter() - wall
     return DesignResult(plan, history, checks, contact_changes, rejections, jumps, dict(runner.compiles), converged,
                         stopped, timings, runner.relax_sys)
@@ -688,13 +832,13 @@ def fd_check(runner: _Runner, step: Step, rng: np.random.Generator, h: float, k:
     losses = []
     for sign in (+1.0, -1.0):
         theta = {name: jnp.asarray(step.theta[name] + sign * h * v[name]) for name in names}
-        relaxed = runner.relax(theta, step.q)
+        relaxed = runner.relax(theta, step)
         if relaxed is None:
             return {"step": k, "h": h, "directional": directional, "finite_difference": math.nan,
                     "relative_error": math.inf, "passed": False}
         params, q, info, pairs, _ = relaxed
-        q = runner.polish(q, params, jnp.asarray(step.rattler))
-        losses.append(float(runner.evaluate(q, theta, pairs)[0]))
+        q, params = runner.polish(q, params, jnp.asarray(step.rattler))
+        losses.append(float(runner.evaluate(q, params, theta, pairs)[0]))
     fd = (losses[0] - losses[1]) / (2 * h)
     error = abs(directional - fd) / max(abs(fd), abs(directional), 1e-300)
     return {"step": k, "h": h, "directional": directional, "finite_difference": fd,
