@@ -68,6 +68,7 @@ def design(
     observe: List[str] = typer.Option([], "--observe", help="Observable recorded at every step, outside the loss (repeatable)."),
     set_: List[str] = typer.Option([], "--set", help="Build key, KEY=VALUE (repeatable), e.g. --set n=64."),
     seed: int = typer.Option(0, help="Random seed of the initial positions (and of the check directions)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="A:B: design one shared parameter set for the mean loss over the packings of seeds A … B−1, relaxed and differentiated as one batch (as `mdsens ensemble`). The varied parameters must start equal in every member (bidisperse's per-species diameter, epsilon, alpha), not drawn per seed. The file's packing is seed A's; /design/members holds every member's loss and observables."),
     minimizer: str = typer.Option("fire", help="Minimizer: fire (FIRE 2.0) or gd."),
     ftol: float = typer.Option(1e-10, help="Each relaxation converges when the largest force is below this."),
     max_steps: int = typer.Option(100_000, help="Steps allowed to each relaxation."),
@@ -93,6 +94,7 @@ def design(
     """
     from mdsens import design as _design
     from mdsens import io
+    from mdsens.ensemble import parse_seeds
     from mdsens.job import Job
 
     state = {"existed": output.exists(), "written": False}
@@ -111,7 +113,8 @@ def design(
         request = _design.Design(
             job=job, targets=dict(_design.parse_target(t) for t in target), minimize=list(minimize),
             maximize=list(maximize), vary=list(vary), steps=steps, optimizer=optimizer, lr=lr,
-            bounds=dict(_design.parse_bound(b) for b in bound), keep=keep, observe=list(observe), tol=tol)
+            bounds=dict(_design.parse_bound(b) for b in bound), keep=keep, observe=list(observe), tol=tol,
+            seeds=None if seeds is None else parse_seeds(seeds))
         if len(request.targets) != len(target):
             fail("an observable is given twice to --target", EXIT_USAGE)
         plan = _design.prepare(request)

@@ -369,3 +369,61 @@ def test_design_at_fixed_pressure_python(tmp_path):
     record = result.record()
     assert_close(record["box"], np.asarray(result.plan.system.cell(
         {k: jnp.asarray(v) for k, v in result.history[result.best].params.items()})).diagonal(), rtol=1e-14)
+
+
+# -- ensembles (--seeds) ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_design_over_seeds_mean_gradient_against_finite_differences():
+    """--seeds 0:3 on 16 bidisperse disks: one shared (D₀, D₁) for the mean of the
+    members' losses ((P_m − t)/t)² at fixed φ. The design's gradient at its last
+    step along a random direction against central differences of that mean
+    loss, each member re-relaxed by Newton at θ ± hv (tests/helpers.Reference),
+    the box moved as φ requires (written here: L ∝ (Σ D_i²)^(1/2) in 2D)."""
+    job = Job(system="bidisperse", overrides={"n": "16"})
+    target = 0.05
+    result = design.run(design.Design(job=job, targets={"pressure": target}, vary=["diameter"], steps=3, lr=0.01,
+                                      keep="phi", fd_every=None, seeds=range(0, 3)))
+    assert result.converged and len(result.history) == 3
+    last = result.final
+    # The mean loss is the mean of the members' own losses, recomputed here from their pressures.
+    pressures = last.members["pressure"]
+    assert pressures.shape == (3,) and len(set(np.round(pressures, 12))) == 3  # three different packings
+    assert last.loss == pytest.approx(float(np.mean(((pressures - target) / target) ** 2)), rel=1e-12)
+    assert result.history[-1].loss < result.history[0].loss
+
+    v = np.random.default_rng(3).normal(size=2)
+    h = 1e-5
+    losses = {+1.0: [], -1.0: []}
+    for m in range(3):
+        system = systems.get("bidisperse").build(n=16, seed=m)
+        params = {k: jnp.asarray(np.asarray(a[m])) for k, a in last.params.items()}
+        q = jnp.asarray(last.q[m])
+        reference = Reference(system, q, params, observables.rattlers(system, q, params))
+        per_particle = lambda d: np.asarray(d)[np.asarray(system.species)]  # noqa: E731
+        for sign in (+1.0, -1.0):
+            d = np.asarray(params["diameter"]) + sign * h * v
+            box = np.asarray(params["box"]) * math.sqrt(np.sum(per_particle(d) ** 2)
+                                                      / np.sum(per_particle(params["diameter"]) ** 2))
+            p = {**params, "diameter": jnp.asarray(d), "box": jnp.asarray(box)}
+            pressure = float(jax.jit(observables.pressure, static_argnums=0)(system, reference.relaxed_at(p), p))
+            losses[sign].append(((pressure - target) / target) ** 2)
+    expected = (np.mean(losses[+1.0]) - np.mean(losses[-1.0])) / (2 * h)
+    predicted = float(np.sum(last.grad["diameter"] * v))
+    # Pressure needs no inner solve: Newton to round-off, O(h²) ~1e-9 relative; 1e-6 as for one packing.
+    assert_close(predicted, expected, rtol=1e-6)
+
+
+def test_seeds_bad_input_exits_2_without_a_file(tmp_path):
+    """A per-particle parameter drawn per seed cannot be shared; --seeds at fixed
+    pressure is refused; an empty range is refused."""
+    cases = [(["polydisperse", "--vary", "diameter", "--seeds", "0:2"], "differs between members"),
+             (["bidisperse", "--vary", "diameter", "--seeds", "0:2", "--set", "pressure=0.01"], "--seeds at fixed"),
+             (["bidisperse", "--vary", "diameter", "--seeds", "3:1"], "empty range")]
+    for args, message in cases:
+        out = tmp_path / "bad.h5"
+        result = cli.invoke(app, ["design", *args, "--set", "n=16", "--target", "pressure=0.05", "-o", str(out)])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+        assert not out.exists()
