@@ -68,7 +68,7 @@ def design(
     observe: List[str] = typer.Option([], "--observe", help="Observable recorded at every step, outside the loss (repeatable)."),
     set_: List[str] = typer.Option([], "--set", help="Build key, KEY=VALUE (repeatable), e.g. --set n=64."),
     seed: int = typer.Option(0, help="Random seed of the initial positions (and of the check directions)."),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="A:B: design one shared parameter set for the mean loss over the packings of seeds A … B−1, relaxed and differentiated as one batch (as `mdsens ensemble`). The varied parameters must start equal in every member (bidisperse's per-species diameter, epsilon, alpha), not drawn per seed. The file's packing is seed A's; /design/members holds every member's loss and observables."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="A:B (seeds A … B−1): design one shared parameter set for the mean loss over their packings, relaxed and differentiated as one batch (as `mdsens ensemble`). The varied parameters must start equal in every member (bidisperse's per-species diameter, epsilon, alpha), not drawn per seed. The file's packing is seed A's; /design/members holds every member's loss and observables."),
     minimizer: str = typer.Option("fire", help="Minimizer: fire (FIRE 2.0) or gd."),
     ftol: float = typer.Option(1e-10, help="Each relaxation converges when the largest force is below this."),
     max_steps: int = typer.Option(100_000, help="Steps allowed to each relaxation."),
