@@ -36,6 +36,14 @@ the rate falling to 1e-17), the rate halved. The rate recovers by
 Correctness is checked as it goes: every ``fd_every``-th step and the last,
 the gradient along a random unit direction against central differences of
 the whole loss, re-relaxed (and Newton-polished) at θ ± h.
+
+Two more ensembles of the same loop, each a runner: ``keep="pressure"``
+(:class:`_PressureRunner`) relaxes the enthalpy E + P V from the previous
+positions and cell (:func:`mdsens.barostat.relax`) and differentiates through
+the root ∇_(q,u) H = 0 (:func:`pressure_program`); ``seeds``
+(:class:`_BatchRunner`) designs one θ for the mean loss of M packings,
+relaxed by the batched FIRE chunk of :mod:`mdsens.ensemble` and
+differentiated by the loss program vmapped over the members.
 """
 
 from __future__ import annotations
