@@ -63,11 +63,12 @@ def design(
     optimizer: str = typer.Option("adam", help="optax optimizer: adam, rmsprop or sgd."),
     lr: float = typer.Option(0.01, "--lr", help="Learning rate (halved on every rejected step)."),
     bound: List[str] = typer.Option([], "--bound", help="PARAM=LO,HI: keep a varied parameter in [LO, HI] by projection (LO or HI may be empty). Diameters, ε, σ stay positive by default."),
-    keep: Optional[str] = typer.Option(None, "--keep", help="phi: scale the box with the diameters to hold the packing fraction."),
+    keep: Optional[str] = typer.Option(None, "--keep", help="What the design holds while parameters change. phi: the box is scaled with the diameters to hold the packing fraction. pressure: every step relaxes positions and cell at the target pressure, and the gradient carries the cell's response (build the system with --set pressure=P [--set box_dof=iso|aniso|shear]; such a system implies it; --vary pressure tunes P itself)."),
     tol: Optional[float] = typer.Option(None, "--tol", help="Stop once every target is within this relative error."),
     observe: List[str] = typer.Option([], "--observe", help="Observable recorded at every step, outside the loss (repeatable)."),
     set_: List[str] = typer.Option([], "--set", help="Build key, KEY=VALUE (repeatable), e.g. --set n=64."),
     seed: int = typer.Option(0, help="Random seed of the initial positions (and of the check directions)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="A:B (seeds A … B−1): design one shared parameter set for the mean loss over their packings, relaxed and differentiated as one batch (as `mdsens ensemble`). The varied parameters must start equal in every member (bidisperse's per-species diameter, epsilon, alpha), not drawn per seed. The file's packing is seed A's; /design/members holds every member's loss and observables."),
     minimizer: str = typer.Option("fire", help="Minimizer: fire (FIRE 2.0) or gd."),
     ftol: float = typer.Option(1e-10, help="Each relaxation converges when the largest force is below this."),
     max_steps: int = typer.Option(100_000, help="Steps allowed to each relaxation."),
@@ -85,10 +86,15 @@ def design(
 ) -> None:
     """Inverse design: relax, take the exact gradient of the loss, update with optax, repeat.
 
-    Example: mdsens design polydisperse --target poisson_ratio=0.3 --vary diameter --keep phi -o design.h5
+    Examples:
+
+      mdsens design polydisperse --set n=64 --target poisson_ratio=0.3 --vary diameter --keep phi -o nu.h5
+
+      mdsens design bidisperse --set pressure=0.01 --keep pressure --maximize shear_modulus --vary diameter -o g.h5
     """
     from mdsens import design as _design
     from mdsens import io
+    from mdsens.ensemble import parse_seeds
     from mdsens.job import Job
 
     state = {"existed": output.exists(), "written": False}
@@ -107,7 +113,8 @@ def design(
         request = _design.Design(
             job=job, targets=dict(_design.parse_target(t) for t in target), minimize=list(minimize),
             maximize=list(maximize), vary=list(vary), steps=steps, optimizer=optimizer, lr=lr,
-            bounds=dict(_design.parse_bound(b) for b in bound), keep=keep, observe=list(observe), tol=tol)
+            bounds=dict(_design.parse_bound(b) for b in bound), keep=keep, observe=list(observe), tol=tol,
+            seeds=None if seeds is None else parse_seeds(seeds))
         if len(request.targets) != len(target):
             fail("an observable is given twice to --target", EXIT_USAGE)
         plan = _design.prepare(request)

@@ -36,6 +36,14 @@ the rate falling to 1e-17), the rate halved. The rate recovers by
 Correctness is checked as it goes: every ``fd_every``-th step and the last,
 the gradient along a random unit direction against central differences of
 the whole loss, re-relaxed (and Newton-polished) at θ ± h.
+
+Two more ensembles of the same loop, each a runner: ``keep="pressure"``
+(:class:`_PressureRunner`) relaxes the enthalpy E + P V from the previous
+positions and cell (:func:`mdsens.barostat.relax`) and differentiates through
+the root ∇_(q,u) H = 0 (:func:`pressure_program`); ``seeds``
+(:class:`_BatchRunner`) designs one θ for the mean loss of M packings,
+relaxed by the batched FIRE chunk of :mod:`mdsens.ensemble` and
+differentiated by the loss program vmapped over the members.
 """
 
 from __future__ import annotations
@@ -44,20 +52,20 @@ import math
 import time
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens import implicit, job as _job, linsolve, observables, sensitivity
+from mdsens import barostat, implicit, job as _job, linsolve, observables, sensitivity
 from mdsens.system import Params, System
 from mdsens.systems import UsageError
 
 Array = jax.Array
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
-KEEP = ("phi",)
+KEEP = ("phi", "pressure")
 #: a step whose loss rises by more than JUMP·|ℒ| + JUMP_FLOOR·|ℒ_start| is rejected (the floor keeps an
 #: optimizer's small oscillations about a reached target from counting as jumps)
 JUMP, JUMP_FLOOR = 1.0, 1e-3
@@ -68,7 +76,7 @@ CUTOFF_HEADROOM = 1.25
 #: the derivative pairs' capacity, as a multiple of the first count
 PAIR_HEADROOM = 1.25
 #: parameters that must stay positive: their default lower bound is this fraction of their smallest start value
-POSITIVE = {"diameter": 1e-3, "epsilon": 1e-3, "sigma": 1e-3, "box": 1e-3}
+POSITIVE = {"diameter": 1e-3, "epsilon": 1e-3, "sigma": 1e-3, "box": 1e-3, "pressure": 1e-3}
 #: the finite-difference check passes within this relative error (see ``fd_check``)
 FD_RTOL = 1e-3
 
@@ -93,6 +101,7 @@ class Design:
     fd_every: int | None = 10  # None: no finite-difference checks (Python only)
     fd_h: float = 1e-5
     max_retries: int = 6
+    seeds: Any = None  # a range of seeds: one shared θ for the members' mean loss (None: job.seed alone)
 
 
 @dataclass
@@ -105,6 +114,19 @@ class Plan:
     bounds: dict[str, tuple[float, float]]
     base: dict[str, Array]  # the starting parameters
     phi: float | None  # the packing fraction held (keep="phi")
+    fixed: bool = False  # a fixed-pressure system (keep="pressure"): the state is (q, cell)
+    members: "Members | None" = None  # --seeds: the ensemble whose mean loss is designed
+
+
+@dataclass
+class Members:
+    """The members of an ensemble design (``--seeds``): one model, M seeds; the
+    starting parameters ``base`` and initial real-space ``positions`` stacked
+    along a leading member axis."""
+
+    seeds: list[int]
+    base: dict[str, Array]
+    positions: Array
 
 
 @dataclass
@@ -125,6 +147,7 @@ class Step:
     relax_s: float
     loss_s: float
     pairs: Array | None
+    members: dict[str, np.ndarray] | None = None  # --seeds: each member's loss and observables (M,)
 
 
 @dataclass
@@ -160,7 +183,21 @@ class DesignResult:
         params = {k: jnp.asarray(v) for k, v in last.params.items()}
         observed = {name: np.asarray(last.values[name]) for name in plan.names}
         observed["max_force"] = np.asarray(last.info.max_force)
+        q, rattler, steps, converged = last.q, last.rattler, int(last.info.steps), bool(last.info.converged)
         h = self.history
+        members = None
+        if plan.members is not None:
+            # The run-file part is the first member's packing (its own observables, so that
+            # `mdsens run from_file` reproduces them); /design/members holds every member.
+            members = {"seed": np.asarray(plan.members.seeds),
+                       **{name: np.stack([s.members[name] for s in h]) for name in ["loss", *plan.names]},
+                       "position": np.stack([np.asarray(system.to_real(last.q[m], {k: v[m] for k, v in params.items()}))
+                                             for m in range(len(plan.members.seeds))])}
+            params = {k: v[0] for k, v in params.items()}
+            observed = {name: np.asarray(last.members[name][0]) for name in plan.names}
+            observed["max_force"] = np.asarray(last.info.member_max_force[0])
+            q, rattler = last.q[0], last.rattler[0]
+            steps, converged = int(last.info.member_steps[0]), bool(last.info.member_converged[0])
         design = {
             "loss": np.array([s.loss for s in h]),
             **{name: np.stack([s.theta[name] for s in h]) for name in plan.design.vary},
@@ -174,14 +211,25 @@ class DesignResult:
         }
         if plan.phi is not None:
             design["box"] = np.stack([s.params["box"] for s in h])
+        if plan.fixed:  # the relaxed cell of every step: sides (iso, aniso) or edge vectors as rows (shear)
+            cell = jax.jit(lambda p: system.cell(p))
+            design["box"] = np.stack([np.asarray(cell({k: jnp.asarray(v) for k, v in s.params.items()}))
+                                      for s in h])
+            if system.box_dof != "shear":
+                design["box"] = np.stack([np.diag(c) for c in design["box"]])
+        if members is not None:
+            design["members"] = members
+        box = None
+        if system.periodic:
+            box = barostat.record_box(system, params) if plan.fixed else np.asarray(params["box"])
         return {
-            "positions": np.asarray(system.to_real(last.q, params)),
-            "box": np.asarray(params["box"]) if system.periodic else None,
+            "positions": np.asarray(system.to_real(q, params)),
+            "box": box,
             "species": np.asarray(system.species),
-            "rattler": np.asarray(last.rattler),
-            "parameters": {k: np.asarray(v) for k, v in last.params.items()},
-            "observables": {**observed, "minimizer_steps": np.asarray(int(last.info.steps)),
-                            "converged": np.asarray(bool(last.info.converged))},
+            "rattler": np.asarray(rattler),
+            "parameters": {k: np.asarray(v) for k, v in params.items()},
+            "observables": {**observed, "minimizer_steps": np.asarray(steps),
+                            "converged": np.asarray(converged)},
             "sensitivity": {},
             "gradient": {},
             "meta": self.meta(),
@@ -194,6 +242,7 @@ class DesignResult:
         return {"targets": dict(d.targets), "minimize": list(d.minimize), "maximize": list(d.maximize),
                 "vary": list(d.vary), "optimizer": d.optimizer, "lr": d.lr,
                 "bounds": {k: list(v) for k, v in self.plan.bounds.items()}, "keep": d.keep or "",
+                "seeds": [] if self.plan.members is None else list(self.plan.members.seeds),
                 "phi": self.plan.phi if self.plan.phi is not None else "", "steps": len(self.history),
                 "steps_requested": d.steps, "tol": d.tol if d.tol is not None else "",
                 "contact_changes": self.contact_changes, "rejections": self.rejections, "jumps": self.jumps,
@@ -203,8 +252,15 @@ class DesignResult:
 
     def meta(self) -> dict[str, Any]:
         job, system, last = self.plan.design.job, self.plan.system, self.history[self.best]
+        extra = {}
+        if self.plan.members is not None:  # the file's packing is the first member's
+            job = replace(job, seed=self.plan.members.seeds[0])
+            extra = dict(members=len(self.plan.members.seeds))
+        if self.plan.fixed:
+            extra = dict(ensemble=barostat.ensemble(system), box_dof=system.box_dof,
+                         target_pressure=float(last.params["pressure"]), preconditioner="none")
         return _job.run_meta(job, system, last.info, dict(self.timings), design=self.attributes(),
-                             derivatives="the loss gradient of every design step (/design)")
+                             derivatives="the loss gradient of every design step (/design)", **extra)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able digest: what ``mdsens design --json`` prints."""
@@ -221,6 +277,9 @@ class DesignResult:
                      **{name: float(self.history[self.best].values[name]) for name in self.plan.names}},
             "fd_check": [{k: (bool(v) if k == "passed" else float(v)) for k, v in c.items()} for c in self.fd_checks],
             "compiles": dict(self.compiles), "timings": dict(self.timings),
+            **({} if self.plan.members is None else {
+                "seeds": list(self.plan.members.seeds),
+                "members": {name: np.asarray(last.members[name]).tolist() for name in ["loss", *self.plan.names]}}),
         }
 
 
@@ -288,7 +347,7 @@ def prepare(design: Design) -> Plan:
     if d.optimizer not in OPTIMIZERS:
         raise UsageError(f"unknown optimizer {d.optimizer!r}: choose {', '.join(OPTIMIZERS)}")
     if d.keep is not None and d.keep not in KEEP:
-        raise UsageError(f"--keep {d.keep!r}: choose {' or '.join(KEEP)} (fixed pressure is not available yet)")
+        raise UsageError(f"--keep {d.keep!r}: choose {' or '.join(KEEP)}")
     if d.tol is not None and not d.tol > 0:
         raise UsageError(f"--tol must be positive, got {d.tol}")
     if d.fd_every is not None and d.fd_every <= 0:
@@ -298,6 +357,10 @@ def prepare(design: Design) -> Plan:
         raise UsageError("an observable appears twice among --target, --minimize and --maximize")
     names = loss_names + [n for n in d.observe if n not in loss_names]
     job = replace(d.job, observe=names, wrt=None, grad=[])
+    if d.seeds is not None:
+        if len(d.seeds) == 0:
+            raise UsageError("--seeds: no seeds")
+        job = replace(job, seed=int(d.seeds[0]))
     system, _, _ = _job.prepare(job)
     params = {k: jnp.asarray(v) for k, v in system.params.items()}
     q0 = jnp.asarray(system.to_solver(jnp.asarray(system.positions), params))
@@ -308,9 +371,21 @@ def prepare(design: Design) -> Plan:
             raise UsageError(f"{name}: {err}") from None
         if shape != ():
             raise UsageError(f"{name} has shape {shape}: a design loss needs a scalar observable")
+    fixed = barostat.is_fixed_pressure(system)
+    if d.keep == "pressure" and not fixed:
+        raise UsageError("--keep pressure needs a system built at fixed pressure: add --set pressure=P "
+                         "(and --set box_dof=iso, aniso or shear; iso by default)")
+    if fixed and d.keep == "phi":
+        raise UsageError("--keep phi holds the packing fraction in a fixed box, but this system relaxes its box at "
+                         "fixed pressure (--set pressure=...): use --keep pressure")
+    if fixed and d.keep is None:  # built at fixed pressure: the box relaxes whatever --keep says
+        design = d = replace(d, keep="pressure")
     if len(set(d.vary)) != len(d.vary):
         raise UsageError("a parameter is given twice to --vary")
     for name in d.vary:
+        if fixed and name in ("strain", "box"):
+            raise UsageError(f"--vary {name}: at fixed pressure the cell relaxes to the pressure (it is state, not a "
+                             "design parameter); vary pressure or the diameters instead")
         if name not in params:
             raise UsageError(f"--vary {name!r}: no parameter {name!r}; this system's parameters: {', '.join(params)}")
         if not jnp.issubdtype(params[name].dtype, jnp.floating):
@@ -336,7 +411,40 @@ def prepare(design: Design) -> Plan:
             raise UsageError("--keep phi sets the box from the diameters: do not --vary box")
         _check_scale_free(system, params)
         phi = float(jax.jit(lambda p: packing_fraction(system, p))(params))
-    return Plan(design, system, names, bounds, params, phi)
+    members = None
+    if d.seeds is not None:
+        if fixed:
+            raise UsageError("--seeds at fixed pressure is not available: the batched relaxation holds each box "
+                             "fixed; design at fixed pressure one seed at a time")
+        members = _members(d, job, system)
+    return Plan(design, system, names, bounds, params, phi, fixed, members)
+
+
+def _members(d: Design, job: _job.Job, system: System) -> Members:
+    """Build every seed's packing and check that one θ can be shared: the same
+    model (:func:`mdsens.ensemble.group`) and, for each varied parameter, the
+    same shape and the same starting value in every member."""
+    from mdsens import ensemble, systems
+
+    family = systems.get(job.system)
+    config = family.resolve(job.overrides)
+    built = [system] + [family.build_fn(seed=int(seed), **config) for seed in list(d.seeds)[1:]]
+    for name in d.vary:
+        shapes = sorted({tuple(np.shape(b.params[name])) for b in built})
+        if len(shapes) > 1:
+            raise UsageError(f"--seeds with --vary {name}: {name} differs in size between members ({shapes}); "
+                             "one shared parameter set needs the same shape in every member")
+        first = np.asarray(built[0].params[name])
+        if any(not np.array_equal(np.asarray(b.params[name]), first) for b in built[1:]):
+            raise UsageError(f"--seeds with --vary {name}: its starting value differs between members (drawn per "
+                             f"seed, as {system.name}'s per-particle diameters are); a shared design needs a "
+                             "parameter every member starts from, e.g. bidisperse's per-species diameter")
+    if len(ensemble.group(built)) > 1:
+        raise UsageError("--seeds: the members are not one model (N, d, species, parameter shapes or pair "
+                         "function differ), so they cannot share one batched program")
+    base = ensemble.stack([{k: jnp.asarray(v) for k, v in b.params.items()} for b in built])
+    positions = jnp.stack([jnp.asarray(b.positions) for b in built])
+    return Members([int(seed) for seed in d.seeds], base, positions)
 
 
 def _check_scale_free(system: System, params: Params) -> None:
@@ -353,18 +461,22 @@ def _check_scale_free(system: System, params: Params) -> None:
 # -- the compiled pieces --------------------------------------------------------------------
 
 
-def physical_fn(plan: Plan) -> Callable[[dict[str, Array]], Params]:
-    """θ (the varied parameters) → every parameter; with ``keep="phi"`` the box
-    is scaled isotropically to hold φ: ``L = L₀ (Σv(D) / (φ V₀))^(1/d)``."""
-    base, system, phi = plan.base, plan.system, plan.phi
+def physical_fn(plan: Plan) -> Callable[..., Params]:
+    """``physical(θ, base=plan.base)``: θ (the varied parameters) → every
+    parameter, the others from ``base`` (one member's starting parameters);
+    with ``keep="phi"`` the box is scaled isotropically to hold the base's φ:
+    ``L = L₀ (Σv(D) / Σv(D₀))^(1/d)``."""
+    system, keep_phi = plan.system, plan.phi is not None
 
-    def physical(theta: dict[str, Array]) -> Params:
+    def volumes(p: Params) -> Array:
+        r = particle_diameters(system, p) / 2
+        return jnp.sum(math.pi * r**2 if system.dim == 2 else 4.0 / 3.0 * math.pi * r**3)
+
+    def physical(theta: dict[str, Array], base: Params | None = None) -> Params:
+        base = plan.base if base is None else base
         p = {**base, **theta}
-        if phi is not None:
-            r = particle_diameters(system, p) / 2
-            volumes = math.pi * r**2 if system.dim == 2 else 4.0 / 3.0 * math.pi * r**3
-            scale = (jnp.sum(volumes) / (phi * system.volume(base))) ** (1.0 / system.dim)
-            p["box"] = base["box"] * scale
+        if keep_phi:
+            p["box"] = base["box"] * (volumes(p) / volumes(base)) ** (1.0 / system.dim)
         return p
 
     return physical
@@ -383,21 +495,23 @@ def _loss_of(design: Design, values: dict[str, Array]) -> Array:
 
 
 def loss_program(plan: Plan) -> Callable:
-    """``(q*, θ, pairs) -> (ℒ, observables, ∂ℒ/∂θ, solve info, rattler, contact flags)``:
+    """``(q*, θ, pairs, base=None) -> (ℒ, observables, ∂ℒ/∂θ, solve info, rattler, contact flags)``:
     one reverse-mode solve for the whole loss (plus the solves inside the
     moduli, differentiated through). ``pairs`` is None (all pairs) or a
-    padded (2, M) array: data, not a compiled constant."""
+    padded (2, M) array: data, not a compiled constant; ``base`` the
+    parameters that θ does not set (default: the plan's), an argument so that
+    one program serves every member of an ensemble (``vmap``)."""
     design, system, names = plan.design, plan.system, plan.names
     physical = physical_fn(plan)
     job = design.job
 
-    def program(q: Array, theta: dict[str, Array], pairs: Array | None):
+    def program(q: Array, theta: dict[str, Array], pairs: Array | None, base: Params | None = None):
         s = system if pairs is None else system.with_pairs(pairs)
-        params = physical(theta)
+        params = physical(theta, base)
         rattler = observables.rattlers(s, jax.lax.stop_gradient(q), jax.lax.stop_gradient(params))
 
         def f(q_, theta_):
-            p = physical(theta_)
+            p = physical(theta_, base)
             values = {name: observables.OBSERVABLES[name](s, q_, p) for name in names}
             return _loss_of(design, values), values
 
@@ -405,7 +519,45 @@ def loss_program(plan: Plan) -> Callable:
         solve = _job._solver(job, s, q, params, rattler)
         w, info = implicit.cotangent(sensitivity.optimality(s), q, params, g_q, solve,
                                      sensitivity.gauge_for(s, rattler), hvp=s.hessian_vp)
-        _, pull = jax.vjp(physical, theta)
+        _, pull = jax.vjp(lambda t: physical(t, base), theta)
+        (g_implicit,) = pull(w)
+        grad = jax.tree_util.tree_map(jnp.add, g_theta, g_implicit)
+        contacts, i, j = s.contact_list(q, params)
+        return loss, values, grad, info, rattler, (contacts, i, j)
+
+    return program
+
+
+def _without_strain(params: Params) -> Params:
+    return {k: v for k, v in params.items() if k != "strain"}
+
+
+def pressure_program(plan: Plan) -> Callable:
+    """The loss program at fixed pressure: ``(z*, θ, pairs) -> (ℒ, observables,
+    ∂ℒ/∂θ, solve info, rattler, contact flags)`` with ``z = (q, u)`` the
+    positions and the cell's box-dof coordinates (:mod:`mdsens.barostat`). The
+    gradient goes through the root ``∇_z (E + P V) = 0``: one reverse solve
+    with the Hessian of the enthalpy in (q, u), so it carries both the
+    particles' and the cell's response to θ."""
+    design, system, names = plan.design, plan.system, plan.names
+    physical = physical_fn(plan)
+    job = design.job
+
+    def program(z: Array, theta: dict[str, Array], pairs: Array | None):
+        s = system if pairs is None else system.with_pairs(pairs)
+        fixed = _without_strain(physical(theta))
+        q, params = barostat.unpack(s, z, fixed)
+        rattler = observables.rattlers(s, jax.lax.stop_gradient(q), jax.lax.stop_gradient(params))
+
+        def f(z_, theta_):
+            q_, p_ = barostat.unpack(s, z_, _without_strain(physical(theta_)))
+            values = {name: observables.OBSERVABLES[name](s, q_, p_) for name in names}
+            return _loss_of(design, values), values
+
+        (loss, values), (g_z, g_theta) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(z, theta)
+        solve = linsolve.dense() if job.solver == "dense" else linsolve.cg(rtol=job.rtol)
+        w, info = implicit.cotangent(barostat.optimality(s), z, fixed, g_z, solve, barostat.gauge_for(s, rattler))
+        _, pull = jax.vjp(lambda t: _without_strain(physical(t)), theta)
         (g_implicit,) = pull(w)
         grad = jax.tree_util.tree_map(jnp.add, g_theta, g_implicit)
         contacts, i, j = s.contact_list(q, params)
@@ -415,6 +567,39 @@ def loss_program(plan: Plan) -> Callable:
 
 
 _POLISH: "weakref.WeakKeyDictionary[System, Callable]" = weakref.WeakKeyDictionary()
+_POLISH_PRESSURE: "weakref.WeakKeyDictionary[System, Callable]" = weakref.WeakKeyDictionary()
+
+
+def _newton(root: Callable, project: Callable, z: Array, theta: Params, steps: int) -> Array:
+    """``steps`` gauge-fixed Newton steps on ``root(z, θ) = 0`` with a dense solve;
+    kept only if they lowered max|root| (near a contact change the Hessian is
+    discontinuous and a Newton step can leave the basin)."""
+    dense = linsolve.dense()
+
+    def step(_, zk):
+        def matvec(v):
+            pv = project(v)
+            return project(jax.jvp(lambda y: root(y, theta), (zk,), (pv,))[1]) + (v - pv)
+
+        delta, _ = dense(matvec, -project(root(zk, theta)))
+        return zk + delta
+
+    polished = jax.lax.fori_loop(0, steps, step, z)
+    better = jnp.max(jnp.abs(root(polished, theta))) <= jnp.max(jnp.abs(root(z, theta)))
+    return jnp.where(better, polished, z)
+
+
+def _polish_pressure_program(system: System, steps: int = 4) -> Callable:
+    """:func:`_polish_program` at fixed pressure: Newton on ``∇_z (E + P V)``,
+    positions and cell together, all pairs, compiled once per system."""
+    if system not in _POLISH_PRESSURE:
+        root = barostat.optimality(system)
+
+        def polish(z, theta, rattler):
+            return _newton(root, barostat.gauge_for(system, rattler)(z, theta), z, theta, steps)
+
+        _POLISH_PRESSURE[system] = jax.jit(polish)
+    return _POLISH_PRESSURE[system]
 
 
 def _polish_program(system: System, steps: int = 4) -> Callable:
@@ -425,22 +610,7 @@ def _polish_program(system: System, steps: int = 4) -> Callable:
         root = sensitivity.optimality(system)
 
         def polish(q, params, rattler):
-            project = sensitivity.gauge_for(system, rattler)(q, params)
-            dense = linsolve.dense()
-
-            def step(_, qk):
-                def matvec(v):
-                    pv = project(v)
-                    return project(jax.jvp(lambda y: root(y, params), (qk,), (pv,))[1]) + (v - pv)
-
-                delta, _ = dense(matvec, -project(root(qk, params)))
-                return qk + delta
-
-            polished = jax.lax.fori_loop(0, steps, step, q)
-            # Near a contact change the Hessian is discontinuous and a Newton
-            # step can leave the basin: keep the polish only if it lowered |F|.
-            better = jnp.max(jnp.abs(root(polished, params))) <= jnp.max(jnp.abs(root(q, params)))
-            return jnp.where(better, polished, q)
+            return _newton(root, sensitivity.gauge_for(system, rattler)(q, params), q, params, steps)
 
         _POLISH[system] = jax.jit(polish)
     return _POLISH[system]
@@ -470,18 +640,19 @@ class _Runner:
         self.relax_sys = None
         self.ceiling = 0.0
 
-    def _parameters(self, theta: dict[str, Array]) -> tuple[Params, Params, Array, Array]:
+    def _parameters(self, theta: dict[str, Array], base: Params | None = None) -> tuple[Params, Params, Array, Array]:
         """θ → (every parameter, the parameters the relaxation sees, the
         latter's interaction range, whether the range fits the minimum image).
         With keep="phi" the relaxation sees the starting box and the diameters
         scaled by L₀/L: the same minimum in the same q. One compiled program,
         not a dozen small ones."""
         system = self.plan.system
-        params = self.physical(theta)
+        base = self.plan.base if base is None else base
+        params = self.physical(theta, base)
         frame = params
         if self.plan.phi is not None:
-            scale = params["box"][0] / self.plan.base["box"][0]
-            frame = {**params, "diameter": params["diameter"] / scale, "box": self.plan.base["box"]}
+            scale = params["box"][0] / base["box"][0]
+            frame = {**params, "diameter": params["diameter"] / scale, "box": base["box"]}
         fits = system.cutoff(params) < 0.5 * jnp.min(params["box"]) if system.periodic else jnp.asarray(True)
         return params, frame, system.cutoff(frame), fits
 
@@ -494,14 +665,15 @@ class _Runner:
             self.compiles["relax_system"] += 1
         return self.relax_sys
 
-    def relax(self, theta: dict[str, Array], q0: Array | None):
-        """Relax at θ from ``q0`` (None: the initial positions). Returns
-        ``(params, q*, info, pairs, relax_s)``, or None where the interaction
-        range would exceed half the box (the minimum image)."""
+    def relax(self, theta: dict[str, Array], start: "Step | None"):
+        """Relax at θ from the state of ``start`` (None: the initial positions).
+        Returns ``(params, q*, info, pairs, relax_s)``, or None where the
+        interaction range would exceed half the box (the minimum image)."""
         params, frame, cutoff, fits = self.parameters(theta)
         if not bool(fits):
             return None
         system = self._relax_system(float(cutoff))
+        q0 = None if start is None else start.q
         x0 = None if q0 is None else q0 * frame["box"] if system.periodic else q0
         t = time.perf_counter()
         q, info, compile_s, pairs, _ = _job.relax_system(self.job, system, frame, x0=x0)
@@ -518,19 +690,235 @@ class _Runner:
         out[:, :m] = pairs
         return jnp.asarray(out)
 
-    def evaluate(self, q: Array, theta: dict[str, Array], pairs: Array | None):
+    def state(self, q: Array, params: Params) -> Array:
+        """The loss program's state argument: q (fixed box)."""
+        return q
+
+    def evaluate(self, q: Array, params: Params, theta: dict[str, Array], pairs: Array | None):
+        state = self.state(q, params)
         key = None if pairs is None else pairs.shape
         if key not in self.executables:
             t = time.perf_counter()
-            self.executables[key] = self.program.lower(q, theta, pairs).compile()
+            self.executables[key] = self.program.lower(state, theta, pairs).compile()
             self.compiles["loss"] += 1
             self.compile_s += time.perf_counter() - t
-        return self.executables[key](q, theta, pairs)
+        return self.executables[key](state, theta, pairs)
 
-    def polish(self, q: Array, params: Params, rattler: Array) -> Array:
+    def polish(self, q: Array, params: Params, rattler: Array) -> tuple[Array, Params]:
         if self.plan.system.n > POLISH_MAX_N:
-            return q
-        return _polish_program(self.plan.system)(q, params, rattler)
+            return q, params
+        return _polish_program(self.plan.system)(q, params, rattler), params
+
+    def programs(self) -> int:
+        """Compiled relaxation programs so far (chunks, table builds)."""
+        return self.compiles["relax_system"]
+
+    def reduce(self, out):
+        """The loss program's outputs, plus per-member values (None: one packing)."""
+        return (*out, None)
+
+    def unjammed(self, rattler: np.ndarray) -> bool:
+        """Every particle a rattler: no moduli (ν came out as the affine Cauchy value 1/3 just before)."""
+        return bool(np.all(rattler))
+
+    def contacts(self, flags) -> set:
+        return _contact_set(flags, self.plan.system.n)
+
+
+class _BatchRunner(_Runner):
+    """The design steps of an ensemble (``--seeds``): every member relaxes from
+    its previous state in one batched FIRE program (the chunk of
+    :func:`mdsens.ensemble.relax_batch`, kept with its table across the steps
+    so that it compiles once: ``relax_batch`` itself builds a new table and
+    compiles on every call), and one vmapped loss program gives every member's
+    loss and gradient; the design follows their mean.
+
+    State per member along a leading axis M: ``q`` (M, N, d), ``params``
+    (M, …); ``pairs`` (M, 2, N·K) from each member's table."""
+
+    def __init__(self, plan: Plan):
+        super().__init__(plan)
+        self.members = plan.members
+        self.parameters = jax.jit(jax.vmap(self._parameters, in_axes=(None, 0)))
+        program = loss_program(plan)
+        self.program = jax.jit(jax.vmap(lambda q, t, pr, b: program(q, t, pr, b), in_axes=(0, None, 0, 0)))
+        self.table = None
+        self.shapes: set = set()
+        self.capacities = (0, 0)
+
+    def _table(self, model: System, frame: Params):
+        from mdsens import ensemble
+
+        smallest = float(np.min(np.asarray(frame["box"]))) if model.periodic else 0.0
+        if self.table is None or self.table[0] is not model or smallest < self.table[1]:
+            table = ensemble._table(model, frame, self.job.skin)
+            mini, advance = ensemble._program(model, table, self.job.minimizer, self.job.ftol)
+            self.table = (model, smallest, table, mini, advance)
+            self.capacities = (0, 0)
+        return self.table[2:]
+
+    def relax(self, theta: dict[str, Array], start: "Step | None"):
+        from mdsens import ensemble
+
+        job = self.job
+        params, frame, cutoff, fits = self.parameters(theta, self.members.base)
+        if not bool(jnp.all(fits)):
+            return None
+        model = self._relax_system(float(jnp.max(cutoff)))
+        table, mini, advance = self._table(model, frame)
+        box = frame["box"][:, None, :] if model.periodic else None
+        x = self.members.positions if start is None else start.q * box if model.periodic else start.q
+        if model.periodic:
+            x = jnp.mod(x, box)
+        t = time.perf_counter()
+        compile_s = 0.0
+        state = jax.vmap(mini.blank)(x)
+        if self.capacities == (0, 0):
+            self.capacities = ensemble._capacities(table, model, state.x, frame)
+
+        def placeholder():
+            k, c = self.capacities
+            return ensemble.stack([table.placeholder(state.x[m], k, c) for m in range(state.x.shape[0])])
+
+        nbrs, stale, done = placeholder(), jnp.asarray(True), 0
+        while True:
+            until = jnp.asarray(min(job.max_steps, done + job.chunk), jnp.int32)
+            key = (nbrs.idx.shape, nbrs.cells.shape)
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(advance(state, nbrs, frame, until, stale))
+            if key not in self.shapes:  # the first call of a shape is mostly its compilation
+                self.shapes.add(key)
+                compile_s += time.perf_counter() - t0
+            out_state, out_nbrs, _, fmax, stalled, energy = out
+            if bool(np.any(np.asarray(out_nbrs.overflow))):  # redo the chunk on a bigger table
+                k, c = ensemble._capacities(table, model, out_state.x, frame, grow=1.5)
+                self.capacities = (max(k, self.capacities[0] + 1), max(c, self.capacities[1]))
+                nbrs, stale = placeholder(), jnp.asarray(True)
+                continue
+            state, nbrs, stale = out_state, out_nbrs, jnp.asarray(False)
+            fmax = np.asarray(fmax)
+            done = int(np.max(np.asarray(state.step)))
+            if np.all((fmax < job.ftol) | np.asarray(stalled)) or done >= job.max_steps:
+                break
+        self.compile_s += compile_s
+        info = _BatchInfo(np.asarray(state.step), fmax, np.asarray(energy), fmax < job.ftol)
+        q = state.x / box if model.periodic else state.x
+        pairs = jax.vmap(lambda i_: ensemble.table_pairs(i_, model.n))(nbrs.idx)
+        return params, q, info, pairs, time.perf_counter() - t - compile_s
+
+    def evaluate(self, q: Array, params: Params, theta: dict[str, Array], pairs: Array | None):
+        key = pairs.shape
+        if key not in self.executables:
+            t = time.perf_counter()
+            self.executables[key] = self.program.lower(q, theta, pairs, self.members.base).compile()
+            self.compiles["loss"] += 1
+            self.compile_s += time.perf_counter() - t
+        return self.executables[key](q, theta, pairs, self.members.base)
+
+    def reduce(self, out):
+        """The members' outputs → (mean ℒ, mean observables, mean ∂ℒ/∂θ, the
+        worst solve, rattlers (M, N), contact flags, per-member observables)."""
+        loss, values, grad, info, rattler, flags = out
+        worst = linsolve.SolveInfo(*(jnp.max(a) for a in info))
+        return (jnp.mean(loss), {k: jnp.mean(v, axis=0) for k, v in values.items()},
+                {k: jnp.mean(v, axis=0) for k, v in grad.items()}, worst, rattler, flags,
+                {"loss": loss, **values})
+
+    def unjammed(self, rattler: np.ndarray) -> bool:
+        return bool(np.any(np.all(rattler, axis=-1)))
+
+    def contacts(self, flags) -> set:
+        n = self.plan.system.n
+        out: set = set()
+        for m in range(np.shape(flags[0])[0]):
+            out |= {m * n * n + key for key in _contact_set(tuple(a[m] for a in flags), n)}
+        return out
+
+    def polish(self, q: Array, params: Params, rattler: Array) -> tuple[Array, Params]:
+        if self.plan.system.n > POLISH_MAX_N:
+            return q, params
+        program = _polish_program(self.plan.system)
+        rows = [program(q[m], {k: v[m] for k, v in params.items()}, rattler[m]) for m in range(q.shape[0])]
+        return jnp.stack(rows), params
+
+    def programs(self) -> int:
+        return len(self.shapes)
+
+
+class _BatchInfo(NamedTuple):
+    """A batched relaxation's outcome, per member (M,) and as one: the most
+    steps, the worst force, converged only if every member converged."""
+
+    member_steps: np.ndarray
+    member_max_force: np.ndarray
+    member_energy: np.ndarray
+    member_converged: np.ndarray
+
+    @property
+    def steps(self):
+        return int(np.max(self.member_steps))
+
+    @property
+    def max_force(self):
+        return float(np.max(self.member_max_force))
+
+    @property
+    def energy(self):
+        return float(np.mean(self.member_energy))
+
+    @property
+    def converged(self):
+        return bool(np.all(self.member_converged))
+
+
+class _PressureRunner(_Runner):
+    """The design steps at fixed pressure: each relaxation minimises the enthalpy
+    from the previous step's positions *and cell* (:func:`mdsens.barostat.relax`,
+    whose programs are cached per system, tolerance and table capacity; the
+    interaction range is a traced parameter there, so no cutoff ceiling is
+    needed), and the loss program differentiates through the root in (q, cell)
+    (:func:`pressure_program`)."""
+
+    def __init__(self, plan: Plan):
+        super().__init__(plan)
+        self.program = jax.jit(pressure_program(plan))
+        self.listed = _job.use_neighbor_list(self.job, plan.system)
+        self.relax_sys = plan.system
+
+    def _parameters(self, theta):
+        params = _without_strain(self.physical(theta))
+        return params, params, self.plan.system.cutoff(params), jnp.asarray(True)
+
+    def relax(self, theta: dict[str, Array], start: "Step | None"):
+        params, _, _, _ = self.parameters(theta)
+        strain = self.plan.base["strain"] if start is None else jnp.asarray(start.params["strain"])
+        q0 = None if start is None else start.q
+        job = self.job
+        t = time.perf_counter()
+        try:
+            out = barostat.relax(self.plan.system, {**params, "strain": strain}, q0, job.minimizer, job.ftol,
+                                 job.max_steps, job.chunk, None, job.skin)
+        except RuntimeError:  # the cell became narrower than twice the interaction range
+            return None
+        self.compile_s += out.compile_s
+        pairs = self._pad(out.pairs) if self.listed else None
+        return out.params, out.q, out.info, pairs, time.perf_counter() - t - out.compile_s
+
+    def state(self, q: Array, params: Params) -> Array:
+        return barostat.pack(self.plan.system, q, {"strain": jnp.asarray(params["strain"])})
+
+    def polish(self, q: Array, params: Params, rattler: Array) -> tuple[Array, Params]:
+        system = self.plan.system
+        if system.n > POLISH_MAX_N:
+            return q, params
+        params = {k: jnp.asarray(v) for k, v in params.items()}
+        theta = _without_strain(params)
+        z = _polish_pressure_program(system)(self.state(q, params), theta, rattler)
+        q, params = barostat.unpack(system, z, theta)
+        return jnp.mod(q, 1.0), params
+
+    def programs(self) -> int:
+        return len(barostat._PROGRAMS.get(self.plan.system, {}))
 
 
 def _contact_set(flags, n: int) -> set:
@@ -560,7 +948,7 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
     wall = time.perf_counter()
     plan = design if isinstance(design, Plan) else prepare(design)
     design = plan.design
-    runner = _Runner(plan)
+    runner = _PressureRunner(plan) if plan.fixed else _BatchRunner(plan) if plan.members else _Runner(plan)
     theta = {name: jnp.asarray(plan.base[name]) for name in design.vary}
     factory = getattr(optax, design.optimizer)
     optimizer = optax.inject_hyperparams(factory)(learning_rate=design.lr)
@@ -575,8 +963,8 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
     rng = np.random.default_rng(design.job.seed)
     timings = {"relax_s": 0.0, "loss_s": 0.0, "fd_check_s": 0.0}
 
-    def attempt(theta_: dict[str, Array], q0: Array | None, lr: float) -> Step | None:
-        relaxed = runner.relax(theta_, q0)
+    def attempt(theta_: dict[str, Array], start: Step | None, lr: float) -> Step | None:
+        relaxed = runner.relax(theta_, start)
         if relaxed is None:
             return None
         params, q, info, pairs, relax_s = relaxed
@@ -584,13 +972,15 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
         if not bool(info.converged):
             return Step({}, {}, q, math.nan, {}, {}, np.zeros(0), set(), info, None, lr, relax_s, 0.0, pairs)
         t, compiled = time.perf_counter(), runner.compile_s
-        loss, values, grad, solve_info, rattler, flags = jax.block_until_ready(runner.evaluate(q, theta_, pairs))
+        loss, values, grad, solve_info, rattler, flags, each = runner.reduce(
+            jax.block_until_ready(runner.evaluate(q, params, theta_, pairs)))
         loss_s = time.perf_counter() - t - (runner.compile_s - compiled)
         timings["loss_s"] += loss_s
         return Step({k: np.asarray(v) for k, v in theta_.items()}, {k: np.asarray(v) for k, v in params.items()},
                     q, float(loss), {k: np.asarray(v) for k, v in values.items()},
                     {k: np.asarray(v) for k, v in grad.items()}, np.asarray(rattler),
-                    _contact_set(flags, plan.system.n), info, solve_info, lr, relax_s, loss_s, pairs)
+                    runner.contacts(flags), info, solve_info, lr, relax_s, loss_s, pairs,
+                    None if each is None else {k: np.asarray(v) for k, v in each.items()})
 
     history: list[Step] = []
     checks: list[dict[str, float]] = []
@@ -626,12 +1016,12 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
         lowest = design.lr * 0.5**design.max_retries
         for retry in range(design.max_retries + 1):
             trial, new_state = update(grads, opt_state, theta_now, jnp.asarray(lr, jnp.result_type(float)))
-            step = attempt(trial, current.q, lr)
+            step = attempt(trial, current, lr)
             # A non-finite loss (a diverged relaxation or solve) counts as a failed
             # relaxation, and so does an unjammed packing (every particle a rattler:
             # no moduli; ν came out as the affine Cauchy value 1/3 just before).
             failed = (step is None or step.solve is None or not math.isfinite(step.loss)
-                      or bool(np.all(step.rattler)))
+                      or runner.unjammed(step.rattler))
             jumped = not failed and step.loss - current.loss > JUMP * abs(current.loss) + floor
             crossed = not failed and step.contacts != current.contacts
             # A jump across a contact change is the loss's discontinuity, not too
@@ -668,6 +1058,8 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
     if design.fd_every is not None and converged and not (checks and int(checks[-1]["step"]) == len(history) - 1):
         check(len(history) - 1)
     timings["compile_s"] = runner.compile_s
+    if plan.fixed or plan.members:
+        runner.compiles["relax_programs"] = runner.programs()
     timings["total_s"] = time.perf_counter() - wall
     return DesignResult(plan, history, checks, contact_changes, rejections, jumps, dict(runner.compiles), converged,
                         stopped, timings, runner.relax_sys)
@@ -687,13 +1079,13 @@ def fd_check(runner: _Runner, step: Step, rng: np.random.Generator, h: float, k:
     losses = []
     for sign in (+1.0, -1.0):
         theta = {name: jnp.asarray(step.theta[name] + sign * h * v[name]) for name in names}
-        relaxed = runner.relax(theta, step.q)
+        relaxed = runner.relax(theta, step)
         if relaxed is None:
             return {"step": k, "h": h, "directional": directional, "finite_difference": math.nan,
                     "relative_error": math.inf, "passed": False}
         params, q, info, pairs, _ = relaxed
-        q = runner.polish(q, params, jnp.asarray(step.rattler))
-        losses.append(float(runner.evaluate(q, theta, pairs)[0]))
+        q, params = runner.polish(q, params, jnp.asarray(step.rattler))
+        losses.append(float(runner.reduce(runner.evaluate(q, params, theta, pairs))[0]))
     fd = (losses[0] - losses[1]) / (2 * h)
     error = abs(directional - fd) / max(abs(fd), abs(directional), 1e-300)
     return {"step": k, "h": h, "directional": directional, "finite_difference": fd,

@@ -242,7 +242,11 @@ def test_design_compiles_once_in_python():
     (["--target", "pressure=1", "--vary", "diameter", "--optimizer", "lbfgs"], "optimizer"),
     (["--target", "pressure=1"], "--vary"),
     (["--vary", "diameter"], "nothing to design"),
-    (["--target", "pressure=1", "--vary", "diameter", "--keep", "pressure"], "--keep"),
+    (["--target", "pressure=1", "--vary", "diameter", "--keep", "pressure"], "needs a system built at fixed pressure"),
+    (["--target", "shear_modulus=1", "--vary", "diameter", "--set", "pressure=0.01", "--keep", "phi"], "use --keep pressure"),
+    (["--target", "shear_modulus=1", "--vary", "box", "--set", "pressure=0.01"], "the cell relaxes"),
+    (["--target", "shear_modulus=1", "--vary", "strain", "--set", "pressure=0.01", "--keep", "pressure"], "the cell relaxes"),
+    (["--target", "pressure=1", "--vary", "diameter", "--keep", "volume"], "--keep"),
 ])
 def test_bad_input_exits_2_without_a_file(tmp_path, args, message):
     out = tmp_path / "bad.h5"
@@ -276,3 +280,150 @@ def test_plot_draws_a_design_file(pressure_run, tmp_path):
     result = cli.invoke(app, ["plot", str(pressure_run[1]), "-o", str(image)])
     assert result.exit_code == 0, result.output
     assert image.stat().st_size > 10_000
+
+
+# -- fixed pressure ---------------------------------------------------------------------------
+
+# 16 bidisperse disks at P = 0.01 (iso cell): the packing fraction (0.864 at the start) towards
+# 0.9 by the diameters and the pressure itself. The target stays out of reach in 4 steps on
+# purpose: dℒ/dθ ∝ (φ − t), and next to the target the relaxation's own error in φ (~1e-10 at
+# ftol 1e-10) would be a visible fraction of φ − t (2e-6 relative at φ − t = 8e-5, measured).
+DESIGN_AT_PRESSURE = ["design", "bidisperse", "--set", "n=16", "--set", "pressure=0.01", "--keep", "pressure",
+                      "--target", "packing_fraction=0.9", "--vary", "diameter", "--vary", "pressure",
+                      "--lr", "0.001", "--steps", "4", "--seed", "1", "--json", "--observe", "shear_modulus",
+                      "--observe", "pressure"]
+
+
+@pytest.fixture
+def pressure_design(tmp_path_factory, worker_id):
+    return _shared_run(tmp_path_factory, worker_id, "design-at-pressure", DESIGN_AT_PRESSURE)
+
+
+@pytest.mark.slow
+def test_design_at_fixed_pressure_gradient_against_independent_differences(pressure_design):
+    """--keep pressure: the recorded dℒ/dθ (diameters and P) at the written
+    state, along a random direction, against central differences of the loss
+    ((φ − t)/t)², φ from an independently written enthalpy re-minimised by
+    Newton steps at θ ± hv (tests/test_pressure.Reference: positions and cell)."""
+    from test_pressure import Reference as PressureReference
+
+    result, out = pressure_design
+    assert result["exit_code"] == 0, result["output"]
+    record = io.read(out)
+    trajectory = record["design"]
+    attrs = trajectory["attrs"]
+    assert attrs["keep"] == "pressure"
+    best = attrs["best_step"]
+    # The relaxed cell is recorded for every step and is the file's box at the written step.
+    assert trajectory["box"].shape == (4, 2)
+    assert_close(record["box"], trajectory["box"][best], rtol=0)
+    # Every step sits at its own target pressure (the varied P), to the relaxation's tolerance.
+    pressures = trajectory["pressure"]
+    assert pressures.shape == (4,) and not np.allclose(pressures, pressures[0])
+    assert float(record["observables"]["pressure"]) == pytest.approx(float(pressures[best]), rel=1e-6)
+    # The design's own checks (step 0 and the last) passed.
+    assert list(trajectory["fd_check"]["step"]) == [0, 3] and np.all(trajectory["fd_check"]["passed"])
+
+    system = systems.get("bidisperse").build(n=16, pressure=0.01, seed=1)
+    params = {k: jnp.asarray(v) for k, v in record["parameters"].items()}
+    q = system.to_solver(jnp.asarray(record["positions"]), params)
+    reference = PressureReference(system, q, params, observables.rattlers(system, q, params))
+    rng = np.random.default_rng(7)
+    v = {"diameter": rng.normal(size=2), "pressure": rng.normal() * 0.01}
+    h, target = 1e-6, 0.9
+
+    def loss(sign):
+        theta = dict(reference.theta)
+        theta["diameter"] = theta["diameter"] + sign * h * v["diameter"]
+        theta["pressure"] = theta["pressure"] + sign * h * v["pressure"]
+        z = reference.newton(reference.z, theta)
+        assert float(jnp.max(jnp.abs(reference.grad(z, theta)))) < 1e-11  # a minimum again
+        phi = float(reference.observe(z, theta)["packing_fraction"])
+        return ((phi - target) / target) ** 2
+
+    expected = (loss(+1) - loss(-1)) / (2 * h)
+    gradient = trajectory["gradient"]
+    predicted = float(np.sum(gradient["diameter"] * v["diameter"]) + gradient["pressure"] * v["pressure"])
+    # Newton to round-off: O(h²) and round-off/h are ~1e-8 relative here; 1e-6 as in test_pressure.
+    assert_close(predicted, expected, rtol=1e-6)
+    # The pressure's share is not negligible: the cell's response is in the gradient.
+    assert abs(float(gradient["pressure"]) * v["pressure"]) > 0.01 * abs(predicted)
+
+
+@pytest.mark.slow
+def test_design_at_fixed_pressure_python(tmp_path):
+    """Two steps at fixed pressure from Python (32 s on the loaded 2-core machine, mostly
+    compiling the enthalpy relaxation): the loss falls, more pressure shrinks the cell, and
+    the record's box is the relaxed cell."""
+    job = Job(system="bidisperse", overrides={"n": "16", "pressure": "0.01"}, seed=1)
+    result = design.run(design.Design(job=job, targets={"packing_fraction": 0.87}, vary=["pressure"], steps=2,
+                                      lr=0.002, fd_every=None))
+    assert result.plan.design.keep == "pressure"  # implied by the system
+    first, last = result.history
+    assert last.loss < first.loss
+    # Adam's first step is lr·g/(|g| + 1e-8) ≈ lr·sign(g): P goes up by 0.002.
+    assert float(last.theta["pressure"]) == pytest.approx(0.012, rel=1e-6)
+    assert float(last.values["packing_fraction"]) > float(first.values["packing_fraction"])
+    cell = lambda s: float(np.exp(s.params["strain"][0, 0]))  # noqa: E731
+    assert cell(last) < cell(first)  # more pressure, a smaller box
+    record = result.record()
+    assert_close(record["box"], np.asarray(result.plan.system.cell(
+        {k: jnp.asarray(v) for k, v in result.history[result.best].params.items()})).diagonal(), rtol=1e-14)
+
+
+# -- ensembles (--seeds) ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_design_over_seeds_mean_gradient_against_finite_differences():
+    """--seeds 0:3 on 16 bidisperse disks: one shared (D₀, D₁) for the mean of the
+    members' losses ((P_m − t)/t)² at fixed φ. The design's gradient at its last
+    step along a random direction against central differences of that mean
+    loss, each member re-relaxed by Newton at θ ± hv (tests/helpers.Reference),
+    the box moved as φ requires (written here: L ∝ (Σ D_i²)^(1/2) in 2D)."""
+    job = Job(system="bidisperse", overrides={"n": "16"})
+    target = 0.05
+    result = design.run(design.Design(job=job, targets={"pressure": target}, vary=["diameter"], steps=3, lr=0.01,
+                                      keep="phi", fd_every=None, seeds=range(0, 3)))
+    assert result.converged and len(result.history) == 3
+    last = result.final
+    # The mean loss is the mean of the members' own losses, recomputed here from their pressures.
+    pressures = last.members["pressure"]
+    assert pressures.shape == (3,) and len(set(np.round(pressures, 12))) == 3  # three different packings
+    assert last.loss == pytest.approx(float(np.mean(((pressures - target) / target) ** 2)), rel=1e-12)
+    assert result.history[-1].loss < result.history[0].loss
+
+    v = np.random.default_rng(3).normal(size=2)
+    h = 1e-5
+    losses = {+1.0: [], -1.0: []}
+    for m in range(3):
+        system = systems.get("bidisperse").build(n=16, seed=m)
+        params = {k: jnp.asarray(np.asarray(a[m])) for k, a in last.params.items()}
+        q = jnp.asarray(last.q[m])
+        reference = Reference(system, q, params, observables.rattlers(system, q, params))
+        per_particle = lambda d: np.asarray(d)[np.asarray(system.species)]  # noqa: E731
+        for sign in (+1.0, -1.0):
+            d = np.asarray(params["diameter"]) + sign * h * v
+            box = np.asarray(params["box"]) * math.sqrt(np.sum(per_particle(d) ** 2)
+                                                      / np.sum(per_particle(params["diameter"]) ** 2))
+            p = {**params, "diameter": jnp.asarray(d), "box": jnp.asarray(box)}
+            pressure = float(jax.jit(observables.pressure, static_argnums=0)(system, reference.relaxed_at(p), p))
+            losses[sign].append(((pressure - target) / target) ** 2)
+    expected = (np.mean(losses[+1.0]) - np.mean(losses[-1.0])) / (2 * h)
+    predicted = float(np.sum(last.grad["diameter"] * v))
+    # Pressure needs no inner solve: Newton to round-off, O(h²) ~1e-9 relative; 1e-6 as for one packing.
+    assert_close(predicted, expected, rtol=1e-6)
+
+
+def test_seeds_bad_input_exits_2_without_a_file(tmp_path):
+    """A per-particle parameter drawn per seed cannot be shared; --seeds at fixed
+    pressure is refused; an empty range is refused."""
+    cases = [(["polydisperse", "--vary", "diameter", "--seeds", "0:2"], "differs between members"),
+             (["bidisperse", "--vary", "diameter", "--seeds", "0:2", "--set", "pressure=0.01"], "--seeds at fixed"),
+             (["bidisperse", "--vary", "diameter", "--seeds", "3:1"], "empty range")]
+    for args, message in cases:
+        out = tmp_path / "bad.h5"
+        result = cli.invoke(app, ["design", *args, "--set", "n=16", "--target", "pressure=0.05", "-o", str(out)])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+        assert not out.exists()
