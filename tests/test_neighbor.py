@@ -72,12 +72,19 @@ def test_table_matches_brute_force_with_and_without_cells():
         assert got == want
 
 
-def test_table_forces_are_the_energy_gradient():
-    for family, config in (("bidisperse", {"n": 40, "dim": 2}), ("polydisperse", {"n": 30, "dim": 3}),
+def _every_family(n_bidisperse):
+    """(family, system, θ, x) for each interaction family: cells or all pairs,
+    periodic or free space, and the static Morse table."""
+    for family, config in (("bidisperse", {"n": n_bidisperse, "dim": 2}), ("polydisperse", {"n": 30, "dim": 3}),
                            ("lj_crystal", {"dim": 2}), ("morse_cluster", {"n": 7, "dim": 3})):
         system = systems.get(family).build(seed=1, **config)
         params = {k: jnp.asarray(v) for k, v in system.params.items()}
         x = jnp.asarray(system.positions)
+        yield family, system, params, jnp.mod(x, params["box"]) if system.periodic else x
+
+
+def test_table_forces_are_the_energy_gradient():
+    for family, system, params, x in _every_family(40):
         nbrs = relax.Table(system, params).allocate(x)
         f = relax.pair_force_fn(system)(x, nbrs.idx, params)
         g = -jax.grad(system.energy_real)(x, params)
@@ -90,13 +97,7 @@ def test_pair_list_forces_are_the_energy_gradient_and_the_table_forces():
     # The pair list computes each pair once and gathers it back into the rows:
     # the energy's gradient for every family (cells, all pairs, free space,
     # the static Morse table), and the table force to round-off.
-    for family, config in (("bidisperse", {"n": 600, "dim": 2}), ("polydisperse", {"n": 30, "dim": 3}),
-                           ("lj_crystal", {"dim": 2}), ("morse_cluster", {"n": 7, "dim": 3})):
-        system = systems.get(family).build(seed=1, **config)
-        params = {k: jnp.asarray(v) for k, v in system.params.items()}
-        x = jnp.asarray(system.positions)
-        if system.periodic:
-            x = jnp.mod(x, params["box"])
+    for family, system, params, x in _every_family(600):
         table = relax.Table(system, params)
         nbrs = table.allocate(x)
         capacity = table.pair_capacity(x, nbrs.cells.shape[1])
