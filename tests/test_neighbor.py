@@ -110,6 +110,13 @@ def test_pair_list_forces_are_the_energy_gradient_and_the_table_forces():
         assert relative_error(f, relax.pair_force_fn(system)(x, nbrs.idx, params)) < 1e-14, family
         # Too small a capacity is flagged, never truncated silently.
         assert bool(relax.pair_list(nbrs.idx, system.n, len(listed) - 1).overflow), family
+        # Wide tables find the partner's slot by bisection instead of counting: the same list.
+        limit, relax.PAIR_COUNT_LIMIT = relax.PAIR_COUNT_LIMIT, 0
+        try:
+            bisected = relax.pair_list(nbrs.idx, system.n, capacity)
+        finally:
+            relax.PAIR_COUNT_LIMIT = limit
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(bisected, pairs)), family
 
 
 def test_overflow_is_detected_and_the_chunk_redone(monkeypatch):
