@@ -223,14 +223,14 @@ def _table(model: System, params: Params, skin: float) -> relax.Table:
 
 
 def _capacities(table: relax.Table, model: System, x: Array, params: Params, grow: float = 1.0) -> tuple[int, int]:
-    """(K, C) for the batch: the largest member's neighbor and cell counts (×1.25, ×1.5 + 2)."""
+    """(K, C) for the batch: the largest member's neighbor count (×1.25) and
+    cell capacity (:meth:`relax.Table.cell_capacity`)."""
     if table.static:
         return table.n - 1, 0
     cell_capacity = 0
     if table.grid is not None:
         cells = np.asarray(jax.vmap(lambda x_, p_: table._cell_of(x_, _box_of(model, p_)))(x, params))
-        occupancy = max(int(np.bincount(c, minlength=int(np.prod(table.grid))).max()) for c in cells)
-        cell_capacity = int(math.ceil(occupancy * 1.5 * grow)) + 2
+        cell_capacity = table.cell_capacity(cells, grow)
     count = int(np.max(np.asarray(jax.vmap(lambda x_, p_: table.count(x_, cell_capacity, _box_of(model, p_)))(
         x, params))))
     capacity = int(math.ceil(count * 1.25 * grow)) + 1

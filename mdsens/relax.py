@@ -246,9 +246,10 @@ class Neighbors(NamedTuple):
 
     idx: (N, K) neighbors of each particle, padded with N.
     reference: (N, d) positions at the last build.
-    cells: (n_cells, C) the cell list of the last build (C: cell capacity), or
-        (0, 0) when the table is built from all pairs.
-    overflow: True when the last build did not fit (K or C too small).
+    cells: (n_cells, C) the padded cell list of the last build (3D; C: cell
+        capacity); (0, W) with packed cells (2D; W: candidates per particle,
+        carried as a shape only); (0, 0) when the table is built from all pairs.
+    overflow: True when the last build did not fit (K, C or W too small).
     """
 
     idx: Array
@@ -290,6 +291,10 @@ class Table:
             if np.all(grid >= 3):
                 self.grid = grid
                 self.neighbor_cells = self._neighbor_cells(grid)
+        #: cells as contiguous ranges of the particles sorted by cell (2D), or
+        #: padded to a common capacity (3D: 27 ranges cost more to index than
+        #: the padding saves).
+        self.packed = self.grid is not None and self.dim <= 2
 
     @property
     def cell_list(self) -> bool:
@@ -336,13 +341,29 @@ class Table:
         n_cells = int(np.prod(self.grid))
         cell = self._cell_of(x, box)
         order = jnp.argsort(cell)
-        sorted_cell = cell[order]
         counts = jnp.zeros(n_cells, jnp.int32).at[cell].add(1)
         first = jnp.cumsum(counts) - counts
+        around = jnp.asarray(self.neighbor_cells)[cell]  # (N, 3^d)
+        if self.packed:
+            # The particles sorted by cell, each cell a contiguous range: slot s
+            # of a row is the s-th particle of its 3^d cells taken one after
+            # another — no per-cell padding, so about a third of the padded
+            # width (2D, N = 16384: 38 against 90 candidates; the row sort
+            # that follows dominates a build).
+            width = cell_capacity
+            lengths = counts[around]
+            ends = jnp.cumsum(lengths, axis=1)
+            slot = jnp.arange(width, dtype=jnp.int32)
+            which = jnp.minimum(jnp.sum(ends[:, None, :] <= slot[None, :, None], axis=-1), around.shape[1] - 1)
+            rows = jnp.arange(n)[:, None]
+            source = first[around[rows, which]] + slot - (ends - lengths)[rows, which]
+            inside = slot < ends[:, -1:]
+            cand = jnp.where(inside, order[jnp.clip(source, 0, n - 1)].astype(jnp.int32), n)
+            return cand, jnp.zeros((0, width), jnp.int32), jnp.max(ends[:, -1]) > width
+        sorted_cell = cell[order]
         slot = jnp.arange(n, dtype=jnp.int32) - first[sorted_cell]
         cells = jnp.full((n_cells, cell_capacity), n, jnp.int32)
         cells = cells.at[sorted_cell, slot].set(order.astype(jnp.int32), mode="drop")
-        around = jnp.asarray(self.neighbor_cells)[cell]  # (N, 3^d)
         return cells[around].reshape(n, -1), cells, jnp.max(counts) > cell_capacity
 
     def build(self, x: Array, capacity: int, cell_capacity: int, box: Array | None = None) -> Neighbors:
@@ -385,9 +406,7 @@ class Table:
             return self.n - 1, 0
         cell_capacity = 0
         if self.grid is not None:
-            cell = np.asarray(self._cell_of(x))
-            occupancy = int(np.bincount(cell, minlength=int(np.prod(self.grid))).max())
-            cell_capacity = max(self._sticky[1], int(math.ceil(occupancy * 1.5 * grow)) + 2)
+            cell_capacity = max(self._sticky[1], self.cell_capacity(np.asarray(self._cell_of(x)), grow))
         count, pairs = (int(c) for c in self._counts(x, cell_capacity))
         self._last_pairs = ((x, cell_capacity), pairs)  # for pair_capacity at the same x
         capacity = max(self._sticky[0], int(math.ceil(count * 1.25 * grow)) + 1)
@@ -403,6 +422,19 @@ class Table:
             return self.build(x, self.n - 1, 0)
         return self._build(x, *self.capacities(x, grow, shrink))
 
+    def cell_capacity(self, cells: np.ndarray, grow: float = 1.0) -> int:
+        """The second capacity of a build from the cell of each particle (any
+        leading batch shape): packed cells (2D) — the most candidates any
+        particle has in its 3^d cells, ×1.2 + 2; padded cells (3D) — the most
+        particles in one cell, ×1.5 + 2; times ``grow``."""
+        cells = np.asarray(cells).reshape(-1, self.n)
+        size = int(np.prod(self.grid))
+        counts = [np.bincount(c, minlength=size) for c in cells]
+        if self.packed:
+            most = max(int(k[self.neighbor_cells].sum(axis=1).max()) for k in counts)
+            return int(math.ceil(most * 1.2 * grow)) + 2
+        return int(math.ceil(max(int(k.max()) for k in counts) * 1.5 * grow)) + 2
+
     def placeholder(self, x: Array, capacity: int, cell_capacity: int) -> Neighbors:
         """An empty table of the given capacities, to be built inside the compiled
         loop (pass ``stale=True``): no separate compile of the build."""
@@ -410,7 +442,8 @@ class Table:
         if self.static:
             return self.build(x, self.n - 1, 0)
         n = self.n
-        cells = (int(np.prod(self.grid)), cell_capacity) if self.grid is not None else (0, 0)
+        cells = (0, 0) if self.grid is None else (0, cell_capacity) if self.packed else \
+            (int(np.prod(self.grid)), cell_capacity)
         return Neighbors(jnp.full((n, capacity), n, jnp.int32), x, jnp.full(cells, n, jnp.int32),
                          jnp.zeros((), bool))
 
