@@ -700,11 +700,10 @@ def derivative_fn(job, model: CellSystem, observe: Mapping[str, Observable],
     The observables include ``stress_residual``."""
     from mdsens import observables
 
-    solve = linsolve.dense() if job.solver == "dense" else linsolve.cg(rtol=job.rtol)
-
     def one(q: Array, params: Params, pairs: Array):
         s = model.with_pairs(pairs)
         rattler = observables.rattlers(s, q, params)
+        solve = solver_for(s, q, params, rattler, job.solver, job.rtol, job.preconditioner)
         values = {name: fn(s, q, params) for name, fn in observe.items()}
         values["stress_residual"] = stress_residual(s, q, params)
         forwards = {text: forward_fn(s, name, observe, rattler, solve, index)(q, params)
@@ -752,6 +751,59 @@ def newton_polish(system: CellSystem, q: Array, params: Params, rattler: Array, 
         z = step(z)
     q, params = unpack(system, z, theta)
     return jnp.mod(q, 1.0), params
+
+
+# -- the linear solve ---------------------------------------------------------------
+
+
+def preconditioner_for(system: CellSystem, q: Array, params: Params, rattler: Array,
+                       kind: str = "twolevel") -> Callable[[Array], Array]:
+    """A preconditioner for the gauge-fixed Hessian of H over ``z = (q, u)``:
+    block-diagonal, ``blockdiag(B_q, H_uu⁻¹)``. ``B_q`` is the fixed-box
+    preconditioner (:mod:`mdsens.precondition`, ``kind`` "jacobi" or
+    "twolevel") on the position block, whose Hessian ∂²E/∂q² at the relaxed cell
+    is the one :meth:`CellSystem.pair_hessians` assembles, in the translations'
+    gauge; ``H_uu`` is the exact box-dof block (k × k, k ≤ d(d+1)/2: k
+    Hessian-vector products), its eigenvalues floored like the particle blocks.
+    Both blocks are symmetric positive definite, so B is; the position–strain
+    coupling ``H_qu`` is left to CG. ``q`` and ``params`` are data (not
+    differentiated)."""
+    from mdsens import precondition
+
+    q, params = jax.lax.stop_gradient(q), jax.lax.stop_gradient(params)
+    n, d = system.n, system.dim
+    project_q = _gauge.translations(rattler)
+    if kind == "jacobi":
+        position = precondition.block_jacobi(system, q, params, project_q)
+    elif kind == "twolevel":
+        position = precondition.two_level(system, q, params, rattler, project_q)
+    else:
+        raise ValueError(f"unknown preconditioner {kind!r}: choose jacobi or twolevel (or none: no preconditioner)")
+    theta, _ = split(params)
+    z = pack(system, q, params)
+    root_fn = optimality(system)
+    k = z.size - n * d
+    units = jnp.zeros((k, z.size), z.dtype).at[jnp.arange(k), n * d + jnp.arange(k)].set(1.0)
+    block = jax.vmap(lambda v: jax.jvp(lambda y: root_fn(y, theta), (z,), (v,))[1][n * d:])(units)
+    strain_inverse = precondition.block_inverse(0.5 * (block + block.T)[None])[0]
+
+    def apply(r: Array) -> Array:
+        return jnp.concatenate([position(r[:n * d].reshape(n, d)).ravel(), strain_inverse @ r[n * d:]])
+
+    return apply
+
+
+def solver_for(system: CellSystem, q: Array, params: Params, rattler: Array, method: str = "cg",
+               rtol: float = 1e-10, preconditioner: str = "twolevel") -> implicit.Solve:
+    """The linear solve of the fixed-pressure derivatives at ``(q*, θ)``: CG
+    preconditioned by :func:`preconditioner_for` ("twolevel", "jacobi"), plain
+    CG ("none"), or the dense reference ("dense", small N)."""
+    if method == "dense":
+        return linsolve.dense()
+    if method != "cg":
+        raise ValueError(f"unknown linear solver {method!r}: choose 'cg' or 'dense'")
+    precond = None if preconditioner == "none" else preconditioner_for(system, q, params, rattler, preconditioner)
+    return linsolve.cg(rtol=rtol, preconditioner=precond)
 
 
 # -- derivatives ------------------------------------------------------------------
@@ -923,28 +975,33 @@ def execute(job, system: CellSystem, observe: dict, wrts: list, progress=None, w
         return make(system)
 
     rattler = jax.jit(bound(lambda s_: lambda q_, p_: observables.rattlers(s_, q_, p_)))(q, params, *pairs)
-    values = {name: np.asarray(jax.jit(bound(lambda s_, f=fn: lambda q_, p_: f(s_, q_, p_)))(q, params, *pairs))
-              for name, fn in observe.items()}
-    values["max_force"] = np.asarray(info.max_force)
-    values["stress_residual"] = np.asarray(out.stress_residual)
-    solve = linsolve.dense() if job.solver == "dense" else linsolve.cg(rtol=job.rtol)
+
+    def solved(s_, q_, p_):  # built while tracing, at the relaxed state, on the listed pairs
+        return solver_for(s_, q_, p_, rattler, job.solver, job.rtol, job.preconditioner)
 
     forwards, gradients = {}, {}
-    if bool(info.converged):
-        for text, name, index in wrts:
-            fn = bound(lambda s_, name=name, index=index: forward_fn(s_, name, observe, rattler, solve, index))
+    # The moduli's own solves (inside observables) follow --solver/--rtol/--preconditioner too.
+    with _job.solving(job):
+        values = {name: np.asarray(jax.jit(bound(lambda s_, f=fn: lambda q_, p_: f(s_, q_, p_)))(q, params, *pairs))
+                  for name, fn in observe.items()}
+        values["max_force"] = np.asarray(info.max_force)
+        values["stress_residual"] = np.asarray(out.stress_residual)
+        for text, name, index in wrts if bool(info.converged) else ():
+            fn = bound(lambda s_, name=name, index=index: lambda q_, p_: forward_fn(
+                s_, name, observe, rattler, solved(s_, q_, p_), index)(q_, p_))
             forwards[text], c, r = _job._compile_and_run(fn, q, params, *pairs)
             timings["compile_s"] += c
             timings["derivative_s"] += r
-        for name in job.grad:
-            fn = bound(lambda s_, name=name: gradient_fn(s_, observables.OBSERVABLES[name], rattler, solve))
+        for name in job.grad if bool(info.converged) else ():
+            fn = bound(lambda s_, name=name: lambda q_, p_: gradient_fn(
+                s_, observables.OBSERVABLES[name], rattler, solved(s_, q_, p_))(q_, p_))
             gradients[name], c, r = _job._compile_and_run(fn, q, params, *pairs)
             timings["compile_s"] += c
             timings["derivative_s"] += r
     timings["total_s"] = time.perf_counter() - wall
     meta = _job.run_meta(
         job, system, info, timings, ensemble=ensemble(system), box_dof=system.box_dof,
-        target_pressure=float(params["pressure"]), stress_residual=out.stress_residual, preconditioner="none",
+        target_pressure=float(params["pressure"]), stress_residual=out.stress_residual,
         neighbor_list={"pairs": int(out.pairs.shape[1]) if listed else None, "skin": job.skin,
                        "rebuilds": out.rebuilds})
     return PressureResult(job, system, q, params, info, rattler, values, forwards, gradients, timings, meta)

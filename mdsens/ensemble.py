@@ -36,7 +36,6 @@ valid) minimum from ``mdsens run`` with the same seed. ``mdsens bench
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import time
@@ -563,7 +562,6 @@ def run(ej: EnsembleJob, progress: Callable[[int, int, float, float], None] | No
             # the relaxed cell: sides (iso, aniso) or the (d, d) edge vectors (shear), as in a run file
             boxes = np.stack([barostat.record_box(model, jax.tree.map(lambda a, r=r: a[r], params))
                               for r in range(len(padded))])
-            context = contextlib.nullcontext()  # the moduli solve as in `mdsens run` at fixed pressure
         else:
             out = relax_batch(model, params, x0, job.minimizer, job.ftol, job.max_steps, job.chunk, job.skin,
                               progress, sharding)
@@ -571,7 +569,6 @@ def run(ej: EnsembleJob, progress: Callable[[int, int, float, float], None] | No
             fn = jax.vmap(derivative_fn(member_job, model, observe, wrts, member_job.grad))
             positions = out.x
             boxes = np.asarray(params["box"]) if model.periodic else None
-            context = solving(member_job)
         timings["compile_s"] += out.compile_s
         timings["relax_s"] += time.perf_counter() - t0 - out.compile_s
         stats["reallocations"] += out.reallocations
@@ -583,7 +580,7 @@ def run(ej: EnsembleJob, progress: Callable[[int, int, float, float], None] | No
         # the converged ones only (NaN for the others, so every file has the
         # same datasets).
         t0 = time.perf_counter()
-        with context:
+        with solving(member_job):
             compiled = jax.jit(fn).lower(place(q), params, place(pairs)).compile()
         t1 = time.perf_counter()
         rattler, values, forwards, gradients = jax.block_until_ready(compiled(place(q), params, place(pairs)))
