@@ -9,6 +9,7 @@ members in member order: sweep-major, then seed):
     /ensemble/configuration (M,)    each member's full build configuration (JSON text)
     /ensemble/converged, steps, max_force (M,)
     /ensemble/position (M, N, d)    relaxed positions, real space; box (M, d); diameter, species, rattler (M, N)
+                                    (fixed pressure: box is the relaxed cell, (M, d) sides or (M, d, d) edges)
     /ensemble/parameters/<NAME> (M, …)
     /ensemble/observables/<NAME> (M, …)
     /ensemble/sensitivity/<PARAM>/<NAME> (M, k, …), position (M, k, N, d); iterations, residual (M, k)
