@@ -20,6 +20,11 @@ parameters and neighbor tables are stacked along a leading member axis and
   gradients per member, exactly the computation of ``mdsens run``
   (:func:`mdsens.job.execute`) on each member's own table pairs.
 
+Members built with ``pressure=P`` (fixed pressure, :mod:`mdsens.barostat`) relax
+their cells too: the same design, in :func:`mdsens.barostat.relax_batch` (the
+enthalpy's batched loop) and :func:`mdsens.barostat.derivative_fn`; the file's
+box is then each member's relaxed cell.
+
 The member axis is sharded over the local devices (``jax.sharding`` with a
 1-D mesh; members are padded to a multiple of the device count with copies
 of the last one, dropped afterwards). Over several processes
