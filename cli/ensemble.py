@@ -38,7 +38,7 @@ def ensemble(
     observe: Optional[List[str]] = typer.Option(None, "--observe", help="Observable to compute and differentiate (repeatable; default energy and, in a box, pressure)."),
     grad: List[str] = typer.Option([], "--grad", help="Scalar observable whose gradient w.r.t. every parameter element is computed in reverse mode (repeatable)."),
     minimizer: str = typer.Option("fire", help="Minimizer: fire (FIRE 2.0) or gd (gradient descent)."),
-    ftol: float = typer.Option(1e-10, help="A member converged when its largest per-particle force is below this."),
+    ftol: float = typer.Option(1e-10, help="A member converged when its largest per-particle force is below this (at fixed pressure, and its scaled stress residual too)."),
     max_steps: int = typer.Option(100_000, help="Members still unconverged after this many steps are kept, flagged, without derivatives (exit 3)."),
     solver: str = typer.Option("cg", help="Linear solver for derivatives: cg, or dense (small N only)."),
     rtol: float = typer.Option(1e-10, help="CG relative residual tolerance."),
@@ -68,6 +68,11 @@ def ensemble(
 
     `mdsens show phi.h5` prints mean ± standard error per φ; `mdsens export
     phi.h5 --member 3 -o m3.h5` writes one member as a run file.
+
+    At fixed pressure (the box relaxes too; box_dof=shear: stress-free cells),
+    shear moduli and dφ/dP of 64 packings at two pressures:
+
+        mdsens ensemble bidisperse --set box_dof=shear --sweep pressure=0.01,0.001 --seeds 0:64 --observe shear_modulus --wrt pressure -o shear.h5
     """
     from mdsens import ensemble as ens
     from mdsens import ensemble_io

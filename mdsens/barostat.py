@@ -430,7 +430,9 @@ def _programs(system: CellSystem, method: str, ftol: float, skin: float, capacit
 
     energy = jax.jit(lambda q, params, pairs: system.with_pairs(pairs).energy(q, params))
     programs = {"mini": mini, "chunk": jax.jit(chunk), "count": jax.jit(count_fn), "scale": scale, "ran": False,
-                "energy": energy}
+                "energy": energy,
+                # the pieces, for the batched loop of relax_batch (vmapped there)
+                "build": build, "valid": valid, "measure": measure, "running": running, "near": near_fn}
     cache[key] = programs
     return programs
 
@@ -514,6 +516,222 @@ def relax(
     return Relaxed(q, relaxed, info, float(smax), pairs, compile_s, rebuilds)
 
 
+# -- a batch of members: mdsens ensemble at fixed pressure ------------------------------
+
+#: how many members' tables one rebuild pass of :func:`relax_batch` builds together
+REBUILD_GROUP = 4
+
+
+class BatchRelaxed(NamedTuple):
+    """Per member (leading axis M): ``q`` (M, N, d) fractional; ``params`` stacked,
+    with each member's relaxed ``strain``; ``steps``, ``max_force``,
+    ``stress_residual``, ``energy``, ``converged``, ``stalled`` (NumPy, (M,));
+    ``idx`` (M, N, K), each member's table at its end state (it lists every pair
+    within the cutoff: :func:`mdsens.ensemble.table_pairs` turns it into the
+    derivatives' pairs); the batch's ``compile_s``, ``reallocations`` (chunks
+    redone on a wider table), ``rebuilds`` (loop iterations on which some member
+    rebuilt its table) and table ``capacity`` K."""
+
+    q: Array
+    params: dict[str, Array]
+    steps: np.ndarray
+    max_force: np.ndarray
+    stress_residual: np.ndarray
+    energy: np.ndarray
+    converged: np.ndarray
+    stalled: np.ndarray
+    idx: Array
+    compile_s: float
+    reallocations: int
+    rebuilds: int
+    capacity: int
+
+
+def _where(mask: Array, new: Any, old: Any) -> Any:
+    """Per member: ``new`` where ``mask`` (M,), else ``old``."""
+    return jax.tree.map(lambda a, b: jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b), new, old)
+
+
+def _batch_program(system: CellSystem, method: str, ftol: float, skin: float, capacity: int) -> Callable:
+    """The batched chunk ``(state, θ, until) -> (state, idx, overflow, rebuilds,
+    max|F|, stress residual, stalled)`` over a leading member axis, jitted;
+    cached with the single-member programs of the same capacity.
+
+    One flat ``while_loop``: every member still running takes one step
+    (``vmap`` of the single run's ``step_x``); the members whose table can no
+    longer be trusted (the single run's ``valid`` test) rebuild it,
+    ``REBUILD_GROUP`` at a time (gathered, built, scattered back, so a step on
+    which one member of 64 rebuilds pays for a few O(N²) searches, not 64);
+    then every member's force on its own table; a member that converged or
+    stalled stops changing. Each chunk starts from fresh tables, as
+    :func:`relax`'s chunks do, so a member takes the steps of its single run."""
+    programs = _programs(system, method, ftol, skin, capacity)
+    if "batch" in programs:
+        return programs["batch"]
+    mini, build, valid = programs["mini"], programs["build"], programs["valid"]
+    running, measure = programs["running"], programs["measure"]
+    build_all = jax.vmap(build)
+    force_all = jax.vmap(lambda s, t, i: mini.step_force(s, (t, i)))
+    step_all = jax.vmap(lambda s, t, i: mini.step_x(s, (t, i)))
+
+    def advance(state, theta, until):
+        members = state.step.shape[0]
+        group = min(members, REBUILD_GROUP)
+
+        def go(s):
+            return jax.vmap(running)(s, theta) & (s.step < until)
+
+        # Fresh tables for every member; the force is re-evaluated on them for the
+        # members still running (and for the blank states of the first chunk).
+        idx, count, ref_q, ref_f = build_all(state.x, theta)
+        state = _where(go(state) | (state.step == 0), force_all(state, theta, idx), state)
+        tables = (idx, count, ref_q, ref_f)
+
+        def rebuild(x, tables, need):
+            def more(c):
+                return jnp.any(c[1])
+
+            def one_group(c):
+                tables, pending = c
+                pick = jnp.argsort(~pending, stable=True)[:group]
+                fresh = build_all(x[pick], jax.tree.map(lambda a: a[pick], theta))
+                old = jax.tree.map(lambda a: a[pick], tables)
+                tables = jax.tree.map(lambda a, f: a.at[pick].set(f), tables, _where(pending[pick], fresh, old))
+                return tables, pending.at[pick].set(False)
+
+            return jax.lax.while_loop(more, one_group, (tables, need))[0]
+
+        def body(c):
+            s, tables, rebuilds = c
+            active = go(s)
+            moved = step_all(s, theta, tables[0])
+            need = active & ~jax.vmap(valid)(moved.x, theta, tables[2], tables[3])
+            tables = jax.lax.cond(jnp.any(need), lambda t: rebuild(moved.x, t, need), lambda t: t, tables)
+            moved = force_all(moved, theta, tables[0])
+            return _where(active, moved, s), tables, rebuilds + jnp.any(need).astype(jnp.int32)
+
+        def cond(c):
+            s, tables, _ = c
+            return jnp.any(go(s)) & ~jnp.any(tables[1] > capacity)
+
+        s, tables, rebuilds = jax.lax.while_loop(cond, body, (state, tables, jnp.zeros((), jnp.int32)))
+        fmax, smax = jax.vmap(measure)(s.x, s.force, theta)
+        return s, tables[0], jnp.any(tables[1] > capacity), rebuilds, fmax, smax, jax.vmap(mini.stalled)(s)
+
+    programs["batch"] = {"advance": jax.jit(advance), "compiled": {}}
+    return programs["batch"]
+
+
+def relax_batch(
+    model: CellSystem, params: Params, x0: Array, method: str = "fire", ftol: float = 1e-10,
+    max_steps: int = 100_000, chunk: int = 2_000, skin: float = DEFAULT_SKIN,
+    callback: Callable[[int, int, float, float], None] | None = None, sharding: Any = None,
+) -> BatchRelaxed:
+    """Minimise the enthalpy of M members of one model together (the fixed-pressure
+    counterpart of :func:`mdsens.ensemble.relax_batch`): ``params`` stacked
+    (leading axis M, with each member's starting ``strain``), ``x0`` (M, N, d)
+    real space in the starting cells. Each member takes the steps of
+    :func:`relax` (the same FIRE/GD on ``(L₀ ⊙ q, c u)``, the same table
+    validity test, fresh tables at each chunk) and stops at its own
+    convergence (forces and stress, module docstring). ``callback(step,
+    converged, worst residual, elapsed_s)`` between chunks; ``sharding`` a
+    ``jax.sharding`` for arrays with a leading member axis (None: one device).
+    Raises RuntimeError if a relaxed cell is narrower than twice the
+    interaction range."""
+    start = time.perf_counter()
+    params = {k: jnp.asarray(v) for k, v in params.items()}
+    theta, strain = split(params)
+    n, d = model.n, model.dim
+    place = (lambda a: a) if sharding is None else (lambda a: jax.device_put(a, sharding))
+    q = jnp.mod(jax.vmap(model.to_solver)(jnp.asarray(x0), params), 1.0)
+    scale = jax.vmap(_programs(model, method, ftol, skin, 1)["scale"])(theta)
+    u = jax.vmap(lambda s: coordinates(model, s))(strain)
+    members = q.shape[0]
+    x = jnp.concatenate([(q * theta["box"][:, None, :]).reshape(members, n * d), u * scale[:, None]], axis=1)
+    theta = jax.tree.map(place, theta)
+    count = jax.jit(jax.vmap(_programs(model, method, ftol, skin, 1)["count"]))
+    capacity = min(int(int(jnp.max(count(x, theta))) * 1.25) + 2, n)
+    state = jax.tree.map(place, jax.vmap(_programs(model, method, ftol, skin, capacity)["mini"].blank)(place(x)))
+    compile_s = 0.0
+    reallocations = rebuilds = 0
+    while True:
+        program = _batch_program(model, method, ftol, skin, capacity)
+        done = int(np.max(np.asarray(state.step)))
+        until = jnp.asarray(min(max_steps, done + chunk), jnp.int32)
+        key = (members, None if sharding is None else repr(sharding))
+        if key not in program["compiled"]:
+            t = time.perf_counter()
+            program["compiled"][key] = program["advance"].lower(state, theta, until).compile()
+            compile_s += time.perf_counter() - t
+        s, idx, overflow, k, fmax, smax, stalled = program["compiled"][key](state, theta, until)
+        if bool(overflow):  # redo the chunk from its start on a wider table
+            reallocations += 1
+            capacity = min(int(capacity * 1.5) + 2, n)
+            continue
+        state = s
+        rebuilds += int(k)
+        fmax, smax, stalled = np.asarray(fmax), np.asarray(smax), np.asarray(stalled)
+        converged = (fmax < ftol) & (smax < ftol)
+        done = int(np.max(np.asarray(state.step)))
+        if callback is not None:
+            worst = np.where(converged, 0.0, np.maximum(fmax, smax))
+            callback(done, int(np.sum(converged)), float(np.max(worst)), time.perf_counter() - start - compile_s)
+        if np.all(converged | stalled) or done >= max_steps:
+            break
+    y = state.x[:, :n * d].reshape(members, n, d)
+    q = jnp.mod(y / theta["box"][:, None, :], 1.0)
+    basis = jnp.asarray(strain_basis(d, model.box_dof), y.dtype)
+    relaxed = {**theta, "strain": jnp.tensordot(state.x[:, n * d:] / scale[:, None], basis, axes=1)}
+    cutoff = np.asarray(jax.vmap(model.cutoff)(relaxed))
+    cells = np.asarray(jax.vmap(model.cell)(relaxed))
+    widths = 1.0 / np.linalg.norm(np.linalg.inv(cells), axis=1)
+    narrow = np.nonzero(cutoff >= 0.5 * widths.min(axis=-1))[0]
+    if narrow.size:
+        raise RuntimeError(f"{narrow.size} relaxed cell(s) (member {int(narrow[0])} first) are narrower than twice "
+                           "the interaction range (the minimum image would miss pairs); use more particles")
+    from mdsens.ensemble import table_pairs
+
+    energy = jax.jit(jax.vmap(lambda q_, p_, i_: model.with_pairs(table_pairs(i_, n)).energy(q_, p_)))(
+        q, relaxed, idx)
+    return BatchRelaxed(q, relaxed, np.asarray(state.step), fmax, smax, np.asarray(energy), converged, stalled, idx,
+                        compile_s, reallocations, rebuilds, capacity)
+
+
+def derivative_fn(job, model: CellSystem, observe: Mapping[str, Observable],
+                  wrts, grads) -> Callable:
+    """``(q, params, pairs) -> (rattler, observables, {wrt: Forward}, {obs: (gradient, SolveInfo)})``
+    for one member at fixed pressure (``params`` with its relaxed strain):
+    what :func:`execute` computes, on the member's table pairs (the
+    counterpart of :func:`mdsens.ensemble.derivative_fn`; vmap it over members).
+    The observables include ``stress_residual``."""
+    from mdsens import observables
+
+    def one(q: Array, params: Params, pairs: Array):
+        s = model.with_pairs(pairs)
+        rattler = observables.rattlers(s, q, params)
+        solve = solver_for(s, q, params, rattler, job.solver, job.rtol, job.preconditioner)
+        values = {name: fn(s, q, params) for name, fn in observe.items()}
+        values["stress_residual"] = stress_residual(s, q, params)
+        forwards = {text: forward_fn(s, name, observe, rattler, solve, index)(q, params)
+                    for text, name, index in wrts}
+        gradients = {name: gradient_fn(s, observables.OBSERVABLES[name], rattler, solve)(q, params)
+                     for name in grads}
+        return rattler, values, forwards, gradients
+
+    return one
+
+
+def default_observables(job, system: CellSystem, observe: dict) -> dict:
+    """``observe`` plus, when the job names none, enthalpy, volume and (with
+    diameters) packing_fraction: what a fixed-pressure run records by default."""
+    from mdsens import observables
+
+    if job.observe is not None:
+        return observe
+    extra = ["enthalpy", "volume"] + (["packing_fraction"] if "diameter" in system.params else [])
+    return {**observe, **{k: observables.OBSERVABLES[k] for k in extra}}
+
+
 def newton_polish(system: CellSystem, q: Array, params: Params, rattler: Array, steps: int = 4,
                   pairs: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """Gauge-fixed Newton steps on ``∇_z H`` with a dense solve (small N only):
@@ -539,6 +757,59 @@ def newton_polish(system: CellSystem, q: Array, params: Params, rattler: Array, 
         z = step(z)
     q, params = unpack(system, z, theta)
     return jnp.mod(q, 1.0), params
+
+
+# -- the linear solve ---------------------------------------------------------------
+
+
+def preconditioner_for(system: CellSystem, q: Array, params: Params, rattler: Array,
+                       kind: str = "twolevel") -> Callable[[Array], Array]:
+    """A preconditioner for the gauge-fixed Hessian of H over ``z = (q, u)``:
+    block-diagonal, ``blockdiag(B_q, H_uu⁻¹)``. ``B_q`` is the fixed-box
+    preconditioner (:mod:`mdsens.precondition`, ``kind`` "jacobi" or
+    "twolevel") on the position block, whose Hessian ∂²E/∂q² at the relaxed cell
+    is the one :meth:`CellSystem.pair_hessians` assembles, in the translations'
+    gauge; ``H_uu`` is the exact box-dof block (k × k, k ≤ d(d+1)/2: k
+    Hessian-vector products), its eigenvalues floored like the particle blocks.
+    Both blocks are symmetric positive definite, so B is; the position–strain
+    coupling ``H_qu`` is left to CG. ``q`` and ``params`` are data (not
+    differentiated)."""
+    from mdsens import precondition
+
+    q, params = jax.lax.stop_gradient(q), jax.lax.stop_gradient(params)
+    n, d = system.n, system.dim
+    project_q = _gauge.translations(rattler)
+    if kind == "jacobi":
+        position = precondition.block_jacobi(system, q, params, project_q)
+    elif kind == "twolevel":
+        position = precondition.two_level(system, q, params, rattler, project_q)
+    else:
+        raise ValueError(f"unknown preconditioner {kind!r}: choose jacobi or twolevel (or none: no preconditioner)")
+    theta, _ = split(params)
+    z = pack(system, q, params)
+    root_fn = optimality(system)
+    k = z.size - n * d
+    units = jnp.zeros((k, z.size), z.dtype).at[jnp.arange(k), n * d + jnp.arange(k)].set(1.0)
+    block = jax.vmap(lambda v: jax.jvp(lambda y: root_fn(y, theta), (z,), (v,))[1][n * d:])(units)
+    strain_inverse = precondition.block_inverse(0.5 * (block + block.T)[None])[0]
+
+    def apply(r: Array) -> Array:
+        return jnp.concatenate([position(r[:n * d].reshape(n, d)).ravel(), strain_inverse @ r[n * d:]])
+
+    return apply
+
+
+def solver_for(system: CellSystem, q: Array, params: Params, rattler: Array, method: str = "cg",
+               rtol: float = 1e-10, preconditioner: str = "twolevel") -> implicit.Solve:
+    """The linear solve of the fixed-pressure derivatives at ``(q*, θ)``: CG
+    preconditioned by :func:`preconditioner_for` ("twolevel", "jacobi"), plain
+    CG ("none"), or the dense reference ("dense", small N)."""
+    if method == "dense":
+        return linsolve.dense()
+    if method != "cg":
+        raise ValueError(f"unknown linear solver {method!r}: choose 'cg' or 'dense'")
+    precond = None if preconditioner == "none" else preconditioner_for(system, q, params, rattler, preconditioner)
+    return linsolve.cg(rtol=rtol, preconditioner=precond)
 
 
 # -- derivatives ------------------------------------------------------------------
@@ -693,9 +964,7 @@ def execute(job, system: CellSystem, observe: dict, wrts: list, progress=None, w
         raise UsageError("--polish, --checkpoint and --resume are not available at fixed pressure yet")
     if job.solver not in ("cg", "dense"):
         raise UsageError(f"unknown linear solver {job.solver!r}: choose 'cg' or 'dense'")
-    if job.observe is None:
-        extra = ["enthalpy", "volume"] + (["packing_fraction"] if "diameter" in system.params else [])
-        observe = {**observe, **{k: observables.OBSERVABLES[k] for k in extra}}
+    observe = default_observables(job, system, observe)
     timings = {"compile_s": 0.0, "relax_s": 0.0, "derivative_s": 0.0}
 
     start = time.perf_counter()
@@ -712,28 +981,33 @@ def execute(job, system: CellSystem, observe: dict, wrts: list, progress=None, w
         return make(system)
 
     rattler = jax.jit(bound(lambda s_: lambda q_, p_: observables.rattlers(s_, q_, p_)))(q, params, *pairs)
-    values = {name: np.asarray(jax.jit(bound(lambda s_, f=fn: lambda q_, p_: f(s_, q_, p_)))(q, params, *pairs))
-              for name, fn in observe.items()}
-    values["max_force"] = np.asarray(info.max_force)
-    values["stress_residual"] = np.asarray(out.stress_residual)
-    solve = linsolve.dense() if job.solver == "dense" else linsolve.cg(rtol=job.rtol)
+
+    def solved(s_, q_, p_):  # built while tracing, at the relaxed state, on the listed pairs
+        return solver_for(s_, q_, p_, rattler, job.solver, job.rtol, job.preconditioner)
 
     forwards, gradients = {}, {}
-    if bool(info.converged):
-        for text, name, index in wrts:
-            fn = bound(lambda s_, name=name, index=index: forward_fn(s_, name, observe, rattler, solve, index))
+    # The moduli's own solves (inside observables) follow --solver/--rtol/--preconditioner too.
+    with _job.solving(job):
+        values = {name: np.asarray(jax.jit(bound(lambda s_, f=fn: lambda q_, p_: f(s_, q_, p_)))(q, params, *pairs))
+                  for name, fn in observe.items()}
+        values["max_force"] = np.asarray(info.max_force)
+        values["stress_residual"] = np.asarray(out.stress_residual)
+        for text, name, index in wrts if bool(info.converged) else ():
+            fn = bound(lambda s_, name=name, index=index: lambda q_, p_: forward_fn(
+                s_, name, observe, rattler, solved(s_, q_, p_), index)(q_, p_))
             forwards[text], c, r = _job._compile_and_run(fn, q, params, *pairs)
             timings["compile_s"] += c
             timings["derivative_s"] += r
-        for name in job.grad:
-            fn = bound(lambda s_, name=name: gradient_fn(s_, observables.OBSERVABLES[name], rattler, solve))
+        for name in job.grad if bool(info.converged) else ():
+            fn = bound(lambda s_, name=name: lambda q_, p_: gradient_fn(
+                s_, observables.OBSERVABLES[name], rattler, solved(s_, q_, p_))(q_, p_))
             gradients[name], c, r = _job._compile_and_run(fn, q, params, *pairs)
             timings["compile_s"] += c
             timings["derivative_s"] += r
     timings["total_s"] = time.perf_counter() - wall
     meta = _job.run_meta(
         job, system, info, timings, ensemble=ensemble(system), box_dof=system.box_dof,
-        target_pressure=float(params["pressure"]), stress_residual=out.stress_residual, preconditioner="none",
+        target_pressure=float(params["pressure"]), stress_residual=out.stress_residual,
         neighbor_list={"pairs": int(out.pairs.shape[1]) if listed else None, "skin": job.skin,
                        "rebuilds": out.rebuilds})
     return PressureResult(job, system, q, params, info, rattler, values, forwards, gradients, timings, meta)

@@ -20,6 +20,11 @@ parameters and neighbor tables are stacked along a leading member axis and
   gradients per member, exactly the computation of ``mdsens run``
   (:func:`mdsens.job.execute`) on each member's own table pairs.
 
+Members built with ``pressure=P`` (fixed pressure, :mod:`mdsens.barostat`) relax
+their cells too: the same design, in :func:`mdsens.barostat.relax_batch` (the
+enthalpy's batched loop) and :func:`mdsens.barostat.derivative_fn`; the file's
+box is then each member's relaxed cell.
+
 The member axis is sharded over the local devices (``jax.sharding`` with a
 1-D mesh; members are padded to a multiple of the device count with copies
 of the last one, dropped afterwards). Over several processes
@@ -47,8 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens import minimize, observables, relax, sensitivity, systems
-from mdsens.job import Job, _solver, prepare
+from mdsens import barostat, minimize, observables, relax, sensitivity, systems
+from mdsens.job import Job, _solver, prepare, solving
 from mdsens.system import Params, System
 from mdsens.systems import UsageError
 
@@ -159,7 +164,9 @@ def _same_model(a: System, b: System) -> bool:
     """Whether ``b`` differs from ``a`` only in positions and parameter values:
     same name, N, d, species, parameter names and shapes, and structurally the
     same pair energy, cutoff and contact rule (:func:`_same_function`)."""
-    if (a.name, a.n, a.dim, a.periodic) != (b.name, b.n, b.dim, b.periodic):
+    if (a.name, a.n, a.dim, a.periodic) != (b.name, b.n, b.dim, b.periodic) or type(a) is not type(b):
+        return False
+    if getattr(a, "box_dof", None) != getattr(b, "box_dof", None):  # fixed pressure: which box dofs relax
         return False
     if not np.array_equal(a.species, b.species):
         return False
@@ -527,6 +534,9 @@ def run(ej: EnsembleJob, progress: Callable[[int, int, float, float], None] | No
     if len({(s.n, s.dim) for s in built}) > 1:
         raise UsageError("--sweep over a key that changes N or d: the members would not fit one file's arrays; "
                          "run one ensemble per size")
+    if len({getattr(s, "box_dof", None) for s in built}) > 1:
+        raise UsageError("--sweep box_dof: members with different box degrees of freedom store different boxes "
+                         "(sides or a cell); run one ensemble per box_dof")
     batches = group(built)
     p, count = share
     mine = set(np.array_split(np.arange(len(everyone)), count)[p].tolist())
@@ -546,23 +556,35 @@ def run(ej: EnsembleJob, progress: Callable[[int, int, float, float], None] | No
         params = stack([built[k].params for k in padded])
         x0 = jnp.stack([jnp.asarray(built[k].positions) for k in padded])
         t0 = time.perf_counter()
-        out = relax_batch(model, params, x0, job.minimizer, job.ftol, job.max_steps, job.chunk, job.skin,
-                          progress, sharding)
+        if barostat.is_fixed_pressure(model):
+            # The box relaxes too: the enthalpy's own batched loop and derivatives.
+            out = barostat.relax_batch(model, params, x0, job.minimizer, job.ftol, job.max_steps, job.chunk,
+                                       job.skin, progress, sharding)
+            q, params = out.q, out.params
+            observe = barostat.default_observables(member_job, model, observe)
+            fn = jax.vmap(barostat.derivative_fn(member_job, model, observe, wrts, member_job.grad))
+            positions = jax.vmap(model.to_real)(q, params)
+            # the relaxed cell: sides (iso, aniso) or the (d, d) edge vectors (shear), as in a run file
+            boxes = np.stack([barostat.record_box(model, jax.tree.map(lambda a, r=r: a[r], params))
+                              for r in range(len(padded))])
+        else:
+            out = relax_batch(model, params, x0, job.minimizer, job.ftol, job.max_steps, job.chunk, job.skin,
+                              progress, sharding)
+            q = out.x / params["box"][:, None, :] if model.periodic else out.x
+            fn = jax.vmap(derivative_fn(member_job, model, observe, wrts, member_job.grad))
+            positions = out.x
+            boxes = np.asarray(params["box"]) if model.periodic else None
         timings["compile_s"] += out.compile_s
         timings["relax_s"] += time.perf_counter() - t0 - out.compile_s
         stats["reallocations"] += out.reallocations
         stats["rebuilds"] += out.rebuilds
         stats["capacity"].append(out.capacity)
         place = (lambda a: a) if sharding is None else (lambda a: jax.device_put(a, sharding))
-        q = out.x / params["box"][:, None, :] if model.periodic else out.x
         pairs = jax.vmap(lambda i_: table_pairs(i_, model.n))(out.idx)
         # Derivatives are computed for every member (one program) and kept for
         # the converged ones only (NaN for the others, so every file has the
         # same datasets).
-        fn = jax.vmap(derivative_fn(member_job, model, observe, wrts, member_job.grad))
         t0 = time.perf_counter()
-        from mdsens.job import solving
-
         with solving(member_job):
             compiled = jax.jit(fn).lower(place(q), params, place(pairs)).compile()
         t1 = time.perf_counter()
@@ -573,7 +595,8 @@ def run(ej: EnsembleJob, progress: Callable[[int, int, float, float], None] | No
             ok = bool(out.converged[row])
             nan = lambda a: np.full(np.shape(a), np.nan)  # noqa: E731
             per_member[k] = {
-                "x": np.asarray(out.x[row]), "steps": int(out.steps[row]), "max_force": float(out.max_force[row]),
+                "x": np.asarray(positions[row]), "box": None if boxes is None else np.asarray(boxes[row]),
+                "steps": int(out.steps[row]), "max_force": float(out.max_force[row]),
                 "converged": ok, "rattler": np.asarray(rattler[row]),
                 "params": {name: np.asarray(v[row]) for name, v in params.items()},
                 "observables": {name: np.asarray(v[row]) for name, v in values.items()},
@@ -661,6 +684,8 @@ def _assemble(ej: EnsembleJob, everyone: list[Member], built: list[System], per_
             "reallocations": stats["reallocations"], "devices": [str(d) for d in devices],
             "versions": versions(), "device": f"{devices[0].platform}:{getattr(devices[0], 'device_kind', '')}",
             "precision": str(jnp.result_type(float)), "timings": timings}
+    if barostat.is_fixed_pressure(ref):  # which ensemble, as a run file records it (fixed-box files unchanged)
+        meta.update(ensemble=barostat.ensemble(ref), box_dof=ref.box_dof)
     return EnsembleResult(
         job=ej, members=everyone, n=ref.n, dim=ref.dim, periodic=ref.periodic,
         seed=np.asarray([mb.seed for mb in everyone]), sweep=sweep,
@@ -669,7 +694,7 @@ def _assemble(ej: EnsembleJob, everyone: list[Member], built: list[System], per_
         steps=collect(lambda r: r["steps"], 0, -1),
         max_force=collect(lambda r: r["max_force"], 0.0, np.nan),
         position=collect(lambda r: r["x"], template["x"], np.nan),
-        box=collect(lambda r: r["params"]["box"], template["params"]["box"], np.nan) if ref.periodic else None,
+        box=collect(lambda r: r["box"], template["box"], np.nan) if ref.periodic else None,
         diameter=np.stack([_diameters(built[k], built[k].params) for k in range(m)]),
         species=np.stack([np.asarray(built[k].species) for k in range(m)]),
         rattler=collect(lambda r: r["rattler"], template["rattler"], False),

@@ -9,6 +9,7 @@ members in member order: sweep-major, then seed):
     /ensemble/configuration (M,)    each member's full build configuration (JSON text)
     /ensemble/converged, steps, max_force (M,)
     /ensemble/position (M, N, d)    relaxed positions, real space; box (M, d); diameter, species, rattler (M, N)
+                                    (fixed pressure: box is the relaxed cell, (M, d) sides or (M, d, d) edges)
     /ensemble/parameters/<NAME> (M, …)
     /ensemble/observables/<NAME> (M, …)
     /ensemble/sensitivity/<PARAM>/<NAME> (M, k, …), position (M, k, N, d); iterations, residual (M, k)
@@ -69,7 +70,11 @@ def write(path: str | os.PathLike, result: Any) -> None:
             io.observable_unit("max_force", d))
         put(g, "position", result.position, "relaxed positions x*, real space (M, N, d)", io.LENGTH)
         if result.box is not None:
-            put(g, "box", result.box, "periodic box side lengths (M, d)", io.LENGTH)
+            text = ("periodic box side lengths (M, d)" if result.box.ndim == 2 else
+                    "periodic triclinic cell of each member: the edge vectors as rows (M, d, d)")
+            if "ensemble" in meta:
+                text += f"; {meta['ensemble']}: the relaxed cell"
+            put(g, "box", result.box, text, io.LENGTH)
         put(g, "diameter", result.diameter, "each particle's diameter (M, N)", io.LENGTH)
         put(g, "species", result.species.astype(np.int32), "species index of each particle (M, N)")
         put(g, "rattler", result.rattler.astype(bool), "rattlers of each member (M, N)")
@@ -214,6 +219,8 @@ def render(data: Mapping[str, Any], path: str) -> str:
     lines = [f"{path}: ensemble of {m} {meta.get('system')} packings, N = {n}, d = {d}, seeds "
              f"{meta.get('seeds', [None])[0]}…{meta.get('seeds', [None])[-1]}; "
              f"{int(np.sum(data['converged']))}/{m} converged"]
+    if meta.get("ensemble"):
+        lines.append(f"ensemble: {meta['ensemble']}")
     for entry in statistics(data):
         label = ", ".join(f"{k} = {v}" for k, v in entry["sweep"].items()) or "all members"
         lines.append(f"{label}: {entry['converged']}/{entry['members']} converged (mean ± standard error)")
@@ -257,7 +264,8 @@ def member_record(data: Mapping[str, Any], k: int) -> dict[str, Any]:
                       "iterations": np.asarray(fields["iterations"][k]), "residual": np.asarray(fields["residual"][k])}
                 for obs, fields in data.get("gradient", {}).items()}
     run_meta = {key: meta[key] for key in ("system", "command", "minimizer", "ftol", "max_steps", "linear_solver",
-                                           "rtol", "preconditioner", "versions", "device", "precision")
+                                           "rtol", "preconditioner", "versions", "device", "precision",
+                                           "ensemble", "box_dof")
                 if key in meta}
     run_meta.update(configuration={**config, "seed": int(data["seed"][k])}, seed=int(data["seed"][k]),
                     steps=int(data["steps"][k]), converged=converged,

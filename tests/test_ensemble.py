@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import h5py
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -167,6 +168,7 @@ def test_unconverged_members_are_kept_and_flagged(tmp_path):
     (["--coordinator", "127.0.0.1:5", "--num-processes", "2", "--process-id", "2"], "must be in 0 … 1"),
     (["--coordinator", "nowhere", "--num-processes", "2", "--process-id", "0"], "expected HOST:PORT"),
     (["--devices", "9"], "local device"),
+    (["--set", "pressure=0.01", "--sweep", "box_dof=iso,shear"], "one ensemble per box_dof"),
 ])
 def test_bad_input_is_one_line_exit_2_no_file(tmp_path, args, message):
     out = tmp_path / "bad.h5"
@@ -219,3 +221,48 @@ def test_export_member_and_bench_ensemble_bad_input(batch, tmp_path):
     report = tmp_path / "b.json"
     res = runner.invoke(app, ["bench", "bidisperse", "--ensemble", "0", "-o", str(report)])
     assert res.exit_code == 2 and "at least 1" in res.output and not report.exists()
+
+
+@pytest.mark.slow
+def test_fixed_pressure_members_are_their_runs(tmp_path):
+    """`mdsens ensemble --set pressure=P --set box_dof=shear`: each member is the
+    `mdsens run` of its seed and pressure (same steps, minimum, cell, observables,
+    derivatives); shear-stabilised packings have G > 0; the exported member passes
+    the finite-difference check of the enthalpy minimum."""
+    base = {"n": "16", "box_dof": "shear"}
+    observe = ["energy", "shear_modulus", "packing_fraction"]
+    ej = ensemble.EnsembleJob(J.Job(system="bidisperse", overrides=base, wrt=["pressure"], observe=observe,
+                                    grad=["packing_fraction"]), seeds=range(2), sweeps={"pressure": ["0.005", "0.02"]})
+    result = ensemble.run(ej)
+    path = tmp_path / "p.h5"
+    ensemble_io.write(path, result)
+    assert result.converged.all() and result.box.shape == (4, 2, 2)
+    assert np.all(result.observables["shear_modulus"] > 0)
+    np.testing.assert_allclose(result.observables["stress_residual"], 0, atol=1e-10)
+    for member in (1, 2):
+        mb = result.members[member]
+        single = J.execute(J.Job(system="bidisperse", overrides={**base, **dict(mb.sweep)}, seed=mb.seed,
+                                 wrt=["pressure"], observe=observe, grad=["packing_fraction"]))
+        assert single.converged and result.steps[member] == int(single.info.steps)
+        record = single.record()
+        np.testing.assert_allclose(result.box[member], record["box"], rtol=1e-10, atol=1e-12)
+        q = np.asarray(single.system.to_solver(jnp.asarray(result.position[member]), single.params))
+        dq = q - np.asarray(single.q)
+        assert np.max(np.abs(dq - np.round(dq))) < 1e-9
+        for name in observe:
+            np.testing.assert_allclose(result.observables[name][member], single.observables[name], rtol=1e-8)
+        fw = single.sensitivity["pressure"].values
+        for name in ("position", "energy", "shear_modulus", "packing_fraction"):
+            np.testing.assert_allclose(result.sensitivity["pressure"][name][member], fw[name], rtol=1e-6, atol=1e-8)
+        grads, _ = single.gradient["packing_fraction"]
+        for name, value in grads.items():
+            np.testing.assert_allclose(result.gradient["packing_fraction"][name][member], value, rtol=1e-6,
+                                       atol=1e-10)
+    with h5py.File(path) as f:
+        assert f["ensemble"].attrs["ensemble"] == "fixed pressure, box_dof=shear"
+        np.testing.assert_allclose(f["ensemble/parameters/pressure"][()], [0.005, 0.005, 0.02, 0.02])
+    assert "ensemble: fixed pressure, box_dof=shear" in runner.invoke(app, ["show", str(path)]).stdout
+    out = tmp_path / "m2.h5"
+    assert runner.invoke(app, ["export", str(path), "--member", "2", "-o", str(out)]).exit_code == 0
+    checked = runner.invoke(app, ["check", str(out)])
+    assert checked.exit_code == 0, checked.output
