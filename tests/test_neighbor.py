@@ -127,39 +127,26 @@ def test_overflow_is_detected_and_the_chunk_redone(monkeypatch):
     nbrs = table.allocate(x0)
     # The same capacity cannot hold a denser configuration: flagged, not truncated silently.
     assert bool(table.build(x0 * 0.5, nbrs.idx.shape[1], nbrs.cells.shape[1]).overflow)
-    # A first table with almost no room: relax must redo its chunk on a bigger one
-    # and reach the same minimum as a run that never overflowed.
     reference = relax.relax(system, params, chunk=200)
-    original, first = relax.Table.capacities, []
+    # A first table with almost no room (3 neighbors), then a first pair list
+    # with room for 10 pairs: relax must redo its chunk on bigger ones and
+    # reach the same minimum, step for step, as a run that never overflowed.
+    for method, too_small in (("capacities", (3, 0)), ("pair_capacity", 10)):
+        original, first = getattr(relax.Table, method), []
 
-    def capacities(self, x, grow=1.0, shrink=False):
-        if not first:  # the first table: too small, overflows at its first build in the loop
-            first.append(True)
-            return 3, 0
-        return original(self, x, grow, shrink)
+        def sized(self, *args, original=original, first=first, too_small=too_small, **kwargs):
+            if not first:  # the first one overflows at its first build in the loop
+                first.append(True)
+                return too_small
+            return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(relax.Table, "capacities", capacities)
-    relax._CACHE.clear()
-    out = relax.relax(system, params, chunk=200)
-    assert bool(out.info.converged) and out.stats.reallocations >= 1
-    assert int(out.info.steps) == int(reference.info.steps)
-    np.testing.assert_allclose(np.asarray(out.x), np.asarray(reference.x), atol=1e-12)
-    # The same for the pair list: a first one with room for 10 pairs.
-    monkeypatch.setattr(relax.Table, "capacities", original)
-    pair_original, tiny = relax.Table.pair_capacity, []
-
-    def pair_capacity(self, x, cell_capacity, grow=1.0, shrink=False):
-        if not tiny:
-            tiny.append(True)
-            return 10
-        return pair_original(self, x, cell_capacity, grow, shrink)
-
-    monkeypatch.setattr(relax.Table, "pair_capacity", pair_capacity)
-    relax._CACHE.clear()
-    out = relax.relax(system, params, chunk=200)
-    assert bool(out.info.converged) and out.stats.reallocations >= 1
-    assert int(out.info.steps) == int(reference.info.steps)
-    np.testing.assert_allclose(np.asarray(out.x), np.asarray(reference.x), atol=1e-12)
+        monkeypatch.setattr(relax.Table, method, sized)
+        relax._CACHE.clear()
+        out = relax.relax(system, params, chunk=200)
+        monkeypatch.setattr(relax.Table, method, original)
+        assert bool(out.info.converged) and out.stats.reallocations >= 1, method
+        assert int(out.info.steps) == int(reference.info.steps), method
+        np.testing.assert_allclose(np.asarray(out.x), np.asarray(reference.x), atol=1e-12)
 
 
 def test_second_relaxation_compiles_nothing():
