@@ -221,7 +221,7 @@ def test_forward_and_reverse_match_central_differences(dim, box_dof, n):
     _compare(grad["pressure"], differences[("pressure", ())]["packing_fraction"], "reverse pressure")
 
 
-@pytest.mark.parametrize("kind", ["jacobi", "twolevel"])
+@pytest.mark.parametrize("kind", [pytest.param("jacobi", marks=pytest.mark.slow), "twolevel"])
 def test_preconditioned_solves_match_central_differences(kind):
     """CG preconditioned on both blocks (the fixed-box preconditioner on the
     positions, the exact box-dof block inverted) gives the derivatives of the
