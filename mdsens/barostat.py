@@ -37,6 +37,7 @@ state, not as a parameter.
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from dataclasses import dataclass, fields
@@ -437,6 +438,145 @@ def _programs(system: CellSystem, method: str, ftol: float, skin: float, capacit
     return programs
 
 
+#: the fixed-pressure table's grid, in the reference box, spans the listing
+#: reach divided by a "stretch": a power of this number 5–15% below the
+#: cell's smallest stretch (singular value of F) when the grid is made, so
+#: the cell may shrink that much before a new grid (and compile) is needed.
+GRID_MARGIN = 0.9
+
+
+def _smallest_stretch(f: Array) -> Array:
+    """The smallest singular value of the deformation ``f`` (d, d)."""
+    return jnp.sqrt(jnp.maximum(jnp.min(jnp.linalg.eigvalsh(f.T @ f)), 0.0))
+
+
+def _cell_programs(system: CellSystem, theta: Params, method: str, ftol: float, skin: float, stretch: float):
+    """The fixed-pressure relaxation on a cell list and a pair list (the machinery
+    of :mod:`mdsens.relax`), cached per system, minimizer, tolerance, skin,
+    reference box, cutoff and grid stretch.
+
+    The table is built over the reference-box coordinates ``y = L₀ ⊙ q`` on a
+    grid whose cells span ``(c + skin) / stretch``; a pair is listed when its
+    *deformed* separation ``F Δy`` is within ``c + skin`` (``c`` the cutoff
+    ×1.01), which the grid finds as long as the cell's smallest stretch stays
+    above ``stretch`` (else the chunk stops and :func:`relax` makes a new grid).
+    Each pair's force is computed once (:func:`mdsens.relax.pair_list_force_fn`'s
+    scheme) and gives the particles' forces and the virial together."""
+    from mdsens import relax as _relax
+
+    cutoff = float(system.cutoff(theta))
+    box = tuple(np.asarray(theta["box"]).tolist())
+    key = ("cell-list", method, float(ftol), float(skin), box)
+    cache = _PROGRAMS.setdefault(system, {}).setdefault(key, [])
+    for programs in cache:
+        # A cached program serves a slightly smaller cutoff (a finite difference,
+        # a design step) and a cell stretched a little more than its grid's.
+        if cutoff <= programs["cutoff"] <= _relax.CUTOFF_SLACK**2 * cutoff and \
+                stretch * GRID_MARGIN <= programs["stretch"] <= stretch:
+            return programs
+    cutoff *= _relax.CUTOFF_SLACK
+    pieces = _programs(system, method, ftol, skin, 1)
+    scale, measure, running = pieces["scale"], pieces["measure"], pieces["running"]
+    n, d = system.n, system.dim
+    reach = cutoff + skin
+    table = _relax.Table(system, theta, skin=0.0, cutoff=reach / stretch, metric_reach=reach)
+    basis_np = strain_basis(d, system.box_dof)
+    diagonal = system.box_dof in ("iso", "aniso")
+
+    def apply(v, f):
+        if diagonal:
+            return v * jnp.diagonal(f)
+        return jnp.sum(v[..., None, :] * f, axis=-1)
+
+    def unpack(x, theta):
+        strain = jnp.tensordot(x[n * d:] / scale(theta), jnp.asarray(basis_np, x.dtype), axes=1)
+        return x[:n * d].reshape(n, d), {**theta, "strain": strain}
+
+    def force_fn(x, env):
+        theta, pairs = env
+        y, params = unpack(x, theta)
+        f = system.deformation(params)
+        dy = y[pairs.i] - y[pairs.j]
+        dr = apply(dy - theta["box"] * jnp.round(dy / theta["box"]), f)
+        r2 = jnp.sum(dr * dr, axis=-1)
+        r = jnp.sqrt(jnp.where(r2 > 0, r2, 1.0))
+        dphi = jax.grad(lambda r_: jnp.sum(system.pair(r_, pairs.i, pairs.j, params)))(r)
+        terms = jnp.where(r2 > 0, dphi / r, 0.0)[:, None] * dr
+        signed = jnp.concatenate([terms, -terms, jnp.zeros((1, d), terms.dtype)])[pairs.gather]
+        f_x = -signed[:, 0]
+        for k in range(1, pairs.gather.shape[1]):
+            f_x = f_x - signed[:, k]
+        virial = jnp.sum(terms[:, :, None] * dr[:, None, :], axis=0)
+        volume = system.volume(params)
+        res = virial / volume + theta["pressure"] * jnp.eye(d, dtype=x.dtype)
+        f_u = -volume * jnp.tensordot(jnp.asarray(basis_np, x.dtype), res, axes=([1, 2], [0, 1]))
+        return jnp.concatenate([apply(f_x, f.T).ravel(), f_u / scale(theta)])
+
+    def shift(x, dx, env):
+        y = jnp.mod(x[:n * d].reshape(n, d) + dx[:n * d].reshape(n, d), env[0]["box"])
+        return jnp.concatenate([y.ravel(), x[n * d:] + dx[n * d:]])
+
+    if method == "fire":
+        mini = minimize.fire(force_fn=force_fn, shift_fn=shift)
+    else:
+        mini = minimize.gradient_descent(force_fn=force_fn, shift_fn=shift)
+
+    def deform(x, theta):
+        return system.deformation(unpack(x, theta)[1])
+
+    def valid(x, theta, nb, ref_f):
+        """No pair outside the list can have come within the cutoff since its
+        build: ``(c + skin) s_min(F F_ref⁻¹) − 2 max_i |F Δy_i| > c``."""
+        y, _ = unpack(x, theta)
+        f = deform(x, theta)
+        dy = y - nb.reference
+        moved = jnp.sqrt(jnp.max(jnp.sum(apply(dy - theta["box"] * jnp.round(dy / theta["box"]), f) ** 2, axis=-1)))
+        return reach * _smallest_stretch(f @ jnp.linalg.inv(ref_f)) - 2.0 * moved > system.cutoff(theta)
+
+    def advance(state, nbrs, pairs, ref_f, theta, until, stale):
+        """Steps until converged, ``until``, stalled, or the table overflows or
+        its grid no longer spans the reach; returns ``(state, table, pairs,
+        ref_f, rebuilds, regrid)``. Two loops as in :mod:`mdsens.relax`."""
+
+        def go(s, nb, regrid):
+            return running(s, theta) & (s.step < until) & ~nb.overflow & ~regrid
+
+        def inner(c):
+            def body(c):
+                s, nb, pl, ref_f, _, rebuilds, regrid = c
+                s = mini.step(s, (theta, pl))
+                return s, nb, pl, ref_f, ~valid(s.x, theta, nb, ref_f), rebuilds, regrid
+
+            return jax.lax.while_loop(lambda c: go(c[0], c[1], c[6]) & ~c[4], body, c)
+
+        def rebuild(s, nb, pl, ref_f, rebuilds, regrid):
+            f = deform(s.x, theta)
+            y = s.x[:n * d].reshape(n, d)
+            nb = table.build(y, nb.idx.shape[1], nb.cells.shape[1], deform=f)
+            pl = _relax.pair_list(nb.idx, n, pl.i.shape[0])
+            nb = nb._replace(overflow=nb.overflow | pl.overflow)
+            regrid = _smallest_stretch(f) < stretch
+            return mini.step_force(s, (theta, pl)), nb, pl, f, rebuilds + 1, regrid
+
+        def outer(c):
+            s, nb, pl, ref_f, stale_, rebuilds, regrid = c
+            s, nb, pl, ref_f, rebuilds, regrid = jax.lax.cond(
+                stale_, rebuild, lambda *a: a, s, nb, pl, ref_f, rebuilds, regrid)
+            return inner((s, nb, pl, ref_f, jnp.zeros((), bool), rebuilds, regrid))
+
+        first = (state, nbrs, pairs, ref_f, stale | ~valid(state.x, theta, nbrs, ref_f),
+                 jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+        s, nb, pl, ref_f, _, rebuilds, regrid = jax.lax.while_loop(
+            lambda c: go(c[0], c[1], c[6]) | (c[4] & ~c[1].overflow & ~c[6]), outer, first)
+        fmax, smax = measure(s.x, s.force, theta)
+        return s, nb, pl, ref_f, rebuilds, regrid, fmax, smax, mini.stalled(s)
+
+    programs = {"table": table, "mini": mini, "advance": jax.jit(advance), "deform": jax.jit(deform),
+                "shapes": set(), "cutoff": cutoff, "stretch": float(stretch)}
+    cache.append(programs)
+    return programs
+
+
 def relax(
     system: CellSystem,
     params: Params | None = None,
@@ -454,11 +594,12 @@ def relax(
     holds or ``max_steps``; ``callback(step, max_force, elapsed_s)`` between
     compiled chunks of ``chunk`` steps.
 
-    Forces come from a table (N, K) of each particle's neighbors within
-    cutoff + ``skin`` in the deformed cell (an O(N²) search), rebuilt inside
-    the compiled loop when a particle's move or the cell's change could bring
-    an unlisted pair within the cutoff; a table that overflows is widened and
-    the chunk redone. Raises RuntimeError if the cell ends up narrower than
+    Forces come from a pair list of the particles within cutoff + ``skin``
+    in the deformed cell, found from a cell list in the reference box
+    (:func:`_cell_programs`) and rebuilt inside the compiled loop when a
+    particle's move or the cell's change could bring an unlisted pair within
+    the cutoff; a table that overflows is widened and the chunk redone, a
+    cell that shrinks past its grid gets a new grid. Raises RuntimeError if the cell ends up narrower than
     twice the interaction range (the minimum image would miss pairs)."""
     params = {k: jnp.asarray(v) for k, v in (system.params if params is None else params).items()}
     theta, strain = split(params)
@@ -468,36 +609,62 @@ def relax(
     compile_s = 0.0
     scale = float(n * (float(np.prod(np.asarray(theta["box"]))) / n) ** (1.0 / d))
     x = jnp.concatenate([(jnp.mod(q, 1.0) * theta["box"]).ravel(), coordinates(system, strain) * scale])
-    capacity = 0
-    state = None
-    rebuilds = 0
+    state, rebuilds, reallocations, grow = None, 0, 0, 1.0
+    programs = None
     while True:
-        if capacity == 0 or state is None:
-            probe = _programs(system, method, ftol, skin, 1)["count"]
-            capacity = min(int(int(probe(x, theta)) * 1.25) + 2, n)
-            state = _programs(system, method, ftol, skin, capacity)["mini"].blank(x)
-        programs = _programs(system, method, ftol, skin, capacity)
+        if programs is None:  # a grid for the cell's current stretch (and a new compile)
+            at = x if state is None else state.x
+            f = np.asarray(deformation(jnp.tensordot(at[n * d:] / scale, jnp.asarray(
+                strain_basis(d, system.box_dof), at.dtype), axes=1), system.box_dof))
+            # The grid's stretch a power of GRID_MARGIN, so that nearby cells share a program.
+            smallest = float(np.min(np.linalg.svd(f, compute_uv=False)))
+            stretch = GRID_MARGIN ** math.ceil(math.log(smallest) / math.log(GRID_MARGIN) + 0.5)
+            programs = _cell_programs(system, theta, method, ftol, skin, stretch)
+            table = programs["table"]
+            if state is None:
+                state = programs["mini"].blank(x)
+            y = state.x[:n * d].reshape(n, d)
+            f = programs["deform"](state.x, theta)
+            capacity, cell_capacity = table.capacities(y, grow, deform=f)
+            nbrs = table.placeholder(y, capacity, cell_capacity)
+            pairs = table.pair_placeholder(table.pair_capacity(y, cell_capacity, grow, deform=f), capacity)
+            ref_f, stale = jnp.eye(d, dtype=x.dtype), True
         until = jnp.asarray(min(int(state.step) + chunk, max_steps), jnp.int32)
+        shapes = (nbrs.idx.shape, nbrs.cells.shape, pairs.i.shape)
         t0 = time.perf_counter()
-        first = not programs["ran"]
-        out, overflow, count, fmax, smax = programs["chunk"](state, theta, until)
+        out, nb, pl, rf, count, regrid, fmax, smax, stalled = programs["advance"](
+            state, nbrs, pairs, ref_f, theta, until, jnp.asarray(stale))
         jax.block_until_ready(out.x)
-        if first:
+        if shapes not in programs["shapes"]:
             # The first call of a program is mostly its compilation.
             compile_s += time.perf_counter() - t0
-            programs["ran"] = True
-        if bool(overflow):
-            capacity = min(int(capacity * 1.5) + 2, n)
+            programs["shapes"].add(shapes)
+        if bool(regrid):
+            # The cell shrank below the grid's stretch at the last rebuild: a new
+            # grid from there (its first rebuild re-evaluates the force).
+            state, programs = out, None
+            rebuilds += int(count)
             continue
-        state = out
+        if bool(nb.overflow):  # redo the chunk from its start on a bigger table
+            reallocations += 1
+            if reallocations > 20:
+                raise RuntimeError("neighbor table overflowed 20 times; giving up")
+            grow = 1.5 ** reallocations
+            y = state.x[:n * d].reshape(n, d)
+            f = programs["deform"](state.x, theta)
+            capacity, cell_capacity = table.capacities(y, grow, deform=f)
+            nbrs = table.placeholder(y, capacity, cell_capacity)
+            pairs = table.pair_placeholder(table.pair_capacity(y, cell_capacity, grow, deform=f), capacity)
+            stale = True
+            continue
+        state, nbrs, pairs, ref_f, stale = out, nb, pl, rf, False
         rebuilds += int(count)
         if callback is not None:
             callback(int(state.step), float(max(fmax, smax)), time.perf_counter() - start)
         done = bool((fmax < ftol) & (smax < ftol))
-        stalled = bool(programs["mini"].stalled(state))
-        if done or stalled or int(state.step) >= max_steps:
+        if done or bool(stalled) or int(state.step) >= max_steps:
             break
-    programs = _programs(system, method, ftol, skin, capacity)
+    energy_fn = _programs(system, method, ftol, skin, 1)["energy"]
     y = state.x[:n * d].reshape(n, d)
     q = jnp.mod(y / theta["box"], 1.0)
     basis = jnp.asarray(strain_basis(d, system.box_dof), y.dtype)
@@ -507,11 +674,19 @@ def relax(
     if cutoff >= 0.5 * float(widths.min()):
         raise RuntimeError(f"the relaxed cell is {float(widths.min()):.3g} wide, less than twice the interaction "
                            f"range {cutoff:.3g} (the minimum image would miss pairs); use more particles")
-    pairs = _pairs_numpy(system, np.asarray(q), relaxed, cutoff * (1 + 1e-9))
+    # The pairs within the cutoff, from the final table (valid at the end state:
+    # every such pair is listed).
+    from mdsens.relax import pairs_from_table
+
+    listed = pairs_from_table(nbrs.idx, n)
+    q_np = np.asarray(q)
+    dq = q_np[listed[0]] - q_np[listed[1]]
+    dr = (dq - np.round(dq)) @ np.asarray(system.cell(relaxed))
+    pairs = listed[:, np.sum(dr**2, axis=-1) < (cutoff * (1 + 1e-9)) ** 2]
     # Jitted on the pairs padded (with N) to a power of two: an eager sum compiled per pair count (0.45 s a call).
     padded = np.full((2, 1 << max(pairs.shape[1], 1).bit_length()), n, np.int32)
     padded[:, :pairs.shape[1]] = pairs
-    energy = programs["energy"](q, relaxed, jnp.asarray(padded))
+    energy = energy_fn(q, relaxed, jnp.asarray(padded))
     info = minimize.RelaxInfo(state.step, fmax, energy, (fmax < ftol) & (smax < ftol))
     return Relaxed(q, relaxed, info, float(smax), pairs, compile_s, rebuilds)
 
