@@ -86,14 +86,17 @@ def _expm(u: Array) -> Array:
     plain products, differentiable to any order (no branch on the norm).
     ``U/16`` and 12 terms: truncation below 1e-17 for ``|U| < 4`` (a box
     stretched e⁴-fold)."""
+    def mm(a, b):  # a tiny dot_general is several times slower on XLA:CPU
+        return jnp.sum(a[:, :, None] * b[None, :, :], axis=1)
+
     a = u / 16.0
     term = jnp.eye(u.shape[0], dtype=u.dtype)
     out = term
     for k in range(1, 13):
-        term = term @ a / k
+        term = mm(term, a) / k
         out = out + term
     for _ in range(4):
-        out = out @ out
+        out = mm(out, out)
     return out
 
 
@@ -466,7 +469,11 @@ def _cell_programs(system: CellSystem, theta: Params, method: str, ftol: float, 
 
     cutoff = float(system.cutoff(theta))
     box = tuple(np.asarray(theta["box"]).tolist())
-    key = ("cell-list", method, float(ftol), float(skin), box)
+    # The model's code-path parameters (the soft-sphere α) are constants of the
+    # compiled loop, as in mdsens.relax (System.specialize).
+    constants = {name: float(theta[name]) for name in system.specialize
+                 if name in theta and np.ndim(theta[name]) == 0}
+    key = ("cell-list", method, float(ftol), float(skin), box, tuple(sorted(constants.items())))
     cache = _PROGRAMS.setdefault(system, {}).setdefault(key, [])
     for programs in cache:
         # A cached program serves a slightly smaller cutoff (a finite difference,
@@ -475,8 +482,7 @@ def _cell_programs(system: CellSystem, theta: Params, method: str, ftol: float, 
                 stretch * GRID_MARGIN <= programs["stretch"] <= stretch:
             return programs
     cutoff *= _relax.CUTOFF_SLACK
-    pieces = _programs(system, method, ftol, skin, 1)
-    scale, measure, running = pieces["scale"], pieces["measure"], pieces["running"]
+    scale = _programs(system, method, ftol, skin, 1)["scale"]
     n, d = system.n, system.dim
     reach = cutoff + skin
     table = _relax.Table(system, theta, skin=0.0, cutoff=reach / stretch, metric_reach=reach)
@@ -492,7 +498,13 @@ def _cell_programs(system: CellSystem, theta: Params, method: str, ftol: float, 
         strain = jnp.tensordot(x[n * d:] / scale(theta), jnp.asarray(basis_np, x.dtype), axes=1)
         return x[:n * d].reshape(n, d), {**theta, "strain": strain}
 
+    traces = jnp.asarray(np.trace(basis_np, axis1=1, axis2=2))
+
     def force_fn(x, env):
+        """Real-space pair terms ``t = φ'(r) r̂`` once per pair; each particle's
+        force and its share of the virial projections ``B_k : Σ t ⊗ r`` come
+        from one gather of ``[±t, (B_k : t ⊗ r)/2]`` in table order (a second
+        consumer of the pair terms made XLA:CPU compute them twice)."""
         theta, pairs = env
         y, params = unpack(x, theta)
         f = system.deformation(params)
@@ -502,14 +514,23 @@ def _cell_programs(system: CellSystem, theta: Params, method: str, ftol: float, 
         r = jnp.sqrt(jnp.where(r2 > 0, r2, 1.0))
         dphi = jax.grad(lambda r_: jnp.sum(system.pair(r_, pairs.i, pairs.j, params)))(r)
         terms = jnp.where(r2 > 0, dphi / r, 0.0)[:, None] * dr
-        signed = jnp.concatenate([terms, -terms, jnp.zeros((1, d), terms.dtype)])[pairs.gather]
-        f_x = -signed[:, 0]
+        if system.box_dof == "iso":
+            virial = jnp.sum(terms * dr, axis=-1, keepdims=True)
+        elif system.box_dof == "aniso":
+            virial = terms * dr
+        else:
+            virial = jnp.stack([terms[:, a] * dr[:, b] + (terms[:, b] * dr[:, a] if a != b else 0.0)
+                                for a in range(d) for b in range(a, d)], axis=-1)
+        half = 0.5 * virial
+        stacked = jnp.concatenate([jnp.concatenate([terms, half], axis=1), jnp.concatenate([-terms, half], axis=1),
+                                   jnp.zeros((1, d + half.shape[1]), terms.dtype)])[pairs.gather]
+        total = stacked[:, 0]
         for k in range(1, pairs.gather.shape[1]):
-            f_x = f_x - signed[:, k]
-        virial = jnp.sum(terms[:, :, None] * dr[:, None, :], axis=0)
+            total = total + stacked[:, k]
+        f_x = -total[:, :d]
+        projected = jnp.sum(total[:, d:], axis=0)  # B_k : Σ_pairs t ⊗ r
         volume = system.volume(params)
-        res = virial / volume + theta["pressure"] * jnp.eye(d, dtype=x.dtype)
-        f_u = -volume * jnp.tensordot(jnp.asarray(basis_np, x.dtype), res, axes=([1, 2], [0, 1]))
+        f_u = -projected - volume * theta["pressure"] * traces
         return jnp.concatenate([apply(f_x, f.T).ravel(), f_u / scale(theta)])
 
     def shift(x, dx, env):
@@ -521,22 +542,55 @@ def _cell_programs(system: CellSystem, theta: Params, method: str, ftol: float, 
     else:
         mini = minimize.gradient_descent(force_fn=force_fn, shift_fn=shift)
 
+    norms = jnp.asarray(np.sum(basis_np**2, axis=(1, 2)))
+
     def deform(x, theta):
         return system.deformation(unpack(x, theta)[1])
 
-    def valid(x, theta, nb, ref_f):
+    def inverse(x, theta):
+        """``F⁻¹ = exp(−U)``: no LAPACK call in the loop."""
+        return system.deformation({"strain": -unpack(x, theta)[1]["strain"]})
+
+    def measure(x, f, theta):
+        """(max real |F_i|, scaled stress residual) from the state's force (as
+        :func:`_programs`' ``measure``)."""
+        _, params = unpack(x, theta)
+        real = apply(f[:n * d].reshape(n, d), inverse(x, theta).T)
+        volume = system.volume(params)
+        coeff = -f[n * d:] * scale(theta) / (volume * norms)
+        worst = jnp.max(jnp.abs(coeff)) if system.box_dof != "iso" else jnp.abs(coeff[0])
+        return minimize.max_force(real), worst * (volume / n) ** ((d - 1) / d)
+
+    def running(state, theta):
+        fmax, smax = measure(state.x, state.force, theta)
+        return ((fmax >= ftol) | (smax >= ftol)) & ~mini.stalled(state)
+
+    def valid(x, theta, nb, ref_inverse):
         """No pair outside the list can have come within the cutoff since its
-        build: ``(c + skin) s_min(F F_ref⁻¹) − 2 max_i |F Δy_i| > c``."""
+        build: ``(c + skin) s − (|F Δy_a| + |F Δy_b|) > c``, with ``a, b`` the
+        two particles that moved most and ``s`` a lower bound on the smallest
+        stretch of ``A = F F_ref⁻¹`` (exact for a diagonal cell, ``1 − |A − I|``
+        otherwise): an unlisted pair was at least ``c + skin`` apart in the
+        cell of the build."""
         y, _ = unpack(x, theta)
         f = deform(x, theta)
         dy = y - nb.reference
-        moved = jnp.sqrt(jnp.max(jnp.sum(apply(dy - theta["box"] * jnp.round(dy / theta["box"]), f) ** 2, axis=-1)))
-        return reach * _smallest_stretch(f @ jnp.linalg.inv(ref_f)) - 2.0 * moved > system.cutoff(theta)
+        moved = jnp.sum(apply(dy - theta["box"] * jnp.round(dy / theta["box"]), f) ** 2, axis=-1)
+        first = jnp.max(moved)
+        second = jnp.max(jnp.where(jnp.arange(n) == jnp.argmax(moved), 0.0, moved))
+        a = jnp.sum(f[:, :, None] * ref_inverse[None, :, :], axis=1)
+        if diagonal:
+            least = jnp.min(jnp.diagonal(a))
+        else:
+            least = 1.0 - jnp.sqrt(jnp.sum((a - jnp.eye(d, dtype=a.dtype)) ** 2))
+        return reach * least - jnp.sqrt(first) - jnp.sqrt(second) > system.cutoff(theta)
 
     def advance(state, nbrs, pairs, ref_f, theta, until, stale):
         """Steps until converged, ``until``, stalled, or the table overflows or
         its grid no longer spans the reach; returns ``(state, table, pairs,
-        ref_f, rebuilds, regrid)``. Two loops as in :mod:`mdsens.relax`."""
+        F⁻¹ at the build, rebuilds, regrid, max|F|, stress residual, stalled)``.
+        Two loops as in :mod:`mdsens.relax`."""
+        theta = {**theta, **constants}
 
         def go(s, nb, regrid):
             return running(s, theta) & (s.step < until) & ~nb.overflow & ~regrid
@@ -556,7 +610,7 @@ def _cell_programs(system: CellSystem, theta: Params, method: str, ftol: float, 
             pl = _relax.pair_list(nb.idx, n, pl.i.shape[0])
             nb = nb._replace(overflow=nb.overflow | pl.overflow)
             regrid = _smallest_stretch(f) < stretch
-            return mini.step_force(s, (theta, pl)), nb, pl, f, rebuilds + 1, regrid
+            return mini.step_force(s, (theta, pl)), nb, pl, inverse(s.x, theta), rebuilds + 1, regrid
 
         def outer(c):
             s, nb, pl, ref_f, stale_, rebuilds, regrid = c
@@ -601,6 +655,8 @@ def relax(
     the cutoff; a table that overflows is widened and the chunk redone, a
     cell that shrinks past its grid gets a new grid. Raises RuntimeError if the cell ends up narrower than
     twice the interaction range (the minimum image would miss pairs)."""
+    from mdsens import relax as _relax
+
     params = {k: jnp.asarray(v) for k, v in (system.params if params is None else params).items()}
     theta, strain = split(params)
     n, d = system.n, system.dim
@@ -611,6 +667,10 @@ def relax(
     x = jnp.concatenate([(jnp.mod(q, 1.0) * theta["box"]).ravel(), coordinates(system, strain) * scale])
     state, rebuilds, reallocations, grow = None, 0, 0, 1.0
     programs = None
+    # As in mdsens.relax: a large system's table is sized afresh once the
+    # random start's overlapping clusters have spread (a narrower table, one
+    # more compile).
+    settle = _relax.SETTLE_STEPS if n >= _relax.RESIZE_THRESHOLD else 0
     while True:
         if programs is None:  # a grid for the cell's current stretch (and a new compile)
             at = x if state is None else state.x
@@ -629,7 +689,7 @@ def relax(
             nbrs = table.placeholder(y, capacity, cell_capacity)
             pairs = table.pair_placeholder(table.pair_capacity(y, cell_capacity, grow, deform=f), capacity)
             ref_f, stale = jnp.eye(d, dtype=x.dtype), True
-        until = jnp.asarray(min(int(state.step) + chunk, max_steps), jnp.int32)
+        until = jnp.asarray(min(int(state.step) + (settle or chunk), max_steps), jnp.int32)
         shapes = (nbrs.idx.shape, nbrs.cells.shape, pairs.i.shape)
         t0 = time.perf_counter()
         out, nb, pl, rf, count, regrid, fmax, smax, stalled = programs["advance"](
@@ -664,6 +724,17 @@ def relax(
         done = bool((fmax < ftol) & (smax < ftol))
         if done or bool(stalled) or int(state.step) >= max_steps:
             break
+        if settle:
+            settle = 0
+            y = state.x[:n * d].reshape(n, d)
+            f = programs["deform"](state.x, theta)
+            capacity, cell_capacity = table.capacities(y, deform=f, shrink=True)
+            if capacity < 0.75 * nbrs.idx.shape[1]:
+                pair_capacity = table.pair_capacity(y, cell_capacity, shrink=True, deform=f)
+                nbrs = table.placeholder(y, capacity, cell_capacity)
+                pairs, stale = table.pair_placeholder(pair_capacity, capacity), True
+            else:
+                table._sticky = (nbrs.idx.shape[1], nbrs.cells.shape[1])
     energy_fn = _programs(system, method, ftol, skin, 1)["energy"]
     y = state.x[:n * d].reshape(n, d)
     q = jnp.mod(y / theta["box"], 1.0)
