@@ -182,8 +182,15 @@ def pair_list(idx: Array, n: int, capacity: int) -> PairList:
     upper = valid & (idx > rows)
     lower = valid & (idx < rows)
     width = idx.shape[1]
-    pos = (jnp.cumsum(upper.ravel(), dtype=jnp.int32) - 1).reshape(idx.shape)
-    count = jnp.sum(upper)
+    # A sorted row is its lower entries, then its upper ones, then padding: an
+    # upper entry's rank in the upper part of the table is the upper entries
+    # of the rows before it plus its column less its row's lower count (a
+    # cumsum over N, not over the N K entries: XLA:CPU's cumsum is slow).
+    n_lower = jnp.sum(lower, axis=1, dtype=jnp.int32)
+    n_upper = jnp.sum(upper, axis=1, dtype=jnp.int32)
+    before = jnp.cumsum(n_upper) - n_upper
+    pos = before[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :] - n_lower[:, None]
+    count = before[-1] + n_upper[-1]
     slot = jnp.where(upper, pos, capacity)  # beyond the end: dropped
     # One scatter of the entries' flat positions (padding: entry (0, 0)'s own
     # row, a zero pair), then gathers.
