@@ -28,7 +28,7 @@ grounding is undone exactly through the r + m unknowns (μ, ν = Eᵀ z):
 
 a dense (r + m)-square system. One factorization and the r + m columns ``S⁻¹[T, E]``
 serve every right-hand side: a batch under ``vmap`` is one multi-column solve, and the
-last few factorizations are kept (keyed by a hash of the blocks, the pairs, the rattlers
+last two factorizations are kept (keyed by a hash of the blocks, the pairs, the rattlers
 and the modes), so the ``lax.map`` over tangents of :func:`mdsens.sensitivity.forward_fn`,
 the reverse solve at the same state, or a second ``--wrt`` factor once. The answer is
 then refined by one step against M, which brings the residual to round-off.
@@ -53,8 +53,9 @@ from mdsens.system import Params, System
 
 Array = jax.Array
 
-#: factorizations kept (least recently used dropped first)
-CACHE_SIZE = 4
+#: factorizations kept (least recently used dropped first); each holds its LU factors
+#: (N = 16384 in 2D: ~45 MB)
+CACHE_SIZE = 2
 _CACHE: "collections.OrderedDict[bytes, _Factor]" = collections.OrderedDict()
 _LOCK = threading.Lock()
 #: what the host did, for tests and the benchmark: factorizations, solve calls
@@ -173,7 +174,7 @@ class _Factor:
         import scipy.sparse.linalg as spla
 
         n, d = held.shape[0], k.shape[-1]
-        dtype = np.result_type(k.dtype, np.float32)
+        dtype = np.float64  # also for a float32 run: the host computes in float64, the answer is cast back
         self.held = held.astype(bool)
         nh = int(self.held.sum())
         self.n, self.d, self.nh, self.dtype = n, d, nh, dtype
@@ -198,9 +199,12 @@ class _Factor:
         a.sum_duplicates()
         self.a = a
         # T: an orthonormal basis of the gauge modes on the held coordinates
+        # The gauge keeps a mode whose singular value is above sqrt(eps) of the largest; a
+        # dropped one comes back as round-off, ~eps: cut between the two, at eps^(3/4).
+        cut = float(np.finfo(modes.dtype).eps) ** 0.75
         raw = modes[self.held].reshape(size, -1).astype(np.float64)
         u, sv, _ = np.linalg.svd(raw, full_matrices=False)
-        keep = sv > 1e-10 * (sv.max() if sv.size and sv.max() > 0 else 1.0)
+        keep = sv > cut * (sv.max() if sv.size and sv.max() > 0 else 1.0)
         t = u[:, keep]
         r = t.shape[1]
         # E: one grounded coordinate per mode, where the modes are best conditioned
@@ -269,5 +273,5 @@ class _Factor:
         bh = rows[:, self.held].reshape(rows.shape[0], size).T.astype(self.dtype)
         y = self._held_solve(bh)
         y = y + self._held_solve(bh - self._held_apply(y))  # one refinement step
-        out[:, self.held] = y.T.reshape(rows.shape[0], self.nh, self.d)
+        out[:, self.held] = y.T.reshape(rows.shape[0], self.nh, self.d).astype(out.dtype)
         return out
