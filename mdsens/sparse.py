@@ -19,7 +19,7 @@ M is ``K = Q A Q + T Tᵀ``, so ``x = T Tᵀ b + z`` where z is the solution of 
 bordered system ``A z + T μ = Q b``, ``Tᵀ z = 0``. A is singular (the shifts, and the
 rotations of a free cluster, when no rattler touches a held particle) or nearly so, and
 the bordered system has dense rows, so neither is factored. Instead a few coordinates E
-(one per gauge mode, chosen by pivoted QR of Tᵀ so that ``Eᵀ T`` is well conditioned) are
+(one per gauge mode, the pivots of a QR of Tᵀ with column pivoting, so that ``Eᵀ T`` is well conditioned) are
 grounded: ``S = A + s E Eᵀ`` is sparse and non-singular, SuperLU factors it with a
 symmetric ordering (no pivoting: S is positive definite at a stable minimum), and the
 grounding is undone exactly through the r + m unknowns (μ, ν = Eᵀ z):
@@ -165,6 +165,21 @@ def _factor(k, i, j, held, modes) -> "_Factor":
     return factor
 
 
+def _pins(t: np.ndarray) -> np.ndarray:
+    """One coordinate per column of the orthonormal ``t`` (size, r), where ``Eᵀ t`` is best
+    conditioned: the row pivots of a Gram–Schmidt over the rows of ``t`` (QR with column
+    pivoting of ``tᵀ``), each time the row with the largest remaining norm."""
+    w = np.array(t, dtype=np.float64, copy=True)
+    pins = []
+    for _ in range(t.shape[1]):
+        norms = np.einsum("ij,ij->i", w, w)
+        p = int(np.argmax(norms))
+        pins.append(p)
+        v = w[p] / np.sqrt(norms[p])
+        w -= np.outer(w @ v, v)
+    return np.sort(np.asarray(pins, np.int64))
+
+
 class _Factor:
     """SuperLU of the grounded held–held block, the grounding's correction, the modes."""
 
@@ -207,12 +222,7 @@ class _Factor:
         keep = sv > cut * (sv.max() if sv.size and sv.max() > 0 else 1.0)
         t = u[:, keep]
         r = t.shape[1]
-        # E: one grounded coordinate per mode, where the modes are best conditioned
-        if r:
-            _, _, piv = scipy.linalg.qr(t.T, mode="economic", pivoting=True)
-            pins = np.sort(piv[:r])
-        else:
-            pins = np.zeros(0, np.int64)
+        pins = _pins(t)
         m = pins.size
         diag = a.diagonal()
         s = float(np.mean(np.abs(diag))) if diag.size else 1.0
