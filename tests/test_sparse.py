@@ -169,3 +169,28 @@ def test_cli_run_with_the_sparse_solver_matches_dense(tmp_path):
     _close(got["sensitivity"]["diameter"]["values"]["position"], forward.values["position"])
     grad, _ = sensitivity.gradient(system, q, params, observables.pressure, rattler, dense)
     _close(_flat(got["gradient"]["pressure"]["values"]), _flat(grad))
+
+
+def test_bench_refuses_an_unknown_solver(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--n", "16", "--solver", "lu", "-o", str(tmp_path / "b.json")])
+    assert result.exit_code == 2 and "--solver 'lu'" in result.output
+
+
+@pytest.mark.slow
+def test_bench_with_the_sparse_solver(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("MDSENS_NO_CACHE", "1")
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--n", "16", "--unroll-steps", "10", "--fd-sample", "1", "--repeats", "2",
+                                      "--set", "phi=0.9", "--solver", "sparse", "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    assert report["solver"] == "sparse"
+    implicit_row = row["implicit"]
+    assert "error" not in implicit_row, implicit_row
+    assert implicit_row["reverse_iterations"] == 0 and implicit_row["forward_iterations"] == 0
+    assert implicit_row["reverse_error"] < 1e-9  # against the dense pseudo-inverse reference
+    assert implicit_row["reverse_residual"] < 1e-11 and implicit_row["forward_residual"] < 1e-11
+    assert {"forward_warm_s", "reverse_warm_s"} <= set(implicit_row)
