@@ -115,6 +115,29 @@ def test_one_factorization_serves_a_vmapped_batch_and_the_next_call():
     _close(x2, 2.0 * x)
 
 
+def test_vmap_over_states_factors_each_member():
+    """Batched blocks (an ensemble's members): one factorization per member, in one host call."""
+    system, q, params, rattler = _setup("periodic-2d-rattler")
+    root = sensitivity.optimality(system)
+    gauge = sensitivity.gauge_for(system, rattler)
+    scales = jnp.asarray([1.0, 3.0])  # ε scales H: the members' matrices differ
+    b = jax.random.normal(jax.random.PRNGKey(1), q.shape)
+
+    def member(method):
+        def one(scale):
+            p = dict(params, epsilon=params["epsilon"] * scale)
+            matvec, _ = implicit._operator(root, q, p, gauge, system.hessian_vp)
+            return sensitivity.solver_for(system, q, p, rattler, method)(matvec, b)[0]
+        return jax.jit(jax.vmap(one))
+
+    sparse.clear_cache()
+    before = dict(sparse.STATS)
+    x = member("sparse")(scales)
+    assert sparse.STATS["factorizations"] - before["factorizations"] == 2
+    assert sparse.STATS["calls"] - before["calls"] == 2
+    _close(x, member("dense")(scales))
+
+
 def test_equilibrium_gradient_through_custom_root_transposition():
     """custom_root's symmetric custom_linear_solve transposes the sparse solve for
     reverse mode: jax.grad through equilibrium() equals the dense solve's."""
