@@ -123,23 +123,27 @@ _CORE_RANK = (3, 1, 1, 1, 3, 2)  # k, i, j, held, modes, b
 
 def _host_solve(k, i, j, held, modes, b):
     """Numpy on the host. Arguments may carry leading batch axes (``vmap`` with
-    ``expand_dims``: size 1 where unbatched); each distinct matrix is factored once."""
+    ``expand_dims``, one per level: size 1 where unbatched); each distinct matrix is
+    factored once, and unbatched matrices serve the whole batch in one multi-column solve."""
     args = [np.asarray(a) for a in (k, i, j, held, modes, b)]
-    batch = np.broadcast_shapes(*(a.shape[:a.ndim - r] for a, r in zip(args, _CORE_RANK)))
-    flat = [a.reshape((-1,) + a.shape[a.ndim - r:]) if a.ndim > r else a[None] for a, r in zip(args, _CORE_RANK)]
+    leads = [a.shape[:a.ndim - r] for a, r in zip(args, _CORE_RANK)]
+    batch = np.broadcast_shapes(*leads)
     count = int(np.prod(batch)) if batch else 1
-    rhs = flat[5]
-    out = np.empty((count,) + rhs.shape[1:], rhs.dtype)
-    matrix_batched = any(f.shape[0] > 1 for f in flat[:5])
-    if not matrix_batched:
-        factor = _factor(*(f[0] for f in flat[:5]))
-        rows = np.broadcast_to(rhs, (count,) + rhs.shape[1:])
-        out[:] = factor.solve(rows)
+    core_b = args[5].shape[args[5].ndim - 2:]
+
+    def pick(a, lead, index):  # the entry of ``a`` for the batch index, without copying ``a``
+        offset = len(batch) - len(lead)
+        return a[tuple(index[offset + t] if n > 1 else 0 for t, n in enumerate(lead))]
+
+    if all(int(np.prod(lead)) == 1 for lead in leads[:5]):
+        rhs = np.broadcast_to(args[5], batch + core_b).reshape((count,) + core_b)
+        out = _factor(*(a.reshape(a.shape[len(lead):]) for a, lead in zip(args[:5], leads[:5]))).solve(rhs)
     else:
-        for m in range(count):
-            parts = [f[m if f.shape[0] > 1 else 0] for f in flat[:5]]
-            out[m] = _factor(*parts).solve(rhs[m if rhs.shape[0] > 1 else 0][None])[0]
-    return out.reshape(batch + rhs.shape[1:])
+        out = np.empty((count,) + core_b, args[5].dtype)
+        for m, index in enumerate(np.ndindex(*batch)):
+            parts = [pick(a, lead, index) for a, lead in zip(args[:5], leads[:5])]
+            out[m] = _factor(*parts).solve(pick(args[5], leads[5], index)[None])[0]
+    return out.reshape(batch + core_b)
 
 
 def _factor(k, i, j, held, modes) -> "_Factor":
