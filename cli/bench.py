@@ -48,6 +48,8 @@ def bench(
     ftol: float = typer.Option(1e-10, help="Relaxation force tolerance."),
     rtol: float = typer.Option(1e-10, help="CG relative tolerance of the implicit derivative."),
     preconditioner: str = typer.Option("twolevel", help="CG preconditioner: twolevel, jacobi or none."),
+    solver: str = typer.Option("cg", help="Linear solver of the implicit derivatives: cg (with --preconditioner) "
+                               "or sparse (the Hessian factored on the host; each timed call factors anew)."),
     fd_sample: int = typer.Option(3, help="Diameters differentiated by finite differences (the full gradient time is extrapolated)."),
     fd_ftol: float = typer.Option(1e-12, help="Re-relaxation tolerance of the finite differences."),
     h: float = typer.Option(1e-5, help="Finite-difference step."),
@@ -87,6 +89,8 @@ def bench(
             fail(f"{output} exists; pass --force to overwrite it, or -o another path", EXIT_USAGE)
         if preconditioner not in ("none", "jacobi", "twolevel"):
             fail(f"--preconditioner {preconditioner!r}: choose twolevel, jacobi or none", EXIT_USAGE)
+        if solver not in ("cg", "sparse"):
+            fail(f"--solver {solver!r}: choose cg or sparse", EXIT_USAGE)
         ns = _ints(n, "--n")
         if ensemble is not None:
             from mdsens import bench_ensemble
@@ -115,7 +119,7 @@ def bench(
         report = _bench.run(system, ns, seed, _parse_sets(set_), ftol, rtol, preconditioner, fd_sample, fd_ftol,
                             h, steps, memory_budget_mb, repeats, timeout=timeout,
                             log=lambda m: log(m, quiet), peer=peer,
-                              relax_only=relax_only, polish=polish)
+                              relax_only=relax_only, polish=polish, solver=solver)
         from mdsens.job import device_name, versions
 
         report["device"] = device_name()

@@ -72,7 +72,7 @@ def design(
     minimizer: str = typer.Option("fire", help="Minimizer: fire (FIRE 2.0) or gd."),
     ftol: float = typer.Option(1e-10, help="Each relaxation converges when the largest force is below this."),
     max_steps: int = typer.Option(100_000, help="Steps allowed to each relaxation."),
-    solver: str = typer.Option("cg", help="Linear solver: cg, or dense (small N only)."),
+    solver: str = typer.Option("cg", help="Linear solver: cg; sparse (exact, the Hessian factored on the CPU; fixed box, pays in 2D); or dense (small N only)."),
     rtol: float = typer.Option(1e-10, help="CG relative residual tolerance."),
     preconditioner: str = typer.Option("twolevel", help="CG preconditioner: twolevel, jacobi or none."),
     neighbor_list: Optional[bool] = typer.Option(None, "--neighbor-list/--all-pairs", help="Derivatives over the relaxation table's pairs or over all pairs; default: the table above 64 particles."),

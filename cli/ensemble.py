@@ -40,7 +40,7 @@ def ensemble(
     minimizer: str = typer.Option("fire", help="Minimizer: fire (FIRE 2.0) or gd (gradient descent)."),
     ftol: float = typer.Option(1e-10, help="A member converged when its largest per-particle force is below this (at fixed pressure, and its scaled stress residual too)."),
     max_steps: int = typer.Option(100_000, help="Members still unconverged after this many steps are kept, flagged, without derivatives (exit 3)."),
-    solver: str = typer.Option("cg", help="Linear solver for derivatives: cg, or dense (small N only)."),
+    solver: str = typer.Option("cg", help="Linear solver for derivatives: cg; sparse (exact, the Hessian factored on the CPU, one factorization per member; pays in 2D); or dense (small N only)."),
     rtol: float = typer.Option(1e-10, help="CG relative residual tolerance."),
     preconditioner: str = typer.Option("twolevel", help="CG preconditioner: twolevel, jacobi or none."),
     output: Path = typer.Option(Path("ensemble.h5"), "-o", "--output", help="HDF5 file to write."),

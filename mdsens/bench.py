@@ -6,7 +6,9 @@ scratch file, so every method differentiates the same minimum):
 - ``relax``: FIRE to ``ftol`` (neighbor lists from ``neighbors.AUTO_THRESHOLD``);
 - ``implicit``: forward mode for one parameter (``diameter[0]``) and reverse
   mode for the gradient of the pressure w.r.t. every parameter (all N
-  diameters), preconditioned CG;
+  diameters), preconditioned CG (``solver="cg"``) or the sparse direct solve
+  (``solver="sparse"``, :mod:`mdsens.sparse`: each timed call factors anew,
+  its cache cleared; ``*_warm_s`` is the same call reusing the factorization);
 - ``unrolled``: ``jax.grad`` of P through the same FIRE, unrolled for S steps
   from x₀ (all pairs; skipped with a note when a linear fit of memory vs S,
   measured on short runs, predicts more than the memory budget);
@@ -93,7 +95,7 @@ def _load_state(spec):
     return jnp.asarray(data["q"]), jnp.asarray(data["rattler"]), pairs
 
 
-def _timed(fn, args, repeats):
+def _timed(fn, args, repeats, before=None):
     import jax
 
     start = time.perf_counter()
@@ -101,6 +103,8 @@ def _timed(fn, args, repeats):
     compile_s = time.perf_counter() - start
     times, out = [], None
     for _ in range(repeats):
+        if before is not None:
+            before()
         t = time.perf_counter()
         out = jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t)
@@ -153,18 +157,26 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         out["ok"] = bool(q.shape[0] == system.n)
     elif task in ("implicit", "reference"):
         q, rattler, pairs = _load_state(spec)
-        job = _job.Job(rtol=spec["rtol"] if task == "implicit" else 1e-13,
+        solver = spec.get("solver", "cg") if task == "implicit" else "cg"
+        job = _job.Job(rtol=spec["rtol"] if task == "implicit" else 1e-13, solver=solver,
                        preconditioner=spec["preconditioner"] if task == "implicit" else "none")
         if task == "reference" and system.n <= 256:
             job.solver = "dense"
+        cold = None
+        if solver == "sparse":
+            from mdsens import sparse
+
+            cold = sparse.clear_cache  # every timed call pays its factorization
 
         def solve_of(s_, q_, p_):
             return _job._solver(job, s_, q_, p_, rattler)
 
         fn, extra = _gradient_fn(system, pairs, rattler, solve_of)
-        (grad, info), c, r = _timed(fn, (q, params, *extra), spec["repeats"] if task == "implicit" else 1)
+        (grad, info), c, r = _timed(fn, (q, params, *extra), spec["repeats"] if task == "implicit" else 1, cold)
         out.update(reverse_s=r, reverse_compile_s=c, reverse_iterations=int(info.iterations),
                    reverse_residual=float(info.residual))
+        if cold is not None:
+            out["reverse_warm_s"] = _timed(fn, (q, params, *extra), spec["repeats"])[2]
         np.save(spec["result"], np.asarray(grad["diameter"]))
         if task == "implicit":
             def make(s_):
@@ -174,9 +186,11 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                     return fw(q_, p_)
                 return f
             fn, extra = _job._bind(system, pairs, make)
-            fw, c, r = _timed(fn, (q, params, *extra), spec["repeats"])
+            fw, c, r = _timed(fn, (q, params, *extra), spec["repeats"], cold)
             out.update(forward_s=r, forward_compile_s=c, forward_iterations=int(fw.iterations),
-                       forward_dP_dD0=float(fw.values["pressure"]))
+                       forward_dP_dD0=float(fw.values["pressure"]), forward_residual=float(fw.residual))
+            if cold is not None:
+                out["forward_warm_s"] = _timed(fn, (q, params, *extra), spec["repeats"])[2]
     elif task == "fd":
         q, rattler, pairs = _load_state(spec)
         relax = _relax_fn(spec, system, spec["fd_ftol"])
@@ -318,8 +332,11 @@ def run(
     peer: str | None = None,
     relax_only: bool = False,
     polish: float | None = None,
+    solver: str = "cg",
 ) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-able report (``rows``: one per N).
+    ``solver`` is the implicit derivatives' linear solve: "cg" (with
+    ``preconditioner``) or "sparse" (:mod:`mdsens.sparse`).
     ``peer="lammps"`` adds the LAMMPS relaxation (``row["peer"]``);
     ``relax_only`` skips the derivative methods (relaxation and peer only);
     ``polish`` hands mdsens's relaxation over to Newton steps at that max|F|."""
@@ -327,12 +344,13 @@ def run(
     report: dict[str, Any] = {"system": system, "seed": seed, "overrides": dict(overrides or {}),
                               "ftol": ftol, "rtol": rtol, "preconditioner": preconditioner, "h": h,
                               "fd_ftol": fd_ftol, "memory_budget_mb": memory_budget_mb, "repeats": repeats,
-                              "peer": peer, "relax_only": relax_only, "polish": polish, "rows": []}
+                              "peer": peer, "relax_only": relax_only, "polish": polish, "solver": solver,
+                              "rows": []}
     with tempfile.TemporaryDirectory(prefix="mdsens-bench-") as tmp:
         for n in ns:
             base = {"system": system, "n": n, "seed": seed, "set": dict(overrides or {}), "ftol": ftol,
                     "max_steps": max_steps, "state": os.path.join(tmp, f"state{n}.npz"), "rtol": rtol,
-                    "preconditioner": preconditioner, "repeats": repeats, "polish": polish}
+                    "preconditioner": preconditioner, "repeats": repeats, "polish": polish, "solver": solver}
             row: dict[str, Any] = {"n": n, "notes": []}
             log(f"N={n}: relax")
             relax = _spawn({**base, "task": "relax"}, timeout)

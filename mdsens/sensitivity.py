@@ -81,7 +81,7 @@ def gauge_for(system: System, rattler: Array | None = None) -> implicit.Gauge:
     return build
 
 
-SOLVERS = ("cg", "dense")
+SOLVERS = ("cg", "dense", "sparse")
 
 
 def solver_for(
@@ -91,9 +91,10 @@ def solver_for(
     """The linear solve of the implicit derivatives at the relaxed state ``(q, θ)``:
     ``method`` "cg" (preconditioned by ``preconditioner``: "twolevel" —
     block-Jacobi plus a coarse correction, fewest iterations — "jacobi" or
-    "none", assembled here from the pair Hessian blocks) or "dense" (exact,
-    small N). ``rattler`` (N,) bool: detected from the contacts at ``q`` when
-    None. The one place that turns solver options into a solve: ``mdsens run``,
+    "none", assembled here from the pair Hessian blocks), "dense" (exact,
+    small N) or "sparse" (exact: the Hessian assembled from the pair blocks and
+    factored on the host, :mod:`mdsens.sparse`). ``rattler`` (N,) bool: detected
+    from the contacts at ``q`` when None. The one place that turns solver options into a solve: ``mdsens run``,
     ``ensemble``, ``design``, :func:`equilibrium` and the elastic moduli
     (:func:`solving`) all come here."""
     from mdsens import linsolve, precondition
@@ -104,8 +105,15 @@ def solver_for(
                          f"{' or '.join(precondition.PRECONDITIONERS)}")
     if method == "dense":
         return linsolve.dense()
-    if method != "cg":
-        raise UsageError(f"unknown linear solver {method!r}: choose 'cg' or 'dense'")
+    if method not in SOLVERS:
+        raise UsageError(f"unknown linear solver {method!r}: choose {', '.join(SOLVERS)}")
+    if method == "sparse":
+        from mdsens import sparse
+
+        q = jax.lax.stop_gradient(q)
+        if rattler is None:
+            rattler = observables.rattlers(system, q, jax.lax.stop_gradient(params))
+        return sparse.solver(system, q, params, rattler, gauge_for(system, rattler)(q, params))
     precond = None
     if preconditioner != "none":
         q = jax.lax.stop_gradient(q)

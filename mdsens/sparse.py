@@ -1,0 +1,291 @@
+"""Sparse direct solve of the gauge-fixed Hessian: assembled from the pair blocks, factored once.
+
+The CG path (:mod:`mdsens.linsolve`) never forms the Hessian. This module does:
+``H = Σ_pairs (e_i − e_j)(e_i − e_j)ᵀ ⊗ K_ij`` in solver coordinates (the blocks
+``L K L`` of :meth:`mdsens.system.System.pair_hessians`, so fractional coordinates
+in a periodic box are already accounted for) as a ``scipy.sparse`` matrix, inside a
+``jax.pure_callback``, and solves the engine's system
+
+    M = P H P + (I − P),    P = D_held − T Tᵀ,
+
+exactly (to round-off), for every gauge of that form: :func:`mdsens.gauge.translations`
+(T the held particles' uniform shifts) and :func:`mdsens.gauge.rigid_body` (shifts and
+rotations), D_held the diagonal that zeroes rattler rows.
+
+The algebra. On the rattlers' coordinates M is the identity, so ``x = b`` there. On the
+held ones, with A the held–held block of H (rattler rows and columns removed; a held
+particle keeps the diagonal term of its contacts with rattlers) and Q = I − T Tᵀ,
+M is ``K = Q A Q + T Tᵀ``, so ``x = T Tᵀ b + z`` where z is the solution of the
+bordered system ``A z + T μ = Q b``, ``Tᵀ z = 0``. A is singular (the shifts, and the
+rotations of a free cluster, when no rattler touches a held particle) or nearly so, and
+the bordered system has dense rows, so neither is factored. Instead a few coordinates E
+(one per gauge mode, the pivots of a QR of Tᵀ with column pivoting, so that ``Eᵀ T`` is well conditioned) are
+grounded: ``S = A + s E Eᵀ`` is sparse and non-singular, SuperLU factors it with a
+symmetric ordering (no pivoting: S is positive definite at a stable minimum), and the
+grounding is undone exactly through the r + m unknowns (μ, ν = Eᵀ z):
+
+    z = S⁻¹Q b − S⁻¹T μ + s S⁻¹E ν,    Tᵀ z = 0,    Eᵀ z = ν,
+
+a dense (r + m)-square system. One factorization and the r + m columns ``S⁻¹[T, E]``
+serve every right-hand side: a batch under ``vmap`` is one multi-column solve, and the
+last two factorizations are kept (keyed by a hash of the blocks, the pairs, the rattlers
+and the modes), so the ``lax.map`` over tangents of :func:`mdsens.sensitivity.forward_fn`,
+the reverse solve at the same state, or a second ``--wrt`` factor once. The answer is
+then refined by one step against M, which brings the residual to round-off.
+
+It is a host (CPU) computation: on an accelerator the callback copies the blocks to the
+host and back. The JAX CG path stays the one for accelerators.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import threading
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mdsens import linsolve
+from mdsens.system import Params, System
+
+Array = jax.Array
+
+#: factorizations kept (least recently used dropped first); each holds its LU factors
+#: (N = 16384 in 2D: ~45 MB)
+CACHE_SIZE = 2
+_CACHE: "collections.OrderedDict[bytes, _Factor]" = collections.OrderedDict()
+_LOCK = threading.Lock()
+#: what the host did, for tests and the benchmark: factorizations, solve calls
+STATS = {"factorizations": 0, "calls": 0, "hits": 0}
+
+
+def clear_cache() -> None:
+    """Forget every kept factorization (the benchmark times a cold solve this way)."""
+    with _LOCK:
+        _CACHE.clear()
+
+
+def null_modes(system: System, q: Array, params: Params, rattler: Array,
+               project: Callable[[Array], Array]) -> Array:
+    """(N, d, g): the gauge's null space as ``(I − P) g`` of the rigid motions ``g``
+    (the d shifts; in free space also the d(d−1)/2 rotations), unit-normalised first.
+
+    Built with the engine's own projector, so the modes the solve removes are the ones
+    ``P`` removes (a degenerate rotation that the gauge dropped comes out as zero and is
+    dropped again here)."""
+    n, d = system.n, system.dim
+    dtype = q.dtype
+    held = (~rattler).astype(dtype)[:, None]
+    gens = [held * jnp.zeros((n, d), dtype).at[:, k].set(1.0) for k in range(d)]
+    if not system.periodic:
+        x = system.to_real(q, params)
+        centered = held * (x - jnp.sum(held * x, axis=0) / jnp.maximum(jnp.sum(held), 1.0))
+        for a in range(d):
+            for c in range(a + 1, d):
+                gens.append(jnp.zeros((n, d), dtype).at[:, a].set(-centered[:, c]).at[:, c].set(centered[:, a]))
+    out = []
+    for g in gens:
+        norm = jnp.linalg.norm(g)
+        g = g / jnp.where(norm > 0, norm, 1.0)
+        out.append(g - project(g))
+    return jnp.stack(out, axis=-1)
+
+
+def solver(system: System, q: Array, params: Params, rattler: Array,
+           project: Callable[[Array], Array]) -> Callable[[Callable[[Array], Array], Array], tuple[Array, linsolve.SolveInfo]]:
+    """The sparse direct solve at ``(q, θ)``: ``solve(matvec, b) -> (x, SolveInfo)``
+    like :func:`mdsens.linsolve.cg`. ``matvec`` (the engine's M) is used only for the
+    reported true residual; ``project`` is the gauge ``P`` that M was built with.
+    ``iterations`` is 0; ``converged`` says the answer is finite."""
+    q, params = jax.lax.stop_gradient(q), jax.lax.stop_gradient(params)
+    k, i, j = system.pair_hessians(q, params)
+    modes = null_modes(system, q, params, rattler, project)
+    held = ~jnp.asarray(rattler)
+    i, j = i.astype(jnp.int32), j.astype(jnp.int32)
+
+    def solve(matvec: Callable[[Array], Array], b: Array) -> tuple[Array, linsolve.SolveInfo]:
+        x = jax.pure_callback(_host_solve, jax.ShapeDtypeStruct(b.shape, b.dtype),
+                              k.astype(b.dtype), i, j, held, modes.astype(b.dtype), b, vmap_method="expand_dims")
+        info = linsolve.SolveInfo(jnp.asarray(0, jnp.int32), linsolve._true_residual(matvec, x, b),
+                                  jnp.all(jnp.isfinite(x)))
+        return x, info
+
+    return solve
+
+
+# -- host side ------------------------------------------------------------------------------
+
+_CORE_RANK = (3, 1, 1, 1, 3, 2)  # k, i, j, held, modes, b
+
+
+def _host_solve(k, i, j, held, modes, b):
+    """Numpy on the host. Arguments may carry leading batch axes (``vmap`` with
+    ``expand_dims``, one per level: size 1 where unbatched); each distinct matrix is
+    factored once, and unbatched matrices serve the whole batch in one multi-column solve."""
+    args = [np.asarray(a) for a in (k, i, j, held, modes, b)]
+    leads = [a.shape[:a.ndim - r] for a, r in zip(args, _CORE_RANK)]
+    batch = np.broadcast_shapes(*leads)
+    count = int(np.prod(batch)) if batch else 1
+    core_b = args[5].shape[args[5].ndim - 2:]
+
+    def pick(a, lead, index):  # the entry of ``a`` for the batch index, without copying ``a``
+        offset = len(batch) - len(lead)
+        return a[tuple(index[offset + t] if n > 1 else 0 for t, n in enumerate(lead))]
+
+    if all(int(np.prod(lead)) == 1 for lead in leads[:5]):
+        rhs = np.broadcast_to(args[5], batch + core_b).reshape((count,) + core_b)
+        out = _factor(*(a.reshape(a.shape[len(lead):]) for a, lead in zip(args[:5], leads[:5]))).solve(rhs)
+    else:
+        out = np.empty((count,) + core_b, args[5].dtype)
+        for m, index in enumerate(np.ndindex(*batch)):
+            parts = [pick(a, lead, index) for a, lead in zip(args[:5], leads[:5])]
+            out[m] = _factor(*parts).solve(pick(args[5], leads[5], index)[None])[0]
+    return out.reshape(batch + core_b)
+
+
+def _factor(k, i, j, held, modes) -> "_Factor":
+    h = hashlib.blake2b(digest_size=20)
+    for a in (k, i, j, held, modes):
+        a = np.ascontiguousarray(a)
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.data)
+    key = h.digest()
+    with _LOCK:
+        STATS["calls"] += 1
+        found = _CACHE.get(key)
+        if found is not None:
+            _CACHE.move_to_end(key)
+            STATS["hits"] += 1
+            return found
+    factor = _Factor(k, i, j, held, modes)
+    with _LOCK:
+        STATS["factorizations"] += 1
+        _CACHE[key] = factor
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return factor
+
+
+def _pins(t: np.ndarray) -> np.ndarray:
+    """One coordinate per column of the orthonormal ``t`` (size, r), where ``Eᵀ t`` is best
+    conditioned: the row pivots of a Gram–Schmidt over the rows of ``t`` (QR with column
+    pivoting of ``tᵀ``), each time the row with the largest remaining norm."""
+    w = np.array(t, dtype=np.float64, copy=True)
+    pins = []
+    for _ in range(t.shape[1]):
+        norms = np.einsum("ij,ij->i", w, w)
+        p = int(np.argmax(norms))
+        pins.append(p)
+        v = w[p] / np.sqrt(norms[p])
+        w -= np.outer(w @ v, v)
+    return np.sort(np.asarray(pins, np.int64))
+
+
+class _Factor:
+    """SuperLU of the grounded held–held block, the grounding's correction, the modes."""
+
+    def __init__(self, k, i, j, held, modes):
+        import scipy.linalg
+        import scipy.sparse as sp
+        import scipy.sparse.linalg as spla
+
+        n, d = held.shape[0], k.shape[-1]
+        dtype = np.float64  # also for a float32 run: the host computes in float64, the answer is cast back
+        self.held = held.astype(bool)
+        nh = int(self.held.sum())
+        self.n, self.d, self.nh, self.dtype = n, d, nh, dtype
+        index = np.full(n + 1, -1, np.int64)
+        index[np.flatnonzero(self.held)] = np.arange(nh)
+        size = nh * d
+        self.failed = False
+        if nh == 0:  # every particle a rattler: M is the identity
+            return
+        # A: the held-held block, without pairs whose block vanishes (beyond the cutoff, padding)
+        live = np.any(k != 0, axis=(1, 2))
+        k, ii, jj = k[live], index[i[live]], index[j[live]]
+        hi, hj = ii >= 0, jj >= 0
+        both = hi & hj
+        blocks = np.concatenate([k[hi], k[hj], -k[both], -np.swapaxes(k[both], 1, 2)])
+        br = np.concatenate([ii[hi], jj[hj], ii[both], jj[both]])
+        bc = np.concatenate([ii[hi], jj[hj], jj[both], ii[both]])
+        ar = np.arange(d)
+        rows = np.broadcast_to(br[:, None, None] * d + ar[None, :, None], blocks.shape).ravel()
+        cols = np.broadcast_to(bc[:, None, None] * d + ar[None, None, :], blocks.shape).ravel()
+        a = sp.csc_matrix((blocks.ravel().astype(dtype), (rows, cols)), shape=(size, size))
+        a.sum_duplicates()
+        self.a = a
+        # T: an orthonormal basis of the gauge modes on the held coordinates
+        # The gauge keeps a mode whose singular value is above sqrt(eps) of the largest; a
+        # dropped one comes back as round-off, ~eps: cut between the two, at eps^(3/4).
+        cut = float(np.finfo(modes.dtype).eps) ** 0.75
+        raw = modes[self.held].reshape(size, -1).astype(np.float64)
+        u, sv, _ = np.linalg.svd(raw, full_matrices=False)
+        keep = sv > cut * (sv.max() if sv.size and sv.max() > 0 else 1.0)
+        t = u[:, keep]
+        r = t.shape[1]
+        pins = _pins(t)
+        m = pins.size
+        diag = a.diagonal()
+        s = float(np.mean(np.abs(diag))) if diag.size else 1.0
+        s = s if s > 0 and np.isfinite(s) else 1.0
+        grounded = a + sp.csc_matrix((np.full(m, s, dtype), (pins, pins)), shape=(size, size))
+        try:
+            lu = spla.splu(grounded.tocsc(), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                           options={"SymmetricMode": True})
+        except RuntimeError:
+            try:  # not positive definite (a saddle, a floppy network): partial pivoting
+                lu = spla.splu(grounded.tocsc(), permc_spec="MMD_AT_PLUS_A")
+            except RuntimeError:
+                self.failed = True
+                return
+        e = np.zeros((size, m), dtype)
+        e[pins, np.arange(m)] = 1.0
+        y = lu.solve(np.concatenate([t.astype(dtype), e], axis=1)) if r + m else np.zeros((size, 0), dtype)
+        yt, ye = y[:, :r], y[:, r:]
+        small = np.block([[t.T @ yt, -s * (t.T @ ye)], [yt[pins], np.eye(m) - s * ye[pins]]])
+        self.lu, self.t, self.pins, self.s, self.yt, self.ye, self.r = lu, t.astype(dtype), pins, s, yt, ye, r
+        try:
+            self.small = scipy.linalg.lu_factor(small) if r + m else None
+            self.failed = not np.all(np.isfinite(small))
+        except (ValueError, np.linalg.LinAlgError):
+            self.failed = True
+
+    def _held_solve(self, bh: np.ndarray) -> np.ndarray:
+        """``K⁻¹ bh`` for columns bh (size, nrhs), K = Q A Q + T Tᵀ."""
+        import scipy.linalg
+
+        t = self.t
+        coef = t.T @ bh
+        qb = bh - t @ coef
+        z0 = self.lu.solve(np.ascontiguousarray(qb))
+        if self.small is not None:
+            rhs = np.concatenate([t.T @ z0, z0[self.pins]], axis=0)
+            mu_nu = scipy.linalg.lu_solve(self.small, rhs)
+            z0 = z0 - self.yt @ mu_nu[:self.r] + self.s * (self.ye @ mu_nu[self.r:])
+        return t @ coef + z0
+
+    def _held_apply(self, y: np.ndarray) -> np.ndarray:
+        """``K y`` (size, nrhs)."""
+        t = self.t
+        ty = t.T @ y
+        qy = y - t @ ty
+        aqy = self.a @ qy
+        return aqy - t @ (t.T @ aqy) + t @ ty
+
+    def solve(self, rows: np.ndarray) -> np.ndarray:
+        """``M⁻¹ b`` for each ``b`` in ``rows`` (nrhs, N, d)."""
+        out = np.array(rows, dtype=rows.dtype, copy=True)
+        if self.failed:
+            out[...] = np.nan
+            return out
+        if self.nh == 0:
+            return out
+        size = self.nh * self.d
+        bh = rows[:, self.held].reshape(rows.shape[0], size).T.astype(self.dtype)
+        y = self._held_solve(bh)
+        y = y + self._held_solve(bh - self._held_apply(y))  # one refinement step
+        out[:, self.held] = y.T.reshape(rows.shape[0], self.nh, self.d).astype(out.dtype)
+        return out

@@ -1,0 +1,219 @@
+"""The sparse direct solve (`--solver sparse`, mdsens/sparse.py): the same answers as the dense
+exact solve of the gauge-fixed M, forward and reverse, under jit, vmap and custom_root's
+transposition; one factorization per state; the command line."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mdsens import implicit, io, sensitivity, sparse
+from mdsens.cli import app
+
+from helpers import relaxed
+
+# (the relaxed states are shared with other test files: same helpers.relaxed keys)
+CASES = {
+    "periodic-2d-rattler": ("bidisperse", dict(seed=1, n=32, dim=2, phi=0.86)),
+    "periodic-3d": ("polydisperse", dict(n=32, dim=3, phi=0.7, spread=0.2)),
+    "free-cluster": ("morse_cluster", dict(n=13)),
+}
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(np.asarray(tree[k])) for k in sorted(tree)])
+
+
+def _close(a, b, tol=1e-9):
+    """max|a − b| ≤ tol · max|b| over the whole result (a gradient entry that is
+    round-off, such as dE/dε of a random cotangent, is not judged on its own)."""
+    a, b = np.ravel(np.asarray(a)), np.ravel(np.asarray(b))
+    scale = float(np.max(np.abs(b)))
+    assert scale > 0
+    assert float(np.max(np.abs(a - b))) <= tol * scale, float(np.max(np.abs(a - b))) / scale
+
+
+def _setup(case, extra_rattler=False):
+    family, config = CASES[case]
+    system, q, params, rattler = relaxed(family, **config)
+    params = {k: jnp.array(np.asarray(v)) for k, v in params.items()}
+    if extra_rattler:
+        # A particle with contacts declared a rattler: its contacts then ground the held
+        # particles it touches, so the held translations are no null modes of the held
+        # block any more: the general case of the gauge algebra.
+        rattler = rattler.at[int(jnp.argmin(rattler))].set(True)
+    return system, q, params, rattler
+
+
+_COMPARE = {}
+
+
+def _compare(system):
+    """One compiled program per system (the rattler mask an argument): the tangent, the
+    cotangent and a plain solve of M, by the sparse and by the dense solve."""
+    if system not in _COMPARE:
+        root = sensitivity.optimality(system)
+
+        @jax.jit
+        def run(q, params, rattler, dp, x_bar):
+            gauge = sensitivity.gauge_for(system, rattler)
+            matvec, _ = implicit._operator(root, q, params, gauge, system.hessian_vp)
+            out = {}
+            for method in ("sparse", "dense"):
+                solve = sensitivity.solver_for(system, q, params, rattler, method)
+                u, u_info = implicit.tangent(root, q, params, dp, solve, gauge, hvp=system.hessian_vp)
+                g, g_info = implicit.cotangent(root, q, params, x_bar, solve, gauge, hvp=system.hessian_vp)
+                x, _ = solve(matvec, x_bar)
+                out[method] = (u, u_info, g, g_info, x)
+            return out
+
+        _COMPARE[system] = run
+    return _COMPARE[system]
+
+
+@pytest.mark.parametrize("extra_rattler", [False, True], ids=["", "touching-rattler"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sparse_equals_dense_forward_and_reverse(case, extra_rattler):
+    system, q, params, rattler = _setup(case, extra_rattler)
+    if case == "periodic-2d-rattler":
+        assert bool(jnp.any(rattler)), "the case is meant to hold a rattler"
+    name = "diameter" if "diameter" in params else sorted(params)[0]
+    dp = {k: jnp.zeros_like(v) for k, v in params.items()}
+    dp[name] = jnp.ones_like(params[name])
+    # a reverse cotangent (and a plain right-hand side) has components along the null
+    # space, rattler rows included: P must be applied to it
+    x_bar = jax.random.normal(jax.random.PRNGKey(3), q.shape)
+    out = _compare(system)(q, params, rattler, dp, x_bar)
+    (u, u_info, g, g_info, x), (u_ref, _, g_ref, _, x_ref) = out["sparse"], out["dense"]
+    _close(u, u_ref)
+    _close(_flat(g), _flat(g_ref))
+    _close(x, x_ref)
+    for info in (u_info, g_info):
+        assert float(info.residual) < 1e-11 and bool(info.converged) and int(info.iterations) == 0
+
+
+def test_one_factorization_serves_a_vmapped_batch_and_the_next_call():
+    system, q, params, rattler = _setup("periodic-2d-rattler")
+    root = sensitivity.optimality(system)
+    gauge = sensitivity.gauge_for(system, rattler)
+    matvec, _ = implicit._operator(root, q, params, gauge, system.hessian_vp)
+    solve = sensitivity.solver_for(system, q, params, rattler, "sparse")
+    dense_solve = sensitivity.solver_for(system, q, params, rattler, "dense")
+    b = jax.random.normal(jax.random.PRNGKey(0), (5,) + q.shape)
+    sparse.clear_cache()
+    before = dict(sparse.STATS)
+    batched = jax.jit(jax.vmap(lambda v: solve(matvec, v)))
+    x, info = batched(b)
+    assert sparse.STATS["factorizations"] - before["factorizations"] == 1
+    assert sparse.STATS["calls"] - before["calls"] == 1  # the whole batch in one host call
+    _close(x, jax.vmap(lambda v: dense_solve(matvec, v)[0])(b))
+    assert info.residual.shape == (5,) and float(jnp.max(info.residual)) < 1e-11
+    # another right-hand side at the same state: the kept factorization
+    x2, _ = batched(2.0 * b)
+    assert sparse.STATS["factorizations"] - before["factorizations"] == 1
+    _close(x2, 2.0 * x)
+
+
+def test_vmap_over_states_factors_each_member():
+    """Batched blocks (an ensemble's members): one factorization per member, in one host call."""
+    system, q, params, rattler = _setup("periodic-2d-rattler")
+    root = sensitivity.optimality(system)
+    gauge = sensitivity.gauge_for(system, rattler)
+    scales = jnp.asarray([1.0, 3.0])  # ε scales H: the members' matrices differ
+    b = jax.random.normal(jax.random.PRNGKey(1), q.shape)
+
+    def member(method):
+        def one(scale):
+            p = dict(params, epsilon=params["epsilon"] * scale)
+            matvec, _ = implicit._operator(root, q, p, gauge, system.hessian_vp)
+            return sensitivity.solver_for(system, q, p, rattler, method)(matvec, b)[0]
+        return jax.jit(jax.vmap(one))
+
+    sparse.clear_cache()
+    before = dict(sparse.STATS)
+    x = member("sparse")(scales)
+    assert sparse.STATS["factorizations"] - before["factorizations"] == 2
+    assert sparse.STATS["calls"] - before["calls"] == 2
+    _close(x, member("dense")(scales))
+
+
+def test_equilibrium_gradient_through_custom_root_transposition():
+    """custom_root's symmetric custom_linear_solve transposes the sparse solve for
+    reverse mode: jax.grad through equilibrium() equals the dense solve's."""
+    system, q, params, rattler = _setup("periodic-2d-rattler")
+
+    def loss(solve_at):
+        def f(p):
+            eq = implicit.custom_root(sensitivity.optimality(system), gauge=sensitivity.gauge_for(system, rattler),
+                                      hvp=system.hessian_vp, solve_at=solve_at)(lambda q0, p_: q0)
+            q_star = eq(q, p)
+            return jnp.sum(jnp.sin(7.0 * q_star))
+        return f
+
+    def at(method):
+        return lambda q_, p_: sensitivity.solver_for(system, q_, p_, rattler, method)
+
+    g = jax.jit(jax.grad(loss(at("sparse"))))(params)
+    g_ref = jax.grad(loss(at("dense")))(params)
+    _close(_flat(g), _flat(g_ref))
+
+
+def test_unknown_solver_names_the_choices():
+    from mdsens.systems import UsageError
+
+    system, q, params, rattler = _setup("free-cluster")
+    with pytest.raises(UsageError, match="sparse"):
+        sensitivity.solver_for(system, q, params, rattler, "lu")
+
+
+def test_cli_run_with_the_sparse_solver_matches_dense(tmp_path):
+    from mdsens import linsolve, observables, systems
+
+    out = tmp_path / "sparse.h5"
+    sparse.clear_cache()
+    before = sparse.STATS["factorizations"]
+    result = CliRunner().invoke(app, ["run", "--set", "n=16", "--set", "phi=0.95", "--seed", "1", "--wrt", "diameter",
+                                      "--grad", "pressure", "--solver", "sparse", "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    got = io.read(out)
+    assert got["meta"]["linear_solver"] == "sparse"
+    # two tangents (lax.map) and the reverse solve at one state: one factorization
+    assert sparse.STATS["factorizations"] - before == 1
+    assert float(np.max(got["sensitivity"]["diameter"]["residual"])) < 1e-11
+    assert float(np.max(got["gradient"]["pressure"]["residual"])) < 1e-11
+    # the same derivatives at the file's state by the dense exact solve
+    system = systems.get("bidisperse").build(n=16, phi=0.95, seed=1)
+    params = {k: jnp.asarray(v) for k, v in got["parameters"].items()}
+    q = system.to_solver(jnp.asarray(got["positions"]), params)
+    rattler = jnp.asarray(got["rattler"])
+    dense = linsolve.dense()
+    forward = sensitivity.forward(system, q, params, "diameter", {}, rattler, dense)
+    _close(got["sensitivity"]["diameter"]["values"]["position"], forward.values["position"])
+    grad, _ = sensitivity.gradient(system, q, params, observables.pressure, rattler, dense)
+    _close(_flat(got["gradient"]["pressure"]["values"]), _flat(grad))
+
+
+def test_bench_refuses_an_unknown_solver(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--n", "16", "--solver", "lu", "-o", str(tmp_path / "b.json")])
+    assert result.exit_code == 2 and "--solver 'lu'" in result.output
+
+
+@pytest.mark.slow
+def test_bench_with_the_sparse_solver(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("MDSENS_NO_CACHE", "1")
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--n", "16", "--unroll-steps", "10", "--fd-sample", "1", "--repeats", "2",
+                                      "--set", "phi=0.9", "--solver", "sparse", "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    assert report["solver"] == "sparse"
+    implicit_row = row["implicit"]
+    assert "error" not in implicit_row, implicit_row
+    assert implicit_row["reverse_iterations"] == 0 and implicit_row["forward_iterations"] == 0
+    assert implicit_row["reverse_error"] < 1e-9  # against the dense pseudo-inverse reference
+    assert implicit_row["reverse_residual"] < 1e-11 and implicit_row["forward_residual"] < 1e-11
+    assert {"forward_warm_s", "reverse_warm_s"} <= set(implicit_row)
