@@ -1012,7 +1012,7 @@ def record_box(system: CellSystem, params: Params) -> np.ndarray:
 def execute(job, system: CellSystem, observe: dict, wrts: list, progress=None, wall: float | None = None):
     """``mdsens run`` for a system built with ``pressure``: relax the enthalpy
     (:func:`relax`), then every requested derivative at fixed pressure
-    (:func:`forward_fn`, :func:`gradient_fn`; CG without preconditioner, or
+    (:func:`forward_fn`, :func:`gradient_fn`; CG preconditioned by :func:`solver_for`, or
     dense). Called by :func:`mdsens.job.execute` after :func:`mdsens.job.prepare`."""
     from mdsens import job as _job
     from mdsens import observables
