@@ -18,9 +18,12 @@ The relaxed state minimises the enthalpy
 
 so the root condition is ``∇_(q,u) H = 0`` (u the box-dof coordinates of U).
 Its Jacobian is the Hessian of H, symmetric, so the implicit function
-theorem of :mod:`mdsens.implicit` applies unchanged to the concatenated
-vector ``z = (q.ravel(), u)``; the gauge removes the translations (and the
-rattlers) from the q part only. The target pressure is an ordinary
+theorem of :mod:`mdsens.implicit` applies to the root variable, the pytree
+``z = (q, u)`` (:func:`state`); the gauge removes the translations (and the
+rattlers) from q only (:func:`mdsens.gauge.on`), and the Hessian product is
+assembled (:func:`hessian_vp`: the pair blocks on q, the strain blocks from k
+jvps taken once). The flat vector ``(q.ravel(), u)`` (:func:`pack`) remains
+for the dense Newton polish and the design loop. The target pressure is an ordinary
 parameter ``θ["pressure"]``: ``dφ/dP`` is a forward derivative like any other.
 
 Convergence: ``max_i |F_i| < ftol`` (real-space forces) and every relaxed
@@ -209,21 +212,33 @@ def coordinates(system: CellSystem, strain: Array) -> Array:
     return jnp.tensordot(basis, strain, axes=([1, 2], [0, 1])) / jnp.sum(basis**2, axis=(1, 2))
 
 
+def state(system: CellSystem, q: Array, params: Params) -> tuple[Array, Array]:
+    """``z = (q, u)``, the root variable of the derivatives: positions (N, d)
+    and box-dof coordinates (k,), a pytree."""
+    return q, coordinates(system, params["strain"])
+
+
 def pack(system: CellSystem, q: Array, params: Params) -> Array:
-    """``z = (q.ravel(), u)``, the root variable."""
+    """``z = (q.ravel(), u)``, the root variable as one flat vector (the dense
+    Newton polish, the design loop)."""
     return jnp.concatenate([q.ravel(), coordinates(system, params["strain"])])
 
 
-def unpack(system: CellSystem, z: Array, theta: Params) -> tuple[Array, dict[str, Array]]:
-    """``(q, params)`` from ``z`` and θ (params = θ plus the strain of z)."""
+def unpack(system: CellSystem, z: Array | tuple[Array, Array], theta: Params) -> tuple[Array, dict[str, Array]]:
+    """``(q, params)`` from ``z`` (the pair ``(q, u)`` or the flat vector) and
+    θ (params = θ plus the strain of z)."""
     n, d = system.n, system.dim
-    basis = jnp.asarray(strain_basis(d, system.box_dof), z.dtype)
-    strain = jnp.tensordot(z[n * d:], basis, axes=1)
-    return z[:n * d].reshape(n, d), {**theta, "strain": strain}
+    if isinstance(z, tuple):
+        q, u = z
+    else:
+        q, u = z[:n * d].reshape(n, d), z[n * d:]
+    basis = jnp.asarray(strain_basis(d, system.box_dof), u.dtype)
+    strain = jnp.tensordot(u, basis, axes=1)
+    return q, {**theta, "strain": strain}
 
 
 def enthalpy(system: CellSystem) -> Callable[[Array, Params], Array]:
-    """``H(z, θ) = E + P V`` over the root variable z."""
+    """``H(z, θ) = E + P V`` over the root variable z (pair or flat)."""
 
     def fn(z: Array, theta: Params) -> Array:
         q, params = unpack(system, z, theta)
@@ -233,19 +248,68 @@ def enthalpy(system: CellSystem) -> Callable[[Array, Params], Array]:
 
 
 def optimality(system: CellSystem) -> Callable[[Array, Params], Array]:
-    """The root function ``∇_z H(z, θ)``."""
+    """The root function ``∇_z H(z, θ)`` (shaped like z)."""
     return jax.grad(enthalpy(system))
 
 
 def gauge_for(system: CellSystem, rattler: Array) -> implicit.Gauge:
-    """Translations and rattlers removed from the q part of z; the box dofs kept."""
+    """Translations and rattlers removed from the q part of z; the box dofs kept.
+    The projector takes z as the pair ``(q, u)`` or as the flat vector."""
     n, d = system.n, system.dim
     translations = _gauge.translations(rattler)
+    on_pair = _gauge.on(0, translations)
 
-    def project(z: Array) -> Array:
+    def project(z):
+        if isinstance(z, tuple):
+            return on_pair(z)
         return jnp.concatenate([translations(z[:n * d].reshape(n, d)).ravel(), z[n * d:]])
 
     return lambda z, theta: project
+
+
+def strain_columns(system: CellSystem, z: tuple[Array, Array], theta: Params) -> tuple[Array, Array]:
+    """The Hessian of H along the box dofs, ``∂(∇_z H)/∂u_k`` for each of the k
+    box dofs at ``z = (q, u)``: ``(H_qu (k, N, d), H_uu (k, k))``. k jvps of
+    ``∇_z H`` (k ≤ d(d+1)/2), differentiable in z and θ."""
+    root_fn = optimality(system)
+    q, u = z
+    units = jnp.eye(u.size, dtype=u.dtype)
+    return jax.vmap(lambda e: jax.jvp(lambda u_: root_fn((q, u_), theta), (u,), (e,))[1])(units)
+
+
+def hessian_vp(system: CellSystem) -> implicit.HVP:
+    """``(z, θ) -> (v ↦ ∇²_z H v)`` for ``z = (q, u)``, assembled: the qq block
+    by the pair blocks of :meth:`CellSystem.pair_hessians` (``System.hessian_vp``
+    at the relaxed cell; ``P V`` does not depend on q), the qu, uq and uu
+    blocks from :func:`strain_columns`, taken once per operator (uq as the
+    transpose of qu, uu symmetrised, so the product is exactly symmetric).
+    Equal to ``jvp(∇_z H)`` (tested); per product it costs the fixed-box
+    assembled product plus O(N d k)."""
+
+    def hvp(z: tuple[Array, Array], theta: Params) -> Callable[[tuple[Array, Array]], tuple[Array, Array]]:
+        q, params = unpack(system, z, theta)
+        qq = system.hessian_vp(q, params)
+        qu, uu = strain_columns(system, z, theta)
+        uu = 0.5 * (uu + uu.T)
+
+        def matvec(v: tuple[Array, Array]) -> tuple[Array, Array]:
+            vq, vu = v
+            return (qq(vq) + jnp.tensordot(vu, qu, axes=1),
+                    jnp.tensordot(qu, vq, axes=([1, 2], [0, 1])) + uu @ vu)
+
+        return matvec
+
+    return hvp
+
+
+def custom_root(system: CellSystem, rattler: Array, solve: implicit.Solve | None = None,
+                solve_at: Callable | None = None) -> Callable:
+    """:func:`mdsens.implicit.custom_root` at fixed pressure: decorates any
+    ``solver(z0, θ) -> z*`` over ``z = (q, u)`` (θ without the strain) with the
+    root ``∇_z H``, the gauge :func:`gauge_for` and the assembled
+    :func:`hessian_vp`."""
+    return implicit.custom_root(optimality(system), solve=solve, gauge=gauge_for(system, rattler),
+                                hvp=hessian_vp(system), solve_at=solve_at)
 
 
 def stress_residual(system: CellSystem, q: Array, params: Params) -> Array:
@@ -1009,9 +1073,9 @@ def newton_polish(system: CellSystem, q: Array, params: Params, rattler: Array, 
 
 
 def preconditioner_for(system: CellSystem, q: Array, params: Params, rattler: Array,
-                       kind: str = "twolevel") -> Callable[[Array], Array]:
-    """A preconditioner for the gauge-fixed Hessian of H over ``z = (q, u)``:
-    block-diagonal, ``blockdiag(B_q, H_uu⁻¹)``. ``B_q`` is the fixed-box
+                       kind: str = "twolevel") -> Callable[[tuple[Array, Array]], tuple[Array, Array]]:
+    """A preconditioner for the gauge-fixed Hessian of H over ``z = (q, u)``
+    (the pair, :func:`state`): block-diagonal, ``blockdiag(B_q, H_uu⁻¹)``. ``B_q`` is the fixed-box
     preconditioner (:mod:`mdsens.precondition`, ``kind`` "jacobi" or
     "twolevel") on the position block, whose Hessian ∂²E/∂q² at the relaxed cell
     is the one :meth:`CellSystem.pair_hessians` assembles, in the translations'
@@ -1023,7 +1087,6 @@ def preconditioner_for(system: CellSystem, q: Array, params: Params, rattler: Ar
     from mdsens import precondition
 
     q, params = jax.lax.stop_gradient(q), jax.lax.stop_gradient(params)
-    n, d = system.n, system.dim
     project_q = _gauge.translations(rattler)
     if kind == "jacobi":
         position = precondition.block_jacobi(system, q, params, project_q)
@@ -1032,24 +1095,22 @@ def preconditioner_for(system: CellSystem, q: Array, params: Params, rattler: Ar
     else:
         raise ValueError(f"unknown preconditioner {kind!r}: choose jacobi or twolevel (or none: no preconditioner)")
     theta, _ = split(params)
-    z = pack(system, q, params)
-    root_fn = optimality(system)
-    k = z.size - n * d
-    units = jnp.zeros((k, z.size), z.dtype).at[jnp.arange(k), n * d + jnp.arange(k)].set(1.0)
-    block = jax.vmap(lambda v: jax.jvp(lambda y: root_fn(y, theta), (z,), (v,))[1][n * d:])(units)
+    _, block = strain_columns(system, state(system, q, params), theta)
     strain_inverse = precondition.block_inverse(0.5 * (block + block.T)[None])[0]
 
-    def apply(r: Array) -> Array:
-        return jnp.concatenate([position(r[:n * d].reshape(n, d)).ravel(), strain_inverse @ r[n * d:]])
+    def apply(r: tuple[Array, Array]) -> tuple[Array, Array]:
+        rq, ru = r
+        return position(rq), strain_inverse @ ru
 
     return apply
 
 
 def solver_for(system: CellSystem, q: Array, params: Params, rattler: Array, method: str = "cg",
                rtol: float = 1e-10, preconditioner: str = "twolevel") -> implicit.Solve:
-    """The linear solve of the fixed-pressure derivatives at ``(q*, θ)``: CG
-    preconditioned by :func:`preconditioner_for` ("twolevel", "jacobi"), plain
-    CG ("none"), or the dense reference ("dense", small N)."""
+    """The linear solve of the fixed-pressure derivatives at ``(q*, θ)``, on the
+    pair ``z = (q, u)``: CG preconditioned by :func:`preconditioner_for`
+    ("twolevel", "jacobi"), plain CG ("none"), or the dense reference ("dense",
+    small N)."""
     if method == "dense":
         return linsolve.dense()
     if method != "cg":
@@ -1089,15 +1150,16 @@ def forward_fn(
         raise ValueError("strain is the relaxed state at fixed pressure, not a parameter")
     root_fn = optimality(system)
     gauge = gauge_for(system, rattler)
+    hvp = hessian_vp(system)
     outputs = _outputs(system, observe)
 
     def run(q: Array, params: Params):
         theta, _ = split(dict(params))
-        z = pack(system, q, params)
+        z = state(system, q, params)
         tangents, shape = unit_tangents(theta, name, index)
 
         def one(dtheta):
-            dz, info = implicit.tangent(root_fn, z, theta, dtheta, solve, gauge)
+            dz, info = implicit.tangent(root_fn, z, theta, dtheta, solve, gauge, hvp)
             _, out = jax.jvp(outputs, (z, theta), (dz, dtheta))
             return out, info
 
@@ -1113,17 +1175,18 @@ def gradient_fn(system: CellSystem, observable: Observable, rattler: Array, solv
     θ excludes the state ``strain``."""
     root_fn = optimality(system)
     gauge = gauge_for(system, rattler)
+    hvp = hessian_vp(system)
 
     def run(q: Array, params: Params):
         theta, _ = split(dict(params))
-        z = pack(system, q, params)
+        z = state(system, q, params)
 
         def value(z_, theta_):
             q_, p_ = unpack(system, z_, theta_)
             return observable(system, q_, p_)
 
         g_z, g_theta = jax.grad(value, argnums=(0, 1))(z, theta)
-        implicit_part, info = implicit.cotangent(root_fn, z, theta, g_z, solve, gauge)
+        implicit_part, info = implicit.cotangent(root_fn, z, theta, g_z, solve, gauge, hvp)
         return jax.tree_util.tree_map(jnp.add, g_theta, implicit_part), info
 
     return run
@@ -1195,7 +1258,7 @@ def record_box(system: CellSystem, params: Params) -> np.ndarray:
 def execute(job, system: CellSystem, observe: dict, wrts: list, progress=None, wall: float | None = None):
     """``mdsens run`` for a system built with ``pressure``: relax the enthalpy
     (:func:`relax`), then every requested derivative at fixed pressure
-    (:func:`forward_fn`, :func:`gradient_fn`; CG without preconditioner, or
+    (:func:`forward_fn`, :func:`gradient_fn`; CG preconditioned by :func:`solver_for`, or
     dense). Called by :func:`mdsens.job.execute` after :func:`mdsens.job.prepare`."""
     from mdsens import job as _job
     from mdsens import observables

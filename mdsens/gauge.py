@@ -6,7 +6,9 @@ too few contacts to be held) contributes ``d`` more. mdsens fixes the gauge by
 giving derivatives no component along these modes: the center of mass of the
 held particles stays put, rattlers stay put, a free cluster does not rotate.
 Each function returns ``P``: an orthogonal (symmetric, idempotent) projector on
-``(N, d)`` arrays, the ``gauge`` that :mod:`mdsens.implicit` expects.
+``(N, d)`` arrays, the ``gauge`` that :mod:`mdsens.implicit` expects;
+:func:`on` lifts one to a root variable that is a pytree with the positions
+as one entry.
 """
 
 from __future__ import annotations
@@ -88,3 +90,23 @@ def rigid_body(x: Array, rattler: Array) -> Callable[[Array], Array]:
         return flat.reshape(v.shape)
 
     return project
+
+
+def on(part, project: Callable[[Array], Array]) -> Callable:
+    """``project`` applied to entry ``part`` of a pytree root variable, the
+    identity on every other entry: the gauge of a root over more than the
+    positions (at fixed pressure ``(q, u)``, the translations act on ``q``
+    only). The root is a tuple or list (``part`` an index) or a dict (a key);
+    a projector on one entry and the identity on the others is again an
+    orthogonal projector."""
+
+    def apply(tree):
+        if isinstance(tree, dict):
+            return {**tree, part: project(tree[part])}
+        out = list(tree)
+        out[part] = project(tree[part])
+        if isinstance(tree, list):
+            return out
+        return type(tree)(*out) if hasattr(tree, "_fields") else type(tree)(out)
+
+    return apply

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdsens import implicit, linsolve, minimize, observables, sensitivity
+from mdsens import gauge, implicit, linsolve, minimize, observables, sensitivity
 from helpers import relative_error, relaxed
 
 # Small packings: 2D and 3D, compressed enough to have no rattlers at these seeds.
@@ -205,3 +205,197 @@ def test_batched_tangents_vmap_equals_map():
         # Same CG per tangent; vmap only batches it: agreement to round-off.
         assert relative_error(b.values[key], a.values[key]) < 1e-10
     np.testing.assert_array_equal(np.asarray(a.iterations), np.asarray(b.iterations))
+
+
+# -- a root variable that is a pytree ------------------------------------------------------
+#
+# A toy energy over {"a": (N, d) positions, "b": (k,) extra dofs}, quadratic in the
+# state with θ-dependent loads: E = ½ xᵀ A x − ⟨a, f(θ)⟩ − ⟨b, g(θ)⟩, x = (a, b),
+# A positive definite off the d uniform translations of a (a spring network on a,
+# a translation-free coupling a–b, an SPD block on b). The minimum is x* = A⁺(f, g)
+# in the gauge (mean of a fixed), so dx*/dθ = A⁺ (∂f/∂θ, ∂g/∂θ): the reference is
+# that closed form, built in NumPy from the matrices and the hand-written load
+# derivatives below, not from the engine.
+
+TOY_N, TOY_D, TOY_K = 7, 2, 3
+
+
+def _toy():
+    rng = np.random.default_rng(5)
+    n, d, k = TOY_N, TOY_D, TOY_K
+    laplacian = np.zeros((n, n))
+    edges = [(i, (i + 1) % n) for i in range(n)] + [(0, 3), (2, 5), (1, 4)]
+    for i, j in edges:
+        w = rng.uniform(0.5, 2.0)
+        laplacian[[i, j], [i, j]] += w
+        laplacian[i, j] -= w
+        laplacian[j, i] -= w
+    aa = np.kron(laplacian, np.eye(d))  # rows ordered (particle, component): a.ravel()
+    center = np.kron(np.eye(n) - 1.0 / n, np.eye(d))
+    ab = 0.3 * center @ rng.normal(size=(n * d, k))  # translation-free coupling
+    bb = 4.0 * np.eye(k) + 0.2 * (lambda m: m @ m.T)(rng.normal(size=(k, k)))
+    matrix = np.block([[aa, ab], [ab.T, bb]])
+    # The gauge as a dense projector: remove the mean of a, keep b.
+    projector = np.eye(n * d + k)
+    projector[:n * d, :n * d] = center
+    return matrix, projector
+
+
+def _loads(theta):
+    """f(θ) (N, d) and g(θ) (k,): nonlinear in θ = {"s": (), "w": (N,), "c": (k,)}."""
+    i = jnp.arange(TOY_N, dtype=float)
+    f = jnp.stack([theta["s"] * jnp.sin(theta["w"] * (i + 1)), theta["s"] ** 2 * jnp.cos(i) * theta["w"]], axis=1)
+    g = theta["c"] ** 3 + theta["s"]
+    return f, g
+
+
+def _load_jacobian(theta):
+    """∂(f.ravel(), g)/∂θ by hand, as a dict name -> (N d + k, size of θ[name])."""
+    n, k = TOY_N, TOY_K
+    s, w, c = float(theta["s"]), np.asarray(theta["w"]), np.asarray(theta["c"])
+    i = np.arange(n, dtype=float)
+    ds = np.concatenate([np.stack([np.sin(w * (i + 1)), 2 * s * np.cos(i) * w], axis=1).ravel(), np.ones(k)])
+    dw = np.zeros((n, 2, n))
+    dw[np.arange(n), 0, np.arange(n)] = s * np.cos(w * (i + 1)) * (i + 1)
+    dw[np.arange(n), 1, np.arange(n)] = s**2 * np.cos(i)
+    dc = np.zeros((n * 2 + k, k))
+    dc[n * 2:, :] = np.diag(3 * c**2)
+    return {"s": ds[:, None], "w": np.concatenate([dw.reshape(n * 2, n), np.zeros((k, n))]), "c": dc}
+
+
+def _toy_problem(hvp=False, solve=None):
+    matrix, projector = _toy()
+    a_mat = jnp.asarray(matrix)
+    nd = TOY_N * TOY_D
+
+    def energy(x, theta):
+        flat = jnp.concatenate([x["a"].ravel(), x["b"]])
+        f, g = _loads(theta)
+        return 0.5 * flat @ a_mat @ flat - jnp.vdot(x["a"], f) - jnp.vdot(x["b"], g)
+
+    def translations(a):
+        return a - jnp.mean(a, axis=0)
+
+    gauge_fn = lambda x, theta: gauge.on("a", translations)  # noqa: E731
+
+    def assembled(x, theta):  # the exact Hessian product, as a pytree map
+        def matvec(v):
+            out = a_mat @ jnp.concatenate([v["a"].ravel(), v["b"]])
+            return {"a": out[:nd].reshape(TOY_N, TOY_D), "b": out[nd:]}
+        return matvec
+
+    optimality = jax.grad(energy)
+
+    @implicit.custom_root(optimality, solve=solve, gauge=gauge_fn, hvp=assembled if hvp else None)
+    def root(init, theta):  # the minimum, solved densely in the gauge (never differentiated)
+        f, g = _loads(theta)
+        p = jnp.asarray(projector)
+        m = p @ a_mat @ p + (jnp.eye(p.shape[0]) - p)
+        flat = jnp.linalg.solve(m, p @ jnp.concatenate([f.ravel(), g]))
+        return {"a": flat[:nd].reshape(TOY_N, TOY_D), "b": flat[nd:]}
+
+    return root, optimality, gauge_fn, matrix, projector
+
+
+def _toy_theta():
+    return {"s": jnp.asarray(0.7), "w": jnp.linspace(0.3, 1.1, TOY_N), "c": jnp.asarray([0.5, -0.4, 0.9])}
+
+
+def _toy_jacobian(theta):
+    """dx*/dθ in closed form: P M⁻¹ P ∂(f, g)/∂θ, M = P A P + (I − P) (NumPy)."""
+    matrix, projector = _toy()
+    m = projector @ matrix @ projector + np.eye(len(matrix)) - projector
+    return {name: projector @ np.linalg.solve(m, projector @ jac) for name, jac in _load_jacobian(theta).items()}
+
+
+def _flat(x):
+    return np.concatenate([np.asarray(x["a"]).ravel(), np.asarray(x["b"])])
+
+
+@pytest.mark.parametrize("hvp", [False, True], ids=["jvp", "assembled"])
+def test_pytree_root_forward_reverse_against_the_closed_form(hvp):
+    """custom_root over {"a": (N, d), "b": (k,)}: jvp and vjp equal the closed-form
+    Jacobian, are transposes, and the gauge acts on "a" only."""
+    root, _, _, _, projector = _toy_problem(hvp=hvp, solve=linsolve.cg(rtol=1e-13))
+    theta = _toy_theta()
+    init = {"a": jnp.zeros((TOY_N, TOY_D)), "b": jnp.zeros(TOY_K)}
+    jac = _toy_jacobian(theta)
+    direction = {"s": jnp.asarray(0.4), "w": jnp.linspace(-1.0, 1.0, TOY_N), "c": jnp.asarray([1.0, 0.2, -0.7])}
+    expected = sum(jac[k] @ np.atleast_1d(np.asarray(direction[k])) for k in jac)
+
+    x, dx = jax.jit(lambda t, v: jax.jvp(lambda t_: root(init, t_), (t,), (v,)))(theta, direction)
+    assert set(dx) == {"a", "b"} and dx["a"].shape == (TOY_N, TOY_D) and dx["b"].shape == (TOY_K,)
+    assert relative_error(_flat(dx), expected) < 1e-10
+    assert float(jnp.max(jnp.abs(jnp.mean(dx["a"], axis=0)))) < 1e-13  # the gauge on "a"
+    assert float(jnp.max(jnp.abs(dx["b"]))) > 1e-2  # and "b" is not projected away
+
+    # Reverse: a cotangent with a translation component on "a" (the gauge removes it).
+    key_a, key_b = jax.random.split(jax.random.PRNGKey(2))
+    w = {"a": jax.random.normal(key_a, (TOY_N, TOY_D)) + 0.5, "b": jax.random.normal(key_b, (TOY_K,))}
+    (theta_bar,) = jax.jit(lambda t, w_: jax.vjp(lambda t_: root(init, t_), t)[1](w_))(theta, w)
+    for name in jac:
+        np.testing.assert_allclose(np.atleast_1d(np.asarray(theta_bar[name])), jac[name].T @ _flat(w),
+                                   rtol=1e-10, atol=1e-12)
+    lhs = float(np.dot(_flat(w), _flat(dx)))
+    rhs = sum(float(jnp.vdot(theta_bar[k], direction[k])) for k in theta)
+    assert abs(lhs - rhs) < 1e-10 * abs(lhs)
+
+
+def test_pytree_root_vmap_jacfwd_and_explicit_tangent_cotangent():
+    root, optimality, gauge_fn, _, _ = _toy_problem(hvp=True)
+    theta = _toy_theta()
+    init = {"a": jnp.zeros((TOY_N, TOY_D)), "b": jnp.zeros(TOY_K)}
+    jac = _toy_jacobian(theta)
+
+    # vmap over a batch of s values: each member's dx*/ds against its own closed form.
+    batch = jnp.asarray([0.3, 0.7, 1.2])
+    dxs = jax.jit(jax.vmap(lambda s: jax.jvp(lambda s_: root(init, dict(theta, s=s_)), (s,), (1.0,))[1]))(batch)
+    assert dxs["a"].shape == (3, TOY_N, TOY_D)
+    for m, s in enumerate(np.asarray(batch)):
+        ref = _toy_jacobian(dict(theta, s=jnp.asarray(s)))["s"][:, 0]
+        assert relative_error(_flat({"a": dxs["a"][m], "b": dxs["b"][m]}), ref) < 1e-9
+
+    # jacfwd in w: a pytree of Jacobians, leaf shapes + (N,)
+    jw = jax.jit(jax.jacfwd(lambda w_: root(init, dict(theta, w=w_))))(theta["w"])
+    assert jw["a"].shape == (TOY_N, TOY_D, TOY_N) and jw["b"].shape == (TOY_K, TOY_N)
+    flat = np.concatenate([np.asarray(jw["a"]).reshape(-1, TOY_N), np.asarray(jw["b"])])
+    assert relative_error(flat, jac["w"]) < 1e-9
+
+    # tangent / cotangent directly, CG against the dense (ravelled) solve
+    x = root(init, theta)
+    dtheta = {"s": jnp.asarray(1.0), "w": jnp.zeros(TOY_N), "c": jnp.zeros(TOY_K)}
+
+    @jax.jit
+    def tangents(x_, t_):
+        return (implicit.tangent(optimality, x_, t_, dtheta, linsolve.cg(rtol=1e-13), gauge_fn),
+                implicit.tangent(optimality, x_, t_, dtheta, linsolve.dense(), gauge_fn))
+
+    (u_cg, info), (u_dense, dense_info) = tangents(x, theta)
+    assert int(info.iterations) > 0 and float(info.residual) < 1e-12 and bool(info.converged)
+    assert float(dense_info.residual) < 1e-12
+    assert relative_error(_flat(u_cg), jac["s"][:, 0]) < 1e-10
+    assert relative_error(_flat(u_dense), jac["s"][:, 0]) < 1e-12
+    w = {"a": jnp.ones((TOY_N, TOY_D)).at[0, 1].set(3.0), "b": jnp.asarray([1.0, 0.0, -2.0])}
+    bar, _ = jax.jit(lambda x_, t_: implicit.cotangent(optimality, x_, t_, w, linsolve.dense(), gauge_fn))(x, theta)
+    np.testing.assert_allclose(np.asarray(bar["c"]), jac["c"].T @ _flat(w), rtol=1e-11, atol=1e-13)
+
+
+def test_cg_on_a_tuple_equals_the_dense_solution():
+    """linsolve.cg on a pytree (tuple) right-hand side: inner products over the
+    leaves; the same solution as NumPy on the flattened system; zero b returns zero."""
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(9, 9))
+    m = m @ m.T + 9 * np.eye(9)
+    mat = jnp.asarray(m)
+
+    def matvec(v):
+        out = mat @ jnp.concatenate([v[0].ravel(), v[1]])
+        return out[:6].reshape(3, 2), out[6:]
+
+    b = (jnp.asarray(rng.normal(size=(3, 2))), jnp.asarray(rng.normal(size=3)))
+    x, info = jax.jit(lambda b_: linsolve.cg(rtol=1e-13)(matvec, b_))(b)
+    expected = np.linalg.solve(m, np.concatenate([np.asarray(b[0]).ravel(), np.asarray(b[1])]))
+    np.testing.assert_allclose(np.concatenate([np.asarray(x[0]).ravel(), np.asarray(x[1])]), expected, rtol=1e-11)
+    assert isinstance(x, tuple) and x[0].shape == (3, 2) and float(info.residual) < 1e-12
+    zero, zinfo = linsolve.cg()(matvec, (jnp.zeros((3, 2)), jnp.zeros(3)))
+    assert int(zinfo.iterations) == 0 and float(jnp.max(jnp.abs(zero[0]))) == 0.0

@@ -242,6 +242,105 @@ def test_preconditioned_solves_match_central_differences(kind):
     assert float(info.residual) < 1e-11
 
 
+def _dense_reference(reference, rattler):
+    """The gauge-fixed dense system of the test's own enthalpy: ``(M, P, ∇²H)``
+    with ``M = P ∇²H P + (I − P)`` over the flat ``z = (q, box dofs)``."""
+    size = reference.z.size
+    nd = reference.n * reference.dim
+    held = np.repeat(~np.asarray(rattler), reference.dim).astype(float)
+    count = held.sum() / reference.dim
+    p = np.diag(np.concatenate([held, np.ones(size - nd)]))
+    for k in range(reference.dim):
+        mode = np.zeros(size)
+        mode[k:nd:reference.dim] = held[k::reference.dim] / np.sqrt(count)
+        p -= np.outer(mode, mode)
+    hessian = np.asarray(jax.jit(jax.jacfwd(reference.grad))(reference.z, reference.theta))
+    return p @ hessian @ p + np.eye(size) - p, p, hessian
+
+
+def test_pytree_derivatives_equal_a_dense_solve():
+    """The derivatives over the pair (q, u) — CG on the assembled product
+    (pair blocks on q, strain columns by jvp), preconditioned block-diagonally —
+    equal a dense solve of the test's own enthalpy Hessian: the Hessian product
+    itself, forward in P through every output, reverse dφ/dθ (every θ), and
+    barostat.custom_root under jvp (P) and vjp (every θ; the diameter tangent of
+    the reference is the one it is checked against)."""
+    system, q, params, rattler = relaxed(*FAST)
+    reference = Reference(system, q, params, rattler)
+    m, p, hessian = _dense_reference(reference, rattler)
+    theta = reference.theta
+    nd = system.n * system.dim
+    z = barostat.state(system, q, params)
+    assert isinstance(z, tuple) and z[0].shape == q.shape and z[1].shape == (3,)
+    np.testing.assert_allclose(np.concatenate([np.asarray(z[0]).ravel(), z[1]]), reference.z, atol=1e-15)
+    unit = {}
+    for name, index in [("pressure", ()), ("diameter", (1,))]:
+        unit[name] = {k: jnp.zeros_like(x) for k, x in theta.items()}
+        unit[name][name] = unit[name][name].at[index].set(1.0)
+    v = jax.random.normal(jax.random.PRNGKey(4), (reference.z.size,))
+    cotangent = (jax.random.normal(jax.random.PRNGKey(5), q.shape), jnp.asarray([1.0, -0.5, 2.0]))
+
+    # -- the reference: dense solves with the test's own enthalpy
+    @jax.jit
+    def reference_parts(z_flat, theta_):
+        d_grad = {name: jax.jvp(lambda t: reference.grad(z_flat, t), (theta_,), (d,))[1] for name, d in unit.items()}
+        phi = lambda z_, t_: reference.observe(z_, t_)["packing_fraction"]  # noqa: E731
+        g_z, g_theta = jax.grad(phi, argnums=(0, 1))(z_flat, theta_)
+        return d_grad, g_z, g_theta, jax.vjp(lambda t: reference.grad(z_flat, t), theta_)[1]
+
+    d_grad, g_z, g_theta, pull = reference_parts(reference.z, theta)
+    dense_dz = {name: p @ np.linalg.solve(m, -p @ np.asarray(d_grad[name])) for name in unit}
+    observed = jax.jit(lambda dz_, d_: jax.jvp(reference.observe, (reference.z, theta), (dz_, d_))[1])
+    (implicit_part,) = pull(jnp.asarray(-(p @ np.linalg.solve(m, p @ np.asarray(g_z)))))
+    expected_grad = {k: np.asarray(g_theta[k] + implicit_part[k]) for k in theta}
+
+    # -- the engine, one program
+    @barostat.custom_root(system, rattler, solve=linsolve.cg(rtol=1e-12))
+    def root(z0, theta_):  # the solver returns the relaxed state (never differentiated)
+        return z0
+
+    @jax.jit
+    def engine(q_, params_, v_):
+        z_ = barostat.state(system, q_, params_)
+        theta_, _ = barostat.split(params_)
+        hv = barostat.hessian_vp(system)(z_, theta_)(v_)
+        # block-Jacobi on q (the two-level one is checked against differences above)
+        solve = barostat.solver_for(system, q_, params_, rattler, "cg", 1e-12, "jacobi")
+        forwards = {"pressure": barostat.forward_fn(system, "pressure", OBSERVE, rattler, solve)(q_, params_)}
+        grad = barostat.gradient_fn(system, observables.packing_fraction, rattler, solve)(q_, params_)
+        dz = jax.jvp(lambda t: root(z_, t), (theta_,), (unit["pressure"],))[1]
+        (bar,) = jax.vjp(lambda t: root(z_, t), theta_)[1](cotangent)
+        return hv, forwards, grad, dz, bar
+
+    hv, forwards, (grad, _), dz, bar = engine(q, params, (v[:nd].reshape(q.shape), v[nd:]))
+
+    # The assembled product over (q, u) is the reference Hessian.
+    hv_ref = hessian @ np.asarray(v)
+    np.testing.assert_allclose(np.concatenate([np.asarray(hv[0]).ravel(), hv[1]]), hv_ref,
+                               rtol=1e-10, atol=1e-12 * float(np.max(np.abs(hv_ref))))
+    for name in forwards:
+        expected = observed(jnp.asarray(dense_dz[name]), unit[name])
+        for key, value in expected.items():
+            _compare_tight(forwards[name].values[key], np.asarray(value), (name, key))
+        assert float(forwards[name].residual) < 1e-11
+    scale = max(float(np.max(np.abs(x))) for x in expected_grad.values())
+    for k in theta:
+        np.testing.assert_allclose(grad[k], expected_grad[k], rtol=1e-8, atol=1e-9 * scale)
+    flat = np.concatenate([np.asarray(dz[0]).ravel(), dz[1]])
+    assert float(np.max(np.abs(flat - dense_dz["pressure"]))) < 1e-8 * float(np.max(np.abs(dense_dz["pressure"])))
+    c_flat = np.concatenate([np.asarray(cotangent[0]).ravel(), cotangent[1]])
+    for name in unit:  # vjp of the root against the dense tangent: <c, dz/dθ_name>
+        lhs = float(np.dot(c_flat, dense_dz[name]))
+        got = float(np.asarray(bar[name])[(1,) if name == "diameter" else ()])
+        assert abs(got - lhs) < 1e-8 * abs(lhs), (name, got, lhs)
+
+
+def _compare_tight(got, expected, what):
+    """Two exact solves of one system (CG at rtol 1e-12, dense LU): ~1e-10 relative."""
+    scale = max(float(np.max(np.abs(expected))), 1e-12)
+    assert float(np.max(np.abs(np.asarray(got) - expected))) / scale < 1e-8, (what, got, expected)
+
+
 @pytest.mark.parametrize("dim, box_dof, n", CASES)
 def test_relaxed_pressure_equals_the_target(dim, box_dof, n):
     system, q, params, _ = relaxed(dim, box_dof, n)
