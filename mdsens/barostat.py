@@ -1272,7 +1272,7 @@ def execute(job, system: CellSystem, observe: dict, wrts: list, progress=None, w
     if job.polish is not None or job.checkpoint is not None or job.resume is not None:
         raise UsageError("--polish, --checkpoint and --resume are not available at fixed pressure yet")
     if job.solver not in ("cg", "dense"):
-        raise UsageError(f"unknown linear solver {job.solver!r}: choose 'cg' or 'dense'")
+        raise UsageError(f"--solver {job.solver!r} is not available at fixed pressure: choose 'cg' or 'dense'")
     observe = default_observables(job, system, observe)
     timings = {"compile_s": 0.0, "relax_s": 0.0, "derivative_s": 0.0}
 

@@ -167,7 +167,8 @@ def _solver(job: Job, system: System | None = None, q: jax.Array | None = None, 
             raise UsageError(f"unknown preconditioner {job.preconditioner!r}: choose "
                              f"{' or '.join(precondition.PRECONDITIONERS)}")
         if job.solver not in sensitivity.SOLVERS:
-            raise UsageError(f"unknown linear solver {job.solver!r}: choose 'cg' or 'dense'")
+            raise UsageError(f"unknown linear solver {job.solver!r}: choose "
+                             f"{' or '.join(repr(s) for s in sensitivity.SOLVERS)}")
         return None
     return sensitivity.solver_for(system, q, params, rattler, job.solver, job.rtol, job.preconditioner)
 

@@ -118,6 +118,7 @@ def test_float32_coarse_space_drops_the_translation_modes():
     assert relative_error(np.asarray(applied, np.float64), reference) < 1e-4
 
 
+@pytest.mark.slow  # long (over a minute on 2 cores); `pytest -m slow`
 @pytest.mark.parametrize("family,config,name", [
     ("bidisperse", dict(n=128, dim=2, phi=0.9), "diameter"),   # periodic, 4 coarse cells
     ("morse_cluster", dict(n=7, dim=2), "sigma"),              # free space, 2D rotations
@@ -192,6 +193,7 @@ def test_contact_number_builds_no_n_by_n_matrix_on_a_neighbor_list():
 # -- 3. units follow the potential ----------------------------------------------
 
 
+@pytest.mark.slow  # long (over a minute on 2 cores); `pytest -m slow`
 def test_from_file_morse_units(tmp_path):
     source = tmp_path / "dimer.h5"
     first = execute(Job(system="morse_cluster", overrides={"n": "3", "dim": "2"}, wrt=["alpha"]))
@@ -286,6 +288,7 @@ def test_fixed_point_equals_root_with_cg_and_with_hvp():
 # -- 6. finite_difference: each element separately by default -----------------------
 
 
+@pytest.mark.slow  # long (over a minute on 2 cores); `pytest -m slow`
 def test_finite_difference_default_is_each_element_like_forward():
     system, q, params, rattler = relaxed("bidisperse", seed=1, n=16, dim=2, phi=0.95)
     observe = {"energy": observables.energy}

@@ -145,6 +145,7 @@ def test_devices_and_processes_agree_with_one(batch, tmp_path):
                                    rtol=1e-12)
 
 
+@pytest.mark.slow  # long (over a minute on 2 cores); `pytest -m slow`
 def test_unconverged_members_are_kept_and_flagged(tmp_path):
     out = tmp_path / "short.h5"
     res = runner.invoke(app, ["ensemble", "--set", "n=16", "--seeds", "0:2", "--max-steps", "20", "-o", str(out)])

@@ -258,6 +258,7 @@ def _dense_reference(reference, rattler):
     return p @ hessian @ p + np.eye(size) - p, p, hessian
 
 
+@pytest.mark.slow  # long (over a minute on 2 cores); `pytest -m slow`
 def test_pytree_derivatives_equal_a_dense_solve():
     """The derivatives over the pair (q, u) — CG on the assembled product
     (pair blocks on q, strain columns by jvp), preconditioned block-diagonally —
