@@ -64,6 +64,7 @@ def _dimer(axis, dtype):
     return system, jnp.asarray(x, dtype), params, axis
 
 
+@pytest.mark.slow  # long (over a minute on 2 cores); `pytest -m slow`
 def test_float32_morse_dimer_derivative_is_exact():
     """Morse dimer: distance = σ, so each particle moves ±½ along the axis per
     unit σ and |dx*/dσ| = 1/√2, for any orientation. In float32 a spurious
@@ -171,6 +172,7 @@ def _shapes(jaxpr) -> set[tuple[int, ...]]:
     return found
 
 
+@pytest.mark.slow  # long (over a minute on 2 cores); `pytest -m slow`
 def test_contact_number_builds_no_n_by_n_matrix_on_a_neighbor_list():
     system, q, params, rattler = relaxed("polydisperse", n=32, dim=2, phi=0.9, spread=0.2)
     listed = system.with_pairs(jnp.asarray(system.interacting_pairs(q, params, margin=0.2)))

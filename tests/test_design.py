@@ -59,6 +59,7 @@ def poly16():
     return system, q, params, rattler, Reference(system, q, params, rattler)
 
 
+@pytest.mark.slow  # long (over a minute on 2 cores); `pytest -m slow`
 def test_poisson_ratio_value_and_forward_derivative(poly16):
     system, q, params, rattler, reference = poly16
     c = observables.elastic_tensor(system, q, params)
