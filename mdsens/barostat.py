@@ -735,6 +735,15 @@ def relax(
     # random start's overlapping clusters have spread (a narrower table, one
     # more compile).
     settle = _relax.SETTLE_STEPS if n >= _relax.RESIZE_THRESHOLD else 0
+
+    def sized(grow, shrink=False):
+        """An empty table and pair list sized at the current state (built in the chunk)."""
+        y = state.x[:n * d].reshape(n, d)
+        f = programs["deform"](state.x, theta)
+        capacity, cell_capacity = table.capacities(y, grow, shrink, deform=f)
+        return (table.placeholder(y, capacity, cell_capacity),
+                table.pair_placeholder(table.pair_capacity(y, cell_capacity, grow, shrink, deform=f), capacity))
+
     while True:
         if programs is None:  # a grid for the cell's current stretch (and a new compile)
             at = x if state is None else state.x
@@ -747,11 +756,7 @@ def relax(
             table = programs["table"]
             if state is None:
                 state = programs["mini"].blank(x)
-            y = state.x[:n * d].reshape(n, d)
-            f = programs["deform"](state.x, theta)
-            capacity, cell_capacity = table.capacities(y, grow, deform=f)
-            nbrs = table.placeholder(y, capacity, cell_capacity)
-            pairs = table.pair_placeholder(table.pair_capacity(y, cell_capacity, grow, deform=f), capacity)
+            nbrs, pairs = sized(grow)
             ref_f, stale = jnp.eye(d, dtype=x.dtype), True
         until = jnp.asarray(min(int(state.step) + (settle or chunk), max_steps), jnp.int32)
         shapes = (nbrs.idx.shape, nbrs.cells.shape, pairs.i.shape)
@@ -774,12 +779,7 @@ def relax(
             if reallocations > 20:
                 raise RuntimeError("neighbor table overflowed 20 times; giving up")
             grow = 1.5 ** reallocations
-            y = state.x[:n * d].reshape(n, d)
-            f = programs["deform"](state.x, theta)
-            capacity, cell_capacity = table.capacities(y, grow, deform=f)
-            nbrs = table.placeholder(y, capacity, cell_capacity)
-            pairs = table.pair_placeholder(table.pair_capacity(y, cell_capacity, grow, deform=f), capacity)
-            stale = True
+            (nbrs, pairs), stale = sized(grow), True
             continue
         state, nbrs, pairs, ref_f, stale = out, nb, pl, rf, False
         rebuilds += int(count)
@@ -790,15 +790,12 @@ def relax(
             break
         if settle:
             settle = 0
-            y = state.x[:n * d].reshape(n, d)
-            f = programs["deform"](state.x, theta)
-            capacity, cell_capacity = table.capacities(y, deform=f, shrink=True)
-            if capacity < 0.75 * nbrs.idx.shape[1]:
-                pair_capacity = table.pair_capacity(y, cell_capacity, shrink=True, deform=f)
-                nbrs = table.placeholder(y, capacity, cell_capacity)
-                pairs, stale = table.pair_placeholder(pair_capacity, capacity), True
+            width = nbrs.idx.shape[1]
+            smaller = sized(1.0, shrink=True)
+            if smaller[0].idx.shape[1] < 0.75 * width:
+                (nbrs, pairs), stale = smaller, True
             else:
-                table._sticky = (nbrs.idx.shape[1], nbrs.cells.shape[1])
+                table._sticky = (width, nbrs.cells.shape[1])
     energy_fn = _programs(system, method, ftol, skin, 1)["energy"]
     y = state.x[:n * d].reshape(n, d)
     q = jnp.mod(y / theta["box"], 1.0)

@@ -312,8 +312,7 @@ class Table:
         self.box = np.asarray(params["box"], dtype=float) if self.periodic else None
         self.grid = None
         self._build = jax.jit(self.build, static_argnums=(1, 2))
-        self._counts = jax.jit(self._both_counts, static_argnums=1)
-        self._counts_deformed = jax.jit(self._both_counts, static_argnums=1)
+        self._counts = jax.jit(self._both_counts, static_argnums=1)  # deform None or (d, d): one trace each
         self._sticky = (0, 0)
         self._sticky_pairs, self._last_pairs = 0, (None, 0)
         if not self.static and self.periodic and self.n >= CELL_LIST_THRESHOLD:
@@ -455,7 +454,7 @@ class Table:
         cell_capacity = 0
         if self.grid is not None:
             cell_capacity = max(self._sticky[1], self.cell_capacity(np.asarray(self._cell_of(x)), grow))
-        count, pairs = (int(c) for c in self._count_both(x, cell_capacity, deform))
+        count, pairs = (int(c) for c in self._counts(x, cell_capacity, deform))
         self._last_pairs = ((x, cell_capacity, deform), pairs)  # for pair_capacity at the same x
         capacity = max(self._sticky[0], int(math.ceil(count * 1.25 * grow)) + 1)
         if self.grid is None:
@@ -505,11 +504,6 @@ class Table:
         near = self._near_counts(x, cell_capacity, None, deform)
         return jnp.max(near), jnp.sum(near) // 2
 
-    def _count_both(self, x: Array, cell_capacity: int, deform: Array | None) -> tuple[Array, Array]:
-        if deform is None:
-            return self._counts(x, cell_capacity)
-        return self._counts_deformed(x, cell_capacity, jnp.asarray(deform))
-
     def count(self, x: Array, cell_capacity: int, box: Array | None = None) -> Array:
         """The most neighbors any particle has at ``x`` (jittable)."""
         return jnp.max(self._near_counts(x, cell_capacity, box))
@@ -526,7 +520,7 @@ class Table:
             return self.n * (self.n - 1) // 2
         at, pairs = self._last_pairs
         if at is None or at[0] is not x or at[1] != cell_capacity or at[2] is not deform:
-            pairs = int(self._count_both(jnp.asarray(x), cell_capacity, deform)[1])
+            pairs = int(self._counts(jnp.asarray(x), cell_capacity, deform)[1])
         capacity = max(self._sticky_pairs, int(math.ceil(pairs * 1.2 * grow)) + 8)
         self._sticky_pairs = min(capacity, self.n * (self.n - 1) // 2)
         return self._sticky_pairs

@@ -434,6 +434,8 @@ def test_bad_input_is_one_line_exit_2_and_no_file(tmp_path, system, sets, messag
     (["bidisperse", "--set", "n=16", "--observe", "enthalpy"], "needs a target pressure"),
     (["morse_cluster", "--observe", "volume"], "periodic box"),
     (["lj_crystal", "--observe", "packing_fraction"], "diameters"),
+    (["bidisperse", "--set", "n=16", "--set", "pressure=0.01", "--solver", "sparse"],
+     "not available at fixed pressure"),
 ])
 def test_observables_that_need_a_pressure_or_a_box(tmp_path, args, message):
     out = tmp_path / "x.h5"
