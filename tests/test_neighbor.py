@@ -199,3 +199,40 @@ def test_specialised_exponent_is_not_reused_for_another_value():
         assert bool(out.info.converged), alpha
         force = -jax.grad(system.energy_real)(out.x, theta)
         assert float(minimize.max_force(force)) < 1e-10, alpha
+
+
+def test_relaxation_renumbered_in_cell_order_returns_the_model_numbering(monkeypatch):
+    # Large systems relax with their particles renumbered in cell order. Forced
+    # here at N = 600 (a cell list, 5 × 5 cells), with unequal species placed
+    # at random: a species or index mixed up between the two numberings leaves
+    # forces at the returned x, a table that is not the one of x, or a
+    # resumed run that does not retrace.
+    monkeypatch.setattr(relax, "SORT_THRESHOLD", 0)
+    system = systems.get("bidisperse").build(n=600, dim=2, phi=0.88, seed=2)
+    params = {k: jnp.asarray(v) for k, v in system.params.items()}
+    table = relax.Table(system, params)
+    assert table.cell_list
+    order = relax.spatial_order(table, jnp.mod(jnp.asarray(system.positions), params["box"]))
+    assert not np.array_equal(order, np.arange(system.n))  # the numbering really changes
+    saved = []
+    out = relax.relax(system, params, chunk=400, checkpoint=saved.append, checkpoint_every=0.0)
+    assert bool(out.info.converged)
+    q = system.to_solver(out.x, params)
+    force = -jax.grad(system.energy)(q, params) / params["box"]  # all pairs, the model's numbering
+    assert float(jnp.max(jnp.linalg.norm(force, axis=1))) < 1e-9
+    assert abs(float(system.energy(q, params)) - float(out.info.energy)) < 1e-12 * float(out.info.energy)
+    # The table (built where the loop last rebuilt it) holds every pair within
+    # the cutoff at x*, and only pairs that moved less than the skin out of reach.
+    idx = np.asarray(out.idx)
+    rows = [set(row[row < system.n]) for row in idx]
+    inner = _brute_force(system, out.x, params, table.cutoff)
+    outer = _brute_force(system, out.x, params, table.reach + table.skin)
+    assert all(a <= row <= b for a, row, b in zip(inner, rows, outer))
+    assert all(np.all(np.diff(row) >= 0) for row in idx)
+    # A checkpoint is in the model's numbering and carries the order it ran in.
+    middle = saved[len(saved) // 2]
+    assert 0 < int(middle["step"]) < int(out.info.steps)
+    np.testing.assert_array_equal(np.sort(middle["order"]), np.arange(system.n))
+    resumed = relax.relax(system, params, chunk=400, resume=middle)
+    assert int(resumed.info.steps) == int(out.info.steps)
+    np.testing.assert_array_equal(np.asarray(resumed.x), np.asarray(out.x))
