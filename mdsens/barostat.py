@@ -576,7 +576,8 @@ def _cell_programs(system: CellSystem, theta: Params, method: str, ftol: float, 
         dr = apply(dy - theta["box"] * jnp.round(dy / theta["box"]), f)
         r2 = jnp.sum(dr * dr, axis=-1)
         r = jnp.sqrt(jnp.where(r2 > 0, r2, 1.0))
-        dphi = jax.grad(lambda r_: jnp.sum(system.pair(r_, pairs.i, pairs.j, params)))(r)
+        mi, mj = pairs.model_pairs()
+        dphi = jax.grad(lambda r_: jnp.sum(system.pair(r_, mi, mj, params)))(r)
         terms = jnp.where(r2 > 0, dphi / r, 0.0)[:, None] * dr
         if system.box_dof == "iso":
             virial = jnp.sum(terms * dr, axis=-1, keepdims=True)
@@ -671,7 +672,7 @@ def _cell_programs(system: CellSystem, theta: Params, method: str, ftol: float, 
             f = deform(s.x, theta)
             y = s.x[:n * d].reshape(n, d)
             nb = table.build(y, nb.idx.shape[1], nb.cells.shape[1], deform=f)
-            pl = _relax.pair_list(nb.idx, n, pl.i.shape[0])
+            pl = _relax.pair_list(nb.idx, n, pl.i.shape[0], pl.order)
             nb = nb._replace(overflow=nb.overflow | pl.overflow)
             regrid = _smallest_stretch(f) < stretch
             return mini.step_force(s, (theta, pl)), nb, pl, inverse(s.x, theta), rebuilds + 1, regrid
@@ -735,6 +736,9 @@ def relax(
     # random start's overlapping clusters have spread (a narrower table, one
     # more compile).
     settle = _relax.SETTLE_STEPS if n >= _relax.RESIZE_THRESHOLD else 0
+    # As in mdsens.relax: large systems relax renumbered in cell order (set with
+    # the first grid); positions and table leave in the model's numbering.
+    order = None
 
     def sized(grow, shrink=False):
         """An empty table and pair list sized at the current state (built in the chunk)."""
@@ -742,7 +746,8 @@ def relax(
         f = programs["deform"](state.x, theta)
         capacity, cell_capacity = table.capacities(y, grow, shrink, deform=f)
         return (table.placeholder(y, capacity, cell_capacity),
-                table.pair_placeholder(table.pair_capacity(y, cell_capacity, grow, shrink, deform=f), capacity))
+                table.pair_placeholder(table.pair_capacity(y, cell_capacity, grow, shrink, deform=f), capacity,
+                                       order))
 
     while True:
         if programs is None:  # a grid for the cell's current stretch (and a new compile)
@@ -755,6 +760,9 @@ def relax(
             programs = _cell_programs(system, theta, method, ftol, skin, stretch)
             table = programs["table"]
             if state is None:
+                if table.cell_list and n >= _relax.SORT_THRESHOLD:
+                    order = _relax.spatial_order(table, x[:n * d].reshape(n, d))
+                    x = jnp.concatenate([x[:n * d].reshape(n, d)[order].ravel(), x[n * d:]])
                 state = programs["mini"].blank(x)
             nbrs, pairs = sized(grow)
             ref_f, stale = jnp.eye(d, dtype=x.dtype), True
@@ -797,7 +805,7 @@ def relax(
             else:
                 table._sticky = (width, nbrs.cells.shape[1])
     energy_fn = _programs(system, method, ftol, skin, 1)["energy"]
-    y = state.x[:n * d].reshape(n, d)
+    y = jnp.asarray(_relax._renumbered(state.x[:n * d].reshape(n, d), order, inverse=True))
     q = jnp.mod(y / theta["box"], 1.0)
     basis = jnp.asarray(strain_basis(d, system.box_dof), y.dtype)
     relaxed = {**theta, "strain": jnp.tensordot(state.x[n * d:] / scale, basis, axes=1)}
@@ -810,7 +818,7 @@ def relax(
     # every such pair is listed).
     from mdsens.relax import pairs_from_table
 
-    listed = pairs_from_table(nbrs.idx, n)
+    listed = pairs_from_table(_relax._table_in_model_numbering(nbrs.idx, order), n)
     q_np = np.asarray(q)
     dq = q_np[listed[0]] - q_np[listed[1]]
     dr = (dq - np.round(dq)) @ np.asarray(system.cell(relaxed))
