@@ -366,8 +366,8 @@ def _programs(system: CellSystem, method: str, ftol: float, skin: float, capacit
     norms = jnp.asarray(np.sum(basis_np**2, axis=(1, 2)))
     off_diagonal = jnp.asarray(~np.eye(n, dtype=bool))
 
-    def scale(theta):  # the cell variable w = c u, c = N ℓ₀ (module docstring)
-        return n * (jnp.prod(theta["box"]) / n) ** (1.0 / d)
+    def scale(theta):  # the cell variable w = c u, c = √N ℓ₀ (module docstring)
+        return math.sqrt(n) * (jnp.prod(theta["box"]) / n) ** (1.0 / d)
 
     def unpack_x(x, theta):
         box = theta["box"]
@@ -709,7 +709,7 @@ def relax(
 ) -> Relaxed:
     """Minimise the enthalpy from ``(q0, params["strain"])`` (default: the system's
     initial positions and strain) with FIRE ("fire") or gradient descent ("gd")
-    over ``(L₀ ⊙ q, c u)``, ``c = N ℓ₀``, until the module's convergence test
+    over ``(L₀ ⊙ q, c u)``, ``c = √N ℓ₀``, until the module's convergence test
     holds or ``max_steps``; ``callback(step, max_force, elapsed_s)`` between
     compiled chunks of ``chunk`` steps.
 
@@ -728,7 +728,7 @@ def relax(
     q = system.to_solver(jnp.asarray(system.positions), params) if q0 is None else jnp.asarray(q0)
     start = time.perf_counter()
     compile_s = 0.0
-    scale = float(n * (float(np.prod(np.asarray(theta["box"]))) / n) ** (1.0 / d))
+    scale = float(_programs(system, method, ftol, skin, 1)["scale"](theta))
     x = jnp.concatenate([(jnp.mod(q, 1.0) * theta["box"]).ravel(), coordinates(system, strain) * scale])
     state, rebuilds, reallocations, grow = None, 0, 0, 1.0
     programs = None
