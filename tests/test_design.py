@@ -428,3 +428,58 @@ def test_seeds_bad_input_exits_2_without_a_file(tmp_path):
         assert result.exit_code == 2, result.output
         assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
         assert not out.exists()
+
+
+# -- a relaxation that fails mid-design (exit 3) ----------------------------------------------
+
+_FAILING = {
+    "phi": (design._Runner, ["polydisperse", "--keep", "phi", "--target", "pressure=0.05", "--vary", "diameter"]),
+    "pressure": (design._PressureRunner, ["bidisperse", "--set", "pressure=0.01", "--keep", "pressure",
+                                          "--target", "packing_fraction=0.87", "--vary", "pressure"]),
+    "seeds": (design._BatchRunner, ["bidisperse", "--seeds", "0:2", "--keep", "phi", "--target", "pressure=0.05",
+                                    "--vary", "diameter"]),
+}
+
+
+@pytest.mark.slow  # three designs, the fixed-pressure one compiles the enthalpy relaxation (~30 s each on 2 cores)
+@pytest.mark.parametrize("mode", list(_FAILING))
+def test_relaxation_failing_mid_design_keeps_the_steps_flags_the_file_and_exits_3(tmp_path, monkeypatch, mode):
+    """Every relaxation after the fourth fails (the start, the two re-relaxations of
+    the step-0 gradient check and step 1 succeed): step 2 is retried at half the
+    rate until the retries run out, the design stops, the two accepted steps are
+    written, flagged (converged false, why it stopped), and the command exits 3."""
+    runner, args = _FAILING[mode]
+    relax = runner.relax
+    calls = {"n": 0}
+
+    def failing(self, theta, start):
+        calls["n"] += 1
+        return relax(self, theta, start) if calls["n"] <= 4 else None
+
+    monkeypatch.setattr(runner, "relax", failing)
+    out = tmp_path / "failed.h5"
+    result = cli.invoke(app, ["design", *args, "--set", "n=16", "--steps", "20", "--lr", "0.002", "-o", str(out)])
+    assert result.exit_code == 3, result.output
+    assert "design stopped" in result.output and str(out) in result.output
+    retries = design.Design().max_retries
+    assert calls["n"] == 4 + retries + 1  # step 2: the first try and every retry, then nothing more
+    record = io.read(out)
+    trajectory = record["design"]
+    attrs = trajectory["attrs"]
+    assert attrs["keep"] == ("pressure" if mode == "pressure" else "phi")
+    assert attrs["converged"] is False or attrs["converged"] == 0
+    assert "no acceptable step 2" in attrs["stopped"]
+    assert attrs["steps"] == 2 and attrs["steps_requested"] == 20
+    assert attrs["rejections"] == retries + 1
+    assert trajectory["loss"].shape == (2,) and np.all(np.isfinite(trajectory["loss"]))
+    # The checks done before the failure are kept (step 0), none after it.
+    assert list(trajectory["fd_check"]["step"]) == [0]
+    # The packing written is a regular run file of the better of the two steps.
+    best = int(np.argmin(trajectory["loss"]))
+    assert attrs["best_step"] == best
+    varied = "pressure" if mode == "pressure" else "diameter"
+    assert_close(np.asarray(record["parameters"][varied]), np.asarray(trajectory[varied][best]), rtol=0)
+    assert bool(record["observables"]["converged"])  # that packing itself relaxed
+    if mode == "seeds":
+        assert list(trajectory["members"]["seed"]) == [0, 1]
+        assert trajectory["members"]["loss"].shape == (2, 2)
