@@ -319,6 +319,13 @@ def parse_bound(text: str) -> tuple[str, tuple[float, float]]:
     return name, (lo, hi)
 
 
+def parse_check_every(k: int) -> int | None:
+    """``--check-every K`` → the finite-difference check interval (None for K = 0: no checks)."""
+    if k < 0:
+        raise UsageError(f"--check-every must be 0 (no checks) or positive, got {k}")
+    return None if k == 0 else int(k)
+
+
 def particle_diameters(system: System, params: Params) -> Array:
     """(N,) each particle's diameter: ``diameter`` per particle, or per species."""
     d = params["diameter"]

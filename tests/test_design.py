@@ -248,6 +248,7 @@ def test_design_compiles_once_in_python():
     (["--target", "shear_modulus=1", "--vary", "box", "--set", "pressure=0.01"], "the cell relaxes"),
     (["--target", "shear_modulus=1", "--vary", "strain", "--set", "pressure=0.01", "--keep", "pressure"], "the cell relaxes"),
     (["--target", "pressure=1", "--vary", "diameter", "--keep", "volume"], "--keep"),
+    (["--target", "pressure=1", "--vary", "diameter", "--check-every", "-1"], "--check-every"),
 ])
 def test_bad_input_exits_2_without_a_file(tmp_path, args, message):
     out = tmp_path / "bad.h5"
@@ -264,6 +265,20 @@ def test_existing_output_is_not_overwritten(tmp_path):
     result = cli.invoke(app, ["design", "--target", "pressure=1", "--vary", "diameter", "-o", str(out)])
     assert result.exit_code == 2 and "--force" in result.output
     assert out.read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize("every, steps", [(0, []), (2, [0, 2, 3])])
+def test_check_every_sets_the_gradient_checks(tmp_path, every, steps):
+    """--check-every K: a check at every K-th step and at the last; 0: none at all."""
+    out = tmp_path / "checks.h5"
+    result = cli.invoke(app, ["design", "polydisperse", "--set", "n=16", "--target", "pressure=0.05", "--vary",
+                              "diameter", "--keep", "phi", "--steps", "4", "--lr", "0.002", "--check-every", str(every),
+                              "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    checks = io.read(out)["design"]["fd_check"]
+    assert [int(k) for k in np.atleast_1d(checks["step"])] == steps
+    assert np.all(checks["passed"])
+    assert len(json.loads(result.stdout)["fd_check"]) == len(steps)
 
 
 def test_keep_phi_box_formula():
