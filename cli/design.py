@@ -64,6 +64,7 @@ def design(
     lr: float = typer.Option(0.01, "--lr", help="Learning rate (halved on every rejected step)."),
     bound: List[str] = typer.Option([], "--bound", help="PARAM=LO,HI: keep a varied parameter in [LO, HI] by projection (LO or HI may be empty). Diameters, ε, σ stay positive by default."),
     keep: Optional[str] = typer.Option(None, "--keep", help="What the design holds while parameters change. phi: the box is scaled with the diameters to hold the packing fraction. pressure: every step relaxes positions and cell at the target pressure, and the gradient carries the cell's response (build the system with --set pressure=P [--set box_dof=iso|aniso|shear]; such a system implies it; --vary pressure tunes P itself)."),
+    max_rise: Optional[float] = typer.Option(None, "--max-rise", help="Step-size control: reject a step whose loss rises by more than R·|loss| (plus 1e-3 of the starting loss), across a contact change too, and retry it at half the rate (the last of the retries is accepted). 0: every step must lower the loss. Default: only a rise above the loss itself within one contact network is rejected; jumps across contact changes are accepted and halve the rate."),
     tol: Optional[float] = typer.Option(None, "--tol", help="Stop once every target is within this relative error."),
     check_every: int = typer.Option(10, "--check-every", help="Check the gradient against central differences of the re-relaxed loss every K-th step and at the last (0: no checks). Each check costs two relaxations plus, up to 512 particles, a dense Newton polish: at N = 256 a check costs ~10 design steps."),
     observe: List[str] = typer.Option([], "--observe", help="Observable recorded at every step, outside the loss (repeatable)."),
@@ -115,7 +116,7 @@ def design(
             job=job, targets=dict(_design.parse_target(t) for t in target), minimize=list(minimize),
             maximize=list(maximize), vary=list(vary), steps=steps, optimizer=optimizer, lr=lr,
             bounds=dict(_design.parse_bound(b) for b in bound), keep=keep, observe=list(observe), tol=tol,
-            fd_every=_design.parse_check_every(check_every), seeds=None if seeds is None else parse_seeds(seeds))
+            fd_every=_design.parse_check_every(check_every), max_rise=max_rise, seeds=None if seeds is None else parse_seeds(seeds))
         if len(request.targets) != len(target):
             fail("an observable is given twice to --target", EXIT_USAGE)
         plan = _design.prepare(request)

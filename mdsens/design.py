@@ -32,6 +32,11 @@ learning rate; a jump across a contact change is the loss's discontinuity
 and is accepted (rejecting it pinned designs to the edge of a branch, with
 the rate falling to 1e-17), the rate halved. The rate recovers by
 ``RECOVER`` per smooth step, and never falls below lr·2^−max_retries.
+``max_rise`` (``--max-rise R``) makes the rule strict: a step whose loss
+rises by more than R × |ℒ| (plus the floor) is rejected whether or not the
+contacts changed, and retried at half the rate; the last retry (at
+lr·2^−max_retries) is accepted whatever its loss, so a design cannot be
+pinned to a branch edge for good.
 
 Correctness is checked as it goes: every ``fd_every``-th step and the last,
 the gradient along a random unit direction against central differences of
@@ -101,6 +106,7 @@ class Design:
     fd_every: int | None = 10  # None: no finite-difference checks (Python only)
     fd_h: float = 1e-5
     max_retries: int = 6
+    max_rise: float | None = None  # reject any step whose loss rises by more than max_rise·|ℒ|, across contact changes too
     seeds: Any = None  # a range of seeds: one shared θ for the members' mean loss (None: job.seed alone)
 
 
@@ -248,7 +254,8 @@ class DesignResult:
                 "contact_changes": self.contact_changes, "rejections": self.rejections, "jumps": self.jumps,
                 "best_step": self.best, "best_loss": self.history[self.best].loss,
                 "fd_checks": len(self.fd_checks), "fd_failed": len(failed), "converged": self.converged,
-                "stopped": self.stopped, "compiles": dict(self.compiles), "jump": JUMP, "fd_rtol": FD_RTOL}
+                "stopped": self.stopped, "compiles": dict(self.compiles), "jump": JUMP, "fd_rtol": FD_RTOL,
+                "max_rise": d.max_rise if d.max_rise is not None else ""}
 
     def meta(self) -> dict[str, Any]:
         job, system, last = self.plan.design.job, self.plan.system, self.history[self.best]
@@ -355,6 +362,8 @@ def prepare(design: Design) -> Plan:
         raise UsageError(f"unknown optimizer {d.optimizer!r}: choose {', '.join(OPTIMIZERS)}")
     if d.keep is not None and d.keep not in KEEP:
         raise UsageError(f"--keep {d.keep!r}: choose {' or '.join(KEEP)}")
+    if d.max_rise is not None and not (d.max_rise >= 0 and math.isfinite(d.max_rise)):
+        raise UsageError(f"--max-rise must be a finite number >= 0, got {d.max_rise}")
     if d.tol is not None and not d.tol > 0:
         raise UsageError(f"--tol must be positive, got {d.tol}")
     if d.fd_every is not None and d.fd_every <= 0:
@@ -1029,13 +1038,16 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
             # no moduli; ν came out as the affine Cauchy value 1/3 just before).
             failed = (step is None or step.solve is None or not math.isfinite(step.loss)
                       or runner.unjammed(step.rattler))
-            jumped = not failed and step.loss - current.loss > JUMP * abs(current.loss) + floor
+            rise = JUMP if design.max_rise is None else design.max_rise
+            jumped = not failed and step.loss - current.loss > rise * abs(current.loss) + floor
             crossed = not failed and step.contacts != current.contacts
+            # --max-rise: a rise across a contact change is rejected too (retried smaller).
+            tolerated = crossed and design.max_rise is None
             # A jump across a contact change is the loss's discontinuity, not too
             # long a step: rejecting it would pin the design to the edge of the
             # branch it is on. Accept it and slow down; reject a jump within one
             # branch (or a failed relaxation) and retry with half the step.
-            if not failed and (not jumped or crossed or retry == design.max_retries or lr <= lowest):
+            if not failed and (not jumped or tolerated or retry == design.max_retries or lr <= lowest):
                 accepted, opt_state = step, new_state
                 if jumped:
                     jumps += 1

@@ -249,6 +249,7 @@ def test_design_compiles_once_in_python():
     (["--target", "shear_modulus=1", "--vary", "strain", "--set", "pressure=0.01", "--keep", "pressure"], "the cell relaxes"),
     (["--target", "pressure=1", "--vary", "diameter", "--keep", "volume"], "--keep"),
     (["--target", "pressure=1", "--vary", "diameter", "--check-every", "-1"], "--check-every"),
+    (["--target", "pressure=1", "--vary", "diameter", "--max-rise", "-0.5"], "--max-rise"),
 ])
 def test_bad_input_exits_2_without_a_file(tmp_path, args, message):
     out = tmp_path / "bad.h5"
@@ -279,6 +280,27 @@ def test_check_every_sets_the_gradient_checks(tmp_path, every, steps):
     assert [int(k) for k in np.atleast_1d(checks["step"])] == steps
     assert np.all(checks["passed"])
     assert len(json.loads(result.stdout)["fd_check"]) == len(steps)
+
+
+def test_max_rise_zero_lowers_the_loss_at_every_step_or_accepts_at_the_smallest_rate(tmp_path):
+    """--max-rise 0: a step that raises the loss (beyond 1e-3 of the starting loss) is
+    retried at half the rate, so every accepted step lowers the loss unless it was taken
+    at the smallest rate lr·2^-max_retries. lr 0.05 overshoots the pressure target, so
+    rejections happen."""
+    out = tmp_path / "strict.h5"
+    lr = 0.05
+    result = cli.invoke(app, ["design", "polydisperse", "--set", "n=16", "--target", "pressure=0.05", "--vary",
+                              "diameter", "--keep", "phi", "--steps", "8", "--lr", str(lr), "--max-rise", "0",
+                              "--check-every", "0", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    trajectory = io.read(out)["design"]
+    loss, rate = trajectory["loss"], trajectory["learning_rate"]
+    floor = 1e-3 * abs(loss[0]) + 1e-14
+    smallest = lr * 0.5 ** design.Design().max_retries
+    for k in range(1, len(loss)):
+        assert loss[k] <= loss[k - 1] + floor or rate[k] == pytest.approx(smallest, rel=1e-12), k
+    assert trajectory["attrs"]["rejections"] >= 1
+    assert trajectory["attrs"]["max_rise"] == 0
 
 
 def test_keep_phi_box_formula():
