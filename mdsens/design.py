@@ -107,6 +107,7 @@ class Design:
     fd_h: float = 1e-5
     max_retries: int = 6
     max_rise: float | None = None  # reject any step whose loss rises by more than max_rise·|ℒ|, across contact changes too
+    stop_at: dict[str, float] = field(default_factory=dict)  # stop (and write that step) once these are within tol
     seeds: Any = None  # a range of seeds: one shared θ for the members' mean loss (None: job.seed alone)
 
 
@@ -176,7 +177,9 @@ class DesignResult:
 
     @property
     def best(self) -> int:
-        """The row of the lowest loss."""
+        """The row written: the lowest loss, or the last row where ``stop_at`` stopped the design."""
+        if self.stopped == "stop-at":
+            return len(self.history) - 1
         return int(np.nanargmin([s.loss for s in self.history]))
 
     def record(self) -> dict[str, Any]:
@@ -255,7 +258,7 @@ class DesignResult:
                 "best_step": self.best, "best_loss": self.history[self.best].loss,
                 "fd_checks": len(self.fd_checks), "fd_failed": len(failed), "converged": self.converged,
                 "stopped": self.stopped, "compiles": dict(self.compiles), "jump": JUMP, "fd_rtol": FD_RTOL,
-                "max_rise": d.max_rise if d.max_rise is not None else ""}
+                "max_rise": d.max_rise if d.max_rise is not None else "", "stop_at": dict(d.stop_at)}
 
     def meta(self) -> dict[str, Any]:
         job, system, last = self.plan.design.job, self.plan.system, self.history[self.best]
@@ -296,17 +299,17 @@ _FD_KEYS = ("step", "h", "directional", "finite_difference", "relative_error", "
 # -- validation ------------------------------------------------------------------------------
 
 
-def parse_target(text: str) -> tuple[str, float]:
+def parse_target(text: str, option: str = "--target") -> tuple[str, float]:
     """``OBS=VALUE`` → (name, value)."""
     if "=" not in text:
-        raise UsageError(f"--target {text!r}: expected OBS=VALUE, e.g. --target poisson_ratio=0.3")
+        raise UsageError(f"{option} {text!r}: expected OBS=VALUE, e.g. {option} poisson_ratio=0.3")
     name, value = (t.strip() for t in text.split("=", 1))
     try:
         number = float(value)
     except ValueError:
-        raise UsageError(f"--target {text!r}: {value!r} is not a number") from None
+        raise UsageError(f"{option} {text!r}: {value!r} is not a number") from None
     if not math.isfinite(number):
-        raise UsageError(f"--target {text!r}: the value must be finite")
+        raise UsageError(f"{option} {text!r}: the value must be finite")
     return name, number
 
 
@@ -371,7 +374,10 @@ def prepare(design: Design) -> Plan:
     loss_names = [*d.targets, *d.minimize, *d.maximize]
     if len(set(loss_names)) != len(loss_names):
         raise UsageError("an observable appears twice among --target, --minimize and --maximize")
-    names = loss_names + [n for n in d.observe if n not in loss_names]
+    if d.stop_at and d.tol is None:
+        raise UsageError("--stop-at needs --tol: the relative distance from its value at which the design stops")
+    names = loss_names + [n for n in [*d.observe, *d.stop_at] if n not in loss_names]
+    names = list(dict.fromkeys(names))
     job = replace(d.job, observe=names, wrt=None, grad=[])
     if d.seeds is not None:
         if len(d.seeds) == 0:
@@ -380,13 +386,13 @@ def prepare(design: Design) -> Plan:
     system, _, _ = _job.prepare(job)
     params = {k: jnp.asarray(v) for k, v in system.params.items()}
     q0 = jnp.asarray(system.to_solver(jnp.asarray(system.positions), params))
-    for name in loss_names:
+    for name in [*loss_names, *(n for n in d.stop_at if n not in loss_names)]:
         try:
             shape = jax.eval_shape(lambda q, p: observables.OBSERVABLES[name](system, q, p), q0, params).shape
         except ValueError as err:
             raise UsageError(f"{name}: {err}") from None
         if shape != ():
-            raise UsageError(f"{name} has shape {shape}: a design loss needs a scalar observable")
+            raise UsageError(f"{name} has shape {shape}: a design loss or --stop-at needs a scalar observable")
     fixed = barostat.is_fixed_pressure(system)
     if d.keep == "pressure" and not fixed:
         raise UsageError("--keep pressure needs a system built at fixed pressure: add --set pressure=P "
@@ -948,10 +954,12 @@ def _project(theta: dict[str, Array], bounds: dict[str, tuple[float, float]]) ->
 
 
 def _reached(design: Design, values: dict[str, Any]) -> bool:
-    if design.tol is None or not design.targets:
+    """Every ``stop_at`` observable (or, without any, every target) within ``tol`` relative."""
+    goals = design.stop_at or design.targets
+    if design.tol is None or not goals:
         return False
     return all(abs(float(values[n]) - t) <= design.tol * (abs(t) if t != 0 else 1.0)
-               for n, t in design.targets.items())
+               for n, t in goals.items())
 
 
 def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None = None) -> DesignResult:
@@ -1021,7 +1029,7 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
 
     for k in range(1, design.steps):
         if _reached(design, history[-1].values):
-            stopped = "tol"
+            stopped = "stop-at" if design.stop_at else "tol"
             break
         current = history[-1]
         if design.fd_every is not None and (k - 1) % design.fd_every == 0:
@@ -1073,7 +1081,7 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
             progress(accepted, k, note)
     else:
         if _reached(design, history[-1].values):
-            stopped = "tol"
+            stopped = "stop-at" if design.stop_at else "tol"
     if design.fd_every is not None and converged and not (checks and int(checks[-1]["step"]) == len(history) - 1):
         check(len(history) - 1)
     timings["compile_s"] = runner.compile_s

@@ -250,6 +250,10 @@ def test_design_compiles_once_in_python():
     (["--target", "pressure=1", "--vary", "diameter", "--keep", "volume"], "--keep"),
     (["--target", "pressure=1", "--vary", "diameter", "--check-every", "-1"], "--check-every"),
     (["--target", "pressure=1", "--vary", "diameter", "--max-rise", "-0.5"], "--max-rise"),
+    (["--target", "pressure=1", "--vary", "diameter", "--stop-at", "poisson_ratio=0.3"], "--stop-at needs --tol"),
+    (["--target", "pressure=1", "--vary", "diameter", "--stop-at", "nonsense=0.3", "--tol", "0.1"], "unknown observable"),
+    (["--target", "pressure=1", "--vary", "diameter", "--stop-at", "stress=0.3", "--tol", "0.1"], "scalar"),
+    (["--target", "pressure=1", "--vary", "diameter", "--stop-at", "poisson_ratio", "--tol", "0.1"], "--stop-at"),
 ])
 def test_bad_input_exits_2_without_a_file(tmp_path, args, message):
     out = tmp_path / "bad.h5"
@@ -301,6 +305,28 @@ def test_max_rise_zero_lowers_the_loss_at_every_step_or_accepts_at_the_smallest_
         assert loss[k] <= loss[k - 1] + floor or rate[k] == pytest.approx(smallest, rel=1e-12), k
     assert trajectory["attrs"]["rejections"] >= 1
     assert trajectory["attrs"]["max_rise"] == 0
+
+
+def test_stop_at_stops_at_the_first_step_within_tol_and_writes_it(tmp_path):
+    """--target pressure=0.05 as the guide, --stop-at pressure=0.032 --tol 0.1: the
+    pressure rises from 0.024 and the design stops at the first step within
+    [0.0288, 0.0352], written whatever its loss (here not the lowest reachable)."""
+    out = tmp_path / "stop.h5"
+    result = cli.invoke(app, ["design", "polydisperse", "--set", "n=16", "--seed", "3", "--target", "pressure=0.05",
+                              "--stop-at", "pressure=0.032", "--tol", "0.1", "--vary", "diameter", "--keep", "phi",
+                              "--steps", "40", "--lr", "0.002", "--check-every", "0", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    record = io.read(out)
+    trajectory = record["design"]
+    pressure = np.asarray(trajectory["observables"]["pressure"])
+    within = np.abs(pressure - 0.032) <= 0.1 * 0.032
+    k = len(pressure)
+    assert 1 < k < 40 and within[-1] and not np.any(within[:-1])
+    attrs = trajectory["attrs"]
+    assert attrs["stopped"] == "stop-at" and attrs["best_step"] == k - 1
+    assert attrs["stop_at"] == {"pressure": 0.032}
+    assert float(record["observables"]["pressure"]) == pressure[-1]
+    assert json.loads(result.stdout)["stopped"] == "stop-at"
 
 
 def test_keep_phi_box_formula():
