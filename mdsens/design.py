@@ -37,6 +37,10 @@ rises by more than R × |ℒ| (plus the floor) is rejected whether or not the
 contacts changed, and retried at half the rate; the last retry (at
 lr·2^−max_retries) is accepted whatever its loss, so a design cannot be
 pinned to a branch edge for good.
+``stop_at`` (``--stop-at OBS=VALUE``, with ``tol``) ends the loop at the
+first step where every such OBS is within tol and writes that step: the loss
+is then a guide (e.g. the pressure, continuous across contact changes) while
+a discontinuous observable (ν) is only watched.
 
 Correctness is checked as it goes: every ``fd_every``-th step and the last,
 the gradient along a random unit direction against central differences of
