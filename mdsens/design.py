@@ -32,6 +32,15 @@ learning rate; a jump across a contact change is the loss's discontinuity
 and is accepted (rejecting it pinned designs to the edge of a branch, with
 the rate falling to 1e-17), the rate halved. The rate recovers by
 ``RECOVER`` per smooth step, and never falls below lr·2^−max_retries.
+``max_rise`` (``--max-rise R``) makes the rule strict: a step whose loss
+rises by more than R × |ℒ| (plus the floor) is rejected whether or not the
+contacts changed, and retried at half the rate; the last retry (at
+lr·2^−max_retries) is accepted whatever its loss, so a design cannot be
+pinned to a branch edge for good.
+``stop_at`` (``--stop-at OBS=VALUE``, with ``tol``) ends the loop at the
+first step where every such OBS is within tol and writes that step: the loss
+is then a guide (e.g. the pressure, continuous across contact changes) while
+a discontinuous observable (ν) is only watched.
 
 Correctness is checked as it goes: every ``fd_every``-th step and the last,
 the gradient along a random unit direction against central differences of
@@ -101,6 +110,8 @@ class Design:
     fd_every: int | None = 10  # None: no finite-difference checks (Python only)
     fd_h: float = 1e-5
     max_retries: int = 6
+    max_rise: float | None = None  # reject any step whose loss rises by more than max_rise·|ℒ|, across contact changes too
+    stop_at: dict[str, float] = field(default_factory=dict)  # stop (and write that step) once these are within tol
     seeds: Any = None  # a range of seeds: one shared θ for the members' mean loss (None: job.seed alone)
 
 
@@ -170,7 +181,9 @@ class DesignResult:
 
     @property
     def best(self) -> int:
-        """The row of the lowest loss."""
+        """The row written: the lowest loss, or the last row where ``stop_at`` stopped the design."""
+        if self.stopped == "stop-at":
+            return len(self.history) - 1
         return int(np.nanargmin([s.loss for s in self.history]))
 
     def record(self) -> dict[str, Any]:
@@ -248,7 +261,8 @@ class DesignResult:
                 "contact_changes": self.contact_changes, "rejections": self.rejections, "jumps": self.jumps,
                 "best_step": self.best, "best_loss": self.history[self.best].loss,
                 "fd_checks": len(self.fd_checks), "fd_failed": len(failed), "converged": self.converged,
-                "stopped": self.stopped, "compiles": dict(self.compiles), "jump": JUMP, "fd_rtol": FD_RTOL}
+                "stopped": self.stopped, "compiles": dict(self.compiles), "jump": JUMP, "fd_rtol": FD_RTOL,
+                "max_rise": d.max_rise if d.max_rise is not None else "", "stop_at": dict(d.stop_at)}
 
     def meta(self) -> dict[str, Any]:
         job, system, last = self.plan.design.job, self.plan.system, self.history[self.best]
@@ -289,17 +303,17 @@ _FD_KEYS = ("step", "h", "directional", "finite_difference", "relative_error", "
 # -- validation ------------------------------------------------------------------------------
 
 
-def parse_target(text: str) -> tuple[str, float]:
+def parse_target(text: str, option: str = "--target") -> tuple[str, float]:
     """``OBS=VALUE`` → (name, value)."""
     if "=" not in text:
-        raise UsageError(f"--target {text!r}: expected OBS=VALUE, e.g. --target poisson_ratio=0.3")
+        raise UsageError(f"{option} {text!r}: expected OBS=VALUE, e.g. {option} poisson_ratio=0.3")
     name, value = (t.strip() for t in text.split("=", 1))
     try:
         number = float(value)
     except ValueError:
-        raise UsageError(f"--target {text!r}: {value!r} is not a number") from None
+        raise UsageError(f"{option} {text!r}: {value!r} is not a number") from None
     if not math.isfinite(number):
-        raise UsageError(f"--target {text!r}: the value must be finite")
+        raise UsageError(f"{option} {text!r}: the value must be finite")
     return name, number
 
 
@@ -317,6 +331,13 @@ def parse_bound(text: str) -> tuple[str, tuple[float, float]]:
     if math.isnan(lo) or math.isnan(hi) or not lo < hi:
         raise UsageError(f"--bound {text!r}: needs LO < HI")
     return name, (lo, hi)
+
+
+def parse_check_every(k: int) -> int | None:
+    """``--check-every K`` → the finite-difference check interval (None for K = 0: no checks)."""
+    if k < 0:
+        raise UsageError(f"--check-every must be 0 (no checks) or positive, got {k}")
+    return None if k == 0 else int(k)
 
 
 def particle_diameters(system: System, params: Params) -> Array:
@@ -348,6 +369,8 @@ def prepare(design: Design) -> Plan:
         raise UsageError(f"unknown optimizer {d.optimizer!r}: choose {', '.join(OPTIMIZERS)}")
     if d.keep is not None and d.keep not in KEEP:
         raise UsageError(f"--keep {d.keep!r}: choose {' or '.join(KEEP)}")
+    if d.max_rise is not None and not (d.max_rise >= 0 and math.isfinite(d.max_rise)):
+        raise UsageError(f"--max-rise must be a finite number >= 0, got {d.max_rise}")
     if d.tol is not None and not d.tol > 0:
         raise UsageError(f"--tol must be positive, got {d.tol}")
     if d.fd_every is not None and d.fd_every <= 0:
@@ -355,7 +378,10 @@ def prepare(design: Design) -> Plan:
     loss_names = [*d.targets, *d.minimize, *d.maximize]
     if len(set(loss_names)) != len(loss_names):
         raise UsageError("an observable appears twice among --target, --minimize and --maximize")
-    names = loss_names + [n for n in d.observe if n not in loss_names]
+    if d.stop_at and d.tol is None:
+        raise UsageError("--stop-at needs --tol: the relative distance from its value at which the design stops")
+    names = loss_names + [n for n in [*d.observe, *d.stop_at] if n not in loss_names]
+    names = list(dict.fromkeys(names))
     job = replace(d.job, observe=names, wrt=None, grad=[])
     if d.seeds is not None:
         if len(d.seeds) == 0:
@@ -364,13 +390,13 @@ def prepare(design: Design) -> Plan:
     system, _, _ = _job.prepare(job)
     params = {k: jnp.asarray(v) for k, v in system.params.items()}
     q0 = jnp.asarray(system.to_solver(jnp.asarray(system.positions), params))
-    for name in loss_names:
+    for name in [*loss_names, *(n for n in d.stop_at if n not in loss_names)]:
         try:
             shape = jax.eval_shape(lambda q, p: observables.OBSERVABLES[name](system, q, p), q0, params).shape
         except ValueError as err:
             raise UsageError(f"{name}: {err}") from None
         if shape != ():
-            raise UsageError(f"{name} has shape {shape}: a design loss needs a scalar observable")
+            raise UsageError(f"{name} has shape {shape}: a design loss or --stop-at needs a scalar observable")
     fixed = barostat.is_fixed_pressure(system)
     if d.keep == "pressure" and not fixed:
         raise UsageError("--keep pressure needs a system built at fixed pressure: add --set pressure=P "
@@ -932,10 +958,12 @@ def _project(theta: dict[str, Array], bounds: dict[str, tuple[float, float]]) ->
 
 
 def _reached(design: Design, values: dict[str, Any]) -> bool:
-    if design.tol is None or not design.targets:
+    """Every ``stop_at`` observable (or, without any, every target) within ``tol`` relative."""
+    goals = design.stop_at or design.targets
+    if design.tol is None or not goals:
         return False
     return all(abs(float(values[n]) - t) <= design.tol * (abs(t) if t != 0 else 1.0)
-               for n, t in design.targets.items())
+               for n, t in goals.items())
 
 
 def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None = None) -> DesignResult:
@@ -1005,7 +1033,7 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
 
     for k in range(1, design.steps):
         if _reached(design, history[-1].values):
-            stopped = "tol"
+            stopped = "stop-at" if design.stop_at else "tol"
             break
         current = history[-1]
         if design.fd_every is not None and (k - 1) % design.fd_every == 0:
@@ -1022,13 +1050,16 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
             # no moduli; ν came out as the affine Cauchy value 1/3 just before).
             failed = (step is None or step.solve is None or not math.isfinite(step.loss)
                       or runner.unjammed(step.rattler))
-            jumped = not failed and step.loss - current.loss > JUMP * abs(current.loss) + floor
+            rise = JUMP if design.max_rise is None else design.max_rise
+            jumped = not failed and step.loss - current.loss > rise * abs(current.loss) + floor
             crossed = not failed and step.contacts != current.contacts
+            # --max-rise: a rise across a contact change is rejected too (retried smaller).
+            tolerated = crossed and design.max_rise is None
             # A jump across a contact change is the loss's discontinuity, not too
             # long a step: rejecting it would pin the design to the edge of the
             # branch it is on. Accept it and slow down; reject a jump within one
             # branch (or a failed relaxation) and retry with half the step.
-            if not failed and (not jumped or crossed or retry == design.max_retries or lr <= lowest):
+            if not failed and (not jumped or tolerated or retry == design.max_retries or lr <= lowest):
                 accepted, opt_state = step, new_state
                 if jumped:
                     jumps += 1
@@ -1054,7 +1085,7 @@ def run(design: Design | Plan, progress: Callable[[Step, int, str], None] | None
             progress(accepted, k, note)
     else:
         if _reached(design, history[-1].values):
-            stopped = "tol"
+            stopped = "stop-at" if design.stop_at else "tol"
     if design.fd_every is not None and converged and not (checks and int(checks[-1]["step"]) == len(history) - 1):
         check(len(history) - 1)
     timings["compile_s"] = runner.compile_s

@@ -25,9 +25,15 @@
 # 3. an Adam step (optax), diameters kept positive, the box rescaled to hold φ.
 #
 # ν is only piecewise smooth in the diameters: each change of the contact network moves it
-# discontinuously. The design counts those changes, and every 10th step checks the gradient
-# against central differences of the re-relaxed loss. `MDSENS_NOTEBOOK_N` sets N (default 64;
-# the test suite runs 32) and `MDSENS_NOTEBOOK_STEPS` the step budget.
+# discontinuously (a harmonic contact's stiffness jumps from 0 to k as it closes), and at
+# N = 64 almost every step changes a contact. Designing ν itself reaches 0.85 but not 0.3
+# (it stalls near 0.35–0.38). What reaches 0.3 is a *guide*: the loss is the pressure, which
+# is continuous across contact changes, driven down at fixed φ (the diameters rearrange into
+# a better-packed, less non-affine structure), while ν is watched and the design stops at
+# the first step within 0.01 of 0.3 (`stop_at`, `--stop-at` on the command line). The design
+# counts the contact changes, and every 10th step checks the gradient against central
+# differences of the re-relaxed loss. `MDSENS_NOTEBOOK_N` sets N (default 64; the test suite
+# runs 32) and `MDSENS_NOTEBOOK_STEPS` the step budget.
 
 # %%
 import os
@@ -44,23 +50,26 @@ from mdsens import design
 from mdsens.job import Job
 
 N = int(os.environ.get("MDSENS_NOTEBOOK_N", "64"))
-STEPS = int(os.environ.get("MDSENS_NOTEBOOK_STEPS", "300" if N >= 64 else "8"))
+STEPS = int(os.environ.get("MDSENS_NOTEBOOK_STEPS", "400" if N >= 64 else "8"))
 WITHIN = 0.01  # |ν − target| at which a design stops
 
 # %%
 results = {}
+# ν = 0.3: the pressure (to 0.005) guides, ν stops the design; ν = 0.85: ν itself is the loss.
+losses = {0.3: dict(targets={"pressure": 0.005}, stop_at={"poisson_ratio": 0.3}),
+          0.85: dict(targets={"poisson_ratio": 0.85})}
 for target in (0.3, 0.85):
     request = design.Design(job=Job(system="polydisperse", overrides={"n": str(N)}, seed=0),
-                            targets={"poisson_ratio": target}, vary=["diameter"], keep="phi",
-                            steps=STEPS, optimizer="adam", lr=0.005, tol=WITHIN / target)
+                            vary=["diameter"], keep="phi", steps=STEPS, optimizer="adam", lr=0.002,
+                            tol=WITHIN / target, observe=["poisson_ratio"], **losses[target])
     start = time.perf_counter()
     results[target] = result = design.run(request)
     wall = time.perf_counter() - start
     nu = [float(s.values["poisson_ratio"]) for s in result.history]
-    best = result.best
+    best = result.best  # the step written: where stop_at was met, else the lowest loss
     checks = result.fd_checks
     print(f"target {target}: ν {nu[0]:.4f} -> {nu[-1]:.4f} in {len(nu) - 1} updates ({result.stopped}); "
-          f"closest {nu[best]:.4f} at step {best}")
+          f"written {nu[best]:.4f} at step {best}")
     print(f"  contact changes {result.contact_changes}, loss jumps {result.jumps}, rejected {result.rejections}; "
           f"gradient checks passed {sum(c['passed'] for c in checks)}/{len(checks)}")
     print(f"  wall {wall:.1f} s (compile {result.timings['compile_s']:.1f} s), "
@@ -83,7 +92,7 @@ for target, result in results.items():
     axes[0].plot(changed, nu[changed], ".", color=line.get_color(), ms=3)
     axes[1].semilogy([s.loss for s in result.history], color=line.get_color(), label=f"target {target}")
 axes[0].set(xlabel="design step", ylabel="Poisson ratio ν")
-axes[1].set(xlabel="design step", ylabel="loss ((ν − t)/t)²")
+axes[1].set(xlabel="design step", ylabel="loss (pressure for 0.3, ν for 0.85)")
 axes[0].legend()
 fig.tight_layout()
 plt.show()

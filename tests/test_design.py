@@ -248,6 +248,12 @@ def test_design_compiles_once_in_python():
     (["--target", "shear_modulus=1", "--vary", "box", "--set", "pressure=0.01"], "the cell relaxes"),
     (["--target", "shear_modulus=1", "--vary", "strain", "--set", "pressure=0.01", "--keep", "pressure"], "the cell relaxes"),
     (["--target", "pressure=1", "--vary", "diameter", "--keep", "volume"], "--keep"),
+    (["--target", "pressure=1", "--vary", "diameter", "--check-every", "-1"], "--check-every"),
+    (["--target", "pressure=1", "--vary", "diameter", "--max-rise", "-0.5"], "--max-rise"),
+    (["--target", "pressure=1", "--vary", "diameter", "--stop-at", "poisson_ratio=0.3"], "--stop-at needs --tol"),
+    (["--target", "pressure=1", "--vary", "diameter", "--stop-at", "nonsense=0.3", "--tol", "0.1"], "unknown observable"),
+    (["--target", "pressure=1", "--vary", "diameter", "--stop-at", "stress=0.3", "--tol", "0.1"], "scalar"),
+    (["--target", "pressure=1", "--vary", "diameter", "--stop-at", "poisson_ratio", "--tol", "0.1"], "--stop-at"),
 ])
 def test_bad_input_exits_2_without_a_file(tmp_path, args, message):
     out = tmp_path / "bad.h5"
@@ -264,6 +270,63 @@ def test_existing_output_is_not_overwritten(tmp_path):
     result = cli.invoke(app, ["design", "--target", "pressure=1", "--vary", "diameter", "-o", str(out)])
     assert result.exit_code == 2 and "--force" in result.output
     assert out.read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize("every, steps", [(0, []), (2, [0, 2, 3])])
+def test_check_every_sets_the_gradient_checks(tmp_path, every, steps):
+    """--check-every K: a check at every K-th step and at the last; 0: none at all."""
+    out = tmp_path / "checks.h5"
+    result = cli.invoke(app, ["design", "polydisperse", "--set", "n=16", "--target", "pressure=0.05", "--vary",
+                              "diameter", "--keep", "phi", "--steps", "4", "--lr", "0.002", "--check-every", str(every),
+                              "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    checks = io.read(out)["design"]["fd_check"]
+    assert [int(k) for k in np.atleast_1d(checks["step"])] == steps
+    assert np.all(checks["passed"])
+    assert len(json.loads(result.stdout)["fd_check"]) == len(steps)
+
+
+def test_max_rise_zero_lowers_the_loss_at_every_step_or_accepts_at_the_smallest_rate(tmp_path):
+    """--max-rise 0: a step that raises the loss (beyond 1e-3 of the starting loss) is
+    retried at half the rate, so every accepted step lowers the loss unless it was taken
+    at the smallest rate lr·2^-max_retries. lr 0.05 overshoots the pressure target, so
+    rejections happen."""
+    out = tmp_path / "strict.h5"
+    lr = 0.05
+    result = cli.invoke(app, ["design", "polydisperse", "--set", "n=16", "--target", "pressure=0.05", "--vary",
+                              "diameter", "--keep", "phi", "--steps", "8", "--lr", str(lr), "--max-rise", "0",
+                              "--check-every", "0", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    trajectory = io.read(out)["design"]
+    loss, rate = trajectory["loss"], trajectory["learning_rate"]
+    floor = 1e-3 * abs(loss[0]) + 1e-14
+    smallest = lr * 0.5 ** design.Design().max_retries
+    for k in range(1, len(loss)):
+        assert loss[k] <= loss[k - 1] + floor or rate[k] == pytest.approx(smallest, rel=1e-12), k
+    assert trajectory["attrs"]["rejections"] >= 1
+    assert trajectory["attrs"]["max_rise"] == 0
+
+
+def test_stop_at_stops_at_the_first_step_within_tol_and_writes_it(tmp_path):
+    """--target pressure=0.05 as the guide, --stop-at pressure=0.032 --tol 0.1: the
+    pressure rises from 0.024 and the design stops at the first step within
+    [0.0288, 0.0352], written whatever its loss (here not the lowest reachable)."""
+    out = tmp_path / "stop.h5"
+    result = cli.invoke(app, ["design", "polydisperse", "--set", "n=16", "--seed", "3", "--target", "pressure=0.05",
+                              "--stop-at", "pressure=0.032", "--tol", "0.1", "--vary", "diameter", "--keep", "phi",
+                              "--steps", "40", "--lr", "0.002", "--check-every", "0", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    record = io.read(out)
+    trajectory = record["design"]
+    pressure = np.asarray(trajectory["observables"]["pressure"])
+    within = np.abs(pressure - 0.032) <= 0.1 * 0.032
+    k = len(pressure)
+    assert 1 < k < 40 and within[-1] and not np.any(within[:-1])
+    attrs = trajectory["attrs"]
+    assert attrs["stopped"] == "stop-at" and attrs["best_step"] == k - 1
+    assert attrs["stop_at"] == {"pressure": 0.032}
+    assert float(record["observables"]["pressure"]) == pressure[-1]
+    assert json.loads(result.stdout)["stopped"] == "stop-at"
 
 
 def test_keep_phi_box_formula():
@@ -428,3 +491,58 @@ def test_seeds_bad_input_exits_2_without_a_file(tmp_path):
         assert result.exit_code == 2, result.output
         assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
         assert not out.exists()
+
+
+# -- a relaxation that fails mid-design (exit 3) ----------------------------------------------
+
+_FAILING = {
+    "phi": (design._Runner, ["polydisperse", "--keep", "phi", "--target", "pressure=0.05", "--vary", "diameter"]),
+    "pressure": (design._PressureRunner, ["bidisperse", "--set", "pressure=0.01", "--keep", "pressure",
+                                          "--target", "packing_fraction=0.87", "--vary", "pressure"]),
+    "seeds": (design._BatchRunner, ["bidisperse", "--seeds", "0:2", "--keep", "phi", "--target", "pressure=0.05",
+                                    "--vary", "diameter"]),
+}
+
+
+@pytest.mark.slow  # three designs, the fixed-pressure one compiles the enthalpy relaxation (~30 s each on 2 cores)
+@pytest.mark.parametrize("mode", list(_FAILING))
+def test_relaxation_failing_mid_design_keeps_the_steps_flags_the_file_and_exits_3(tmp_path, monkeypatch, mode):
+    """Every relaxation after the fourth fails (the start, the two re-relaxations of
+    the step-0 gradient check and step 1 succeed): step 2 is retried at half the
+    rate until the retries run out, the design stops, the two accepted steps are
+    written, flagged (converged false, why it stopped), and the command exits 3."""
+    runner, args = _FAILING[mode]
+    relax = runner.relax
+    calls = {"n": 0}
+
+    def failing(self, theta, start):
+        calls["n"] += 1
+        return relax(self, theta, start) if calls["n"] <= 4 else None
+
+    monkeypatch.setattr(runner, "relax", failing)
+    out = tmp_path / "failed.h5"
+    result = cli.invoke(app, ["design", *args, "--set", "n=16", "--steps", "20", "--lr", "0.002", "-o", str(out)])
+    assert result.exit_code == 3, result.output
+    assert "design stopped" in result.output and str(out) in result.output
+    retries = design.Design().max_retries
+    assert calls["n"] == 4 + retries + 1  # step 2: the first try and every retry, then nothing more
+    record = io.read(out)
+    trajectory = record["design"]
+    attrs = trajectory["attrs"]
+    assert attrs["keep"] == ("pressure" if mode == "pressure" else "phi")
+    assert attrs["converged"] is False or attrs["converged"] == 0
+    assert "no acceptable step 2" in attrs["stopped"]
+    assert attrs["steps"] == 2 and attrs["steps_requested"] == 20
+    assert attrs["rejections"] == retries + 1
+    assert trajectory["loss"].shape == (2,) and np.all(np.isfinite(trajectory["loss"]))
+    # The checks done before the failure are kept (step 0), none after it.
+    assert list(trajectory["fd_check"]["step"]) == [0]
+    # The packing written is a regular run file of the better of the two steps.
+    best = int(np.argmin(trajectory["loss"]))
+    assert attrs["best_step"] == best
+    varied = "pressure" if mode == "pressure" else "diameter"
+    assert_close(np.asarray(record["parameters"][varied]), np.asarray(trajectory[varied][best]), rtol=0)
+    assert bool(record["observables"]["converged"])  # that packing itself relaxed
+    if mode == "seeds":
+        assert list(trajectory["members"]["seed"]) == [0, 1]
+        assert trajectory["members"]["loss"].shape == (2, 2)
