@@ -380,6 +380,8 @@ def prepare(design: Design) -> Plan:
                          "fixed pressure (--set pressure=...): use --keep pressure")
     if fixed and d.keep is None:  # built at fixed pressure: the box relaxes whatever --keep says
         design = d = replace(d, keep="pressure")
+    if fixed and job.solver not in ("cg", "dense"):
+        raise UsageError(f"--solver {job.solver!r} is not available at fixed pressure: choose 'cg' or 'dense'")
     if len(set(d.vary)) != len(d.vary):
         raise UsageError("a parameter is given twice to --vary")
     for name in d.vary:
@@ -591,7 +593,7 @@ def _newton(root: Callable, project: Callable, z: Any, theta: Params, steps: int
         return tree(jnp.add, zk, delta)
 
     def worst(zk):
-        return max(jnp.max(jnp.abs(leaf)) for leaf in jax.tree_util.tree_leaves(root(zk, theta)))
+        return jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)) for leaf in jax.tree_util.tree_leaves(root(zk, theta))]))
 
     polished = jax.lax.fori_loop(0, steps, step, z)
     better = worst(polished) <= worst(z)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens import cache, io, linsolve, memory, names, observables, precondition, relax, sensitivity, systems
+from mdsens import cache, io, linsolve, memory, minimize, names, observables, precondition, relax, sensitivity, systems
 from mdsens.minimize import RelaxInfo
 from mdsens.system import System, pad_pairs
 from mdsens.systems import UsageError
@@ -267,8 +267,8 @@ def prepare(job: Job) -> tuple[System, dict[str, Callable], list[tuple[str, str,
                                              neighbor_list=job.neighbor_list, skin=job.skin, itemsize=itemsize),
                          memory.describe(job.system, job.overrides, *size))
         system = family.build_fn(seed=job.seed, **config)
-    if job.minimizer not in ("fire", "gd"):
-        raise UsageError(f"unknown minimizer {job.minimizer!r}: choose 'fire' or 'gd'")
+    if job.minimizer not in minimize.METHODS:
+        raise UsageError(f"unknown minimizer {job.minimizer!r}: choose {' or '.join(map(repr, minimize.METHODS))}")
     if not job.ftol > 0:
         raise UsageError(f"--ftol must be positive, got {job.ftol}")
     if job.polish is not None and (job.checkpoint is not None or job.resume is not None):

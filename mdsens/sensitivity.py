@@ -28,11 +28,7 @@ Observable = Callable[[System, Array, Params], Array]
 def minimizer_for(system: System, method: str = "fire") -> minimize.Minimizer:
     """The minimizer ``method`` ("fire" or "gd") on the system's real-space energy."""
     shift = minimize.periodic_shift if system.periodic else minimize.free_shift
-    if method == "fire":
-        return minimize.fire(system.energy_real, shift)
-    if method == "gd":
-        return minimize.gradient_descent(system.energy_real, shift)
-    raise ValueError(f"unknown minimizer {method!r}: choose 'fire' or 'gd'")
+    return minimize.make(method, shift, system.energy_real)
 
 
 def relax(

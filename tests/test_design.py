@@ -248,6 +248,8 @@ def test_design_compiles_once_in_python():
     (["--target", "shear_modulus=1", "--vary", "box", "--set", "pressure=0.01"], "the cell relaxes"),
     (["--target", "shear_modulus=1", "--vary", "strain", "--set", "pressure=0.01", "--keep", "pressure"], "the cell relaxes"),
     (["--target", "pressure=1", "--vary", "diameter", "--keep", "volume"], "--keep"),
+    (["--target", "pressure=1", "--vary", "diameter", "--set", "pressure=0.01", "--solver", "sparse"],
+     "not available at fixed pressure"),
 ])
 def test_bad_input_exits_2_without_a_file(tmp_path, args, message):
     out = tmp_path / "bad.h5"

@@ -214,8 +214,10 @@ def test_a_system_built_in_python_runs_like_the_cli(tmp_path):
     done = CliRunner().invoke(app, ["run", "bidisperse", "--set", f"n={n}", "--seed", str(seed), *args, "-o", str(out)])
     assert done.exit_code == 0, done.output
     cli = io.read(out)
-    mine = execute(Job(system=system, seed=seed, wrt=["diameter", "box"], grad=["energy"],
-                       observe=["energy", "pressure"])).record()
+    record = execute(Job(system=system, seed=seed, wrt=["diameter", "box"], grad=["energy"],
+                         observe=["energy", "pressure"])).record()
+    io.write(tmp_path / "python.h5", record)  # the same file format
+    mine = io.read(tmp_path / "python.h5")
     np.testing.assert_allclose(mine["positions"], cli["positions"], rtol=0, atol=1e-10)
     for name in ("energy", "pressure"):
         np.testing.assert_allclose(mine["observables"][name], cli["observables"][name], rtol=1e-9)
@@ -226,6 +228,16 @@ def test_a_system_built_in_python_runs_like_the_cli(tmp_path):
         np.testing.assert_allclose(mine["gradient"]["energy"]["values"][key], value, rtol=1e-7, atol=1e-12)
     with pytest.raises(systems.UsageError, match="overrides apply to a catalogue name only"):
         execute(Job(system=system, overrides={"n": "8"}))
+
+
+def test_one_minimizer_factory():
+    from mdsens import minimize
+
+    x = jnp.zeros((3, 2))
+    assert type(minimize.make("fire", energy_fn=lambda x_, p_: jnp.sum(x_**2)).init(x, {})).__name__ == "FireState"
+    assert type(minimize.make("gd", energy_fn=lambda x_, p_: jnp.sum(x_**2)).init(x, {})).__name__ == "DescentState"
+    with pytest.raises(ValueError, match="unknown minimizer 'bfgs': choose 'fire' or 'gd'"):
+        minimize.make("bfgs")
 
 
 # -- seam 6: one registry of observables, one box check -------------------------------------
