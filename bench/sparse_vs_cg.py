@@ -21,22 +21,21 @@ relax = bench._relax_fn(spec, system, 1e-10)
 x0 = jnp.asarray(system.positions)
 x, info, c, pairs = relax(x0, params)
 q = system.to_solver(x, params)
-fn, extra = _job._bind(system, pairs, lambda s_: lambda q_, p_: observables.rattlers(s_, q_, p_))
-rattler = jax.jit(fn)(q, params, *extra)
+rattler = _job.run_compiled(system, pairs, "rattlers", lambda s_: lambda q_, p_: observables.rattlers(s_, q_, p_),
+                            q, params)[0]
 print("N", n, "dim", dim, "rattlers", int(rattler.sum()), "steps", int(info.steps), flush=True)
 pname = "diameter"
 def make(solver):
     job = _job.Job(rtol=1e-10, solver=solver, preconditioner="twolevel")
-    solve_of = lambda s_, q_, p_: _job._solver(job, s_, q_, p_, rattler)
-    g, gx = bench._gradient_fn(system, pairs, rattler, solve_of)
+    solve_of = lambda s_, q_, p_, r_: _job._solver(job, s_, q_, p_, r_)
+    options = (job.solver, job.rtol, job.preconditioner)
+    g, _ = bench._gradient_fn(system, pairs, solve_of, options, q, params, rattler)
     def mk(s_):
-        def f(q_, p_):
-            return sensitivity.forward_fn(s_, pname, {"pressure": observables.pressure}, rattler, solve_of(s_, q_, p_), (0,))(q_, p_)
+        def f(q_, p_, r_):
+            return sensitivity.forward_fn(s_, pname, {"pressure": observables.pressure}, r_, solve_of(s_, q_, p_, r_), (0,))(q_, p_)
         return f
-    f, fx = _job._bind(system, pairs, mk)
-    gc = jax.jit(g).lower(q, params, *gx).compile()
-    fc = jax.jit(f).lower(q, params, *fx).compile()
-    return (lambda: gc(q, params, *gx)), (lambda: fc(q, params, *fx))
+    f, _ = _job.compiled(system, pairs, ("bench forward", options), mk, q, params, rattler)
+    return (lambda: g(q, params, rattler)), (lambda: f(q, params, rattler))
 rev = {}; fwd = {}
 for s in ("cg", "sparse"):
     rev[s], fwd[s] = make(s)

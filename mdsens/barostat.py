@@ -53,7 +53,7 @@ import numpy as np
 from mdsens import gauge as _gauge
 from mdsens import implicit, linsolve, minimize
 from mdsens.job import Result
-from mdsens.system import Params, System
+from mdsens.system import Params, System, pad_pairs
 
 Array = jax.Array
 Observable = Callable[[System, Array, Params], Array]
@@ -1287,35 +1287,37 @@ def execute(job, system: CellSystem, observe: dict, wrts: list, progress=None, w
     timings["relax_s"] = time.perf_counter() - start - out.compile_s
     q, params, info = out.q, out.params, out.info
     listed = _job.use_neighbor_list(job, system)
-    pairs = (jnp.asarray(out.pairs),) if listed else ()
+    pairs = pad_pairs(out.pairs, system.n) if listed else None
+    rattler, c, _ = _job.run_compiled(system, pairs, "rattlers",
+                                      lambda s_: lambda q_, p_: observables.rattlers(s_, q_, p_), q, params)
+    timings["compile_s"] += c
+    options = (job.solver, job.rtol, job.preconditioner)
 
-    def bound(make):
-        if listed:
-            return lambda q_, p_, pr: make(system.with_pairs(pr))(q_, p_)
-        return make(system)
+    def solved(s_, q_, p_, r_):  # built while tracing, at the relaxed state, on the listed pairs
+        return solver_for(s_, q_, p_, r_, *options)
 
-    rattler = jax.jit(bound(lambda s_: lambda q_, p_: observables.rattlers(s_, q_, p_)))(q, params, *pairs)
-
-    def solved(s_, q_, p_):  # built while tracing, at the relaxed state, on the listed pairs
-        return solver_for(s_, q_, p_, rattler, job.solver, job.rtol, job.preconditioner)
-
-    forwards, gradients = {}, {}
+    forwards, gradients, values = {}, {}, {}
     # The moduli's own solves (inside observables) follow --solver/--rtol/--preconditioner too.
     with _job.solving(job):
-        values = {name: np.asarray(jax.jit(bound(lambda s_, f=fn: lambda q_, p_: f(s_, q_, p_)))(q, params, *pairs))
-                  for name, fn in observe.items()}
+        for name, fn in observe.items():
+            value, c, _ = _job.run_compiled(system, pairs, (fn, options), lambda s_, f=fn: lambda q_, p_: f(s_, q_, p_),
+                                            q, params)
+            values[name] = np.asarray(value)
+            timings["compile_s"] += c
         values["max_force"] = np.asarray(info.max_force)
         values["stress_residual"] = np.asarray(out.stress_residual)
         for text, name, index in wrts if bool(info.converged) else ():
-            fn = bound(lambda s_, name=name, index=index: lambda q_, p_: forward_fn(
-                s_, name, observe, rattler, solved(s_, q_, p_), index)(q_, p_))
-            forwards[text], c, r = _job._compile_and_run(fn, q, params, *pairs)
+            forwards[text], c, r = _job.run_compiled(
+                system, pairs, ("forward", name, index, tuple(observe.items()), options),
+                lambda s_, name=name, index=index: lambda q_, p_, r_: forward_fn(
+                    s_, name, observe, r_, solved(s_, q_, p_, r_), index)(q_, p_), q, params, rattler)
             timings["compile_s"] += c
             timings["derivative_s"] += r
         for name in job.grad if bool(info.converged) else ():
-            fn = bound(lambda s_, name=name: lambda q_, p_: gradient_fn(
-                s_, observables.OBSERVABLES[name], rattler, solved(s_, q_, p_))(q_, p_))
-            gradients[name], c, r = _job._compile_and_run(fn, q, params, *pairs)
+            gradients[name], c, r = _job.run_compiled(
+                system, pairs, ("gradient", name, options),
+                lambda s_, name=name: lambda q_, p_, r_: gradient_fn(
+                    s_, observables.OBSERVABLES[name], r_, solved(s_, q_, p_, r_))(q_, p_), q, params, rattler)
             timings["compile_s"] += c
             timings["derivative_s"] += r
     timings["total_s"] = time.perf_counter() - wall

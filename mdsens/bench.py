@@ -95,12 +95,16 @@ def _load_state(spec):
     return jnp.asarray(data["q"]), jnp.asarray(data["rattler"]), pairs
 
 
-def _timed(fn, args, repeats, before=None):
+def _timed(fn, args, repeats, before=None, compile_s=None):
+    """(output, compile_s, median run seconds) of ``fn(*args)``; ``fn`` is
+    compiled here unless ``compile_s`` says it already was."""
     import jax
 
-    start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - start
+    if compile_s is None:
+        start = time.perf_counter()
+        fn = jax.jit(fn).lower(*args).compile()
+        compile_s = time.perf_counter() - start
+    compiled = fn
     times, out = [], None
     for _ in range(repeats):
         if before is not None:
@@ -111,14 +115,14 @@ def _timed(fn, args, repeats, before=None):
     return out, compile_s, statistics.median(times)
 
 
-def _gradient_fn(system, pairs, rattler, solve_of):
+def _gradient_fn(system, pairs, solve_of, options, *args):
     from mdsens import job, observables, sensitivity
 
     def make(s_):
-        def fn(q_, p_):
-            return sensitivity.gradient_fn(s_, observables.pressure, rattler, solve_of(s_, q_, p_))(q_, p_)
+        def fn(q_, p_, r_):
+            return sensitivity.gradient_fn(s_, observables.pressure, r_, solve_of(s_, q_, p_, r_))(q_, p_)
         return fn
-    return job._bind(system, pairs, make)
+    return job.compiled(system, pairs, ("bench gradient", options), make, *args)
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -147,8 +151,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                    neighbor_list=_job.use_neighbor_list(_job.Job(neighbor_list=spec.get("neighbor_list")), system),
                    n_params=int(np.size(params["diameter"])))
         q = system.to_solver(x, params)
-        fn, extra = _job._bind(system, pairs, lambda s_: lambda q_, p_: observables.rattlers(s_, q_, p_))
-        rattler = jax.jit(fn)(q, params, *extra)
+        rattler, _, _ = _job.run_compiled(system, pairs, "rattlers",
+                                          lambda s_: lambda q_, p_: observables.rattlers(s_, q_, p_), q, params)
         np.savez(spec["state"], q=np.asarray(q), rattler=np.asarray(rattler),
                  pairs=np.asarray(pairs) if pairs is not None else np.zeros(0, np.int32))
         out["rattlers"] = int(np.sum(np.asarray(rattler)))
@@ -168,29 +172,31 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
             cold = sparse.clear_cache  # every timed call pays its factorization
 
-        def solve_of(s_, q_, p_):
-            return _job._solver(job, s_, q_, p_, rattler)
+        def solve_of(s_, q_, p_, r_):
+            return _job._solver(job, s_, q_, p_, r_)
 
-        fn, extra = _gradient_fn(system, pairs, rattler, solve_of)
-        (grad, info), c, r = _timed(fn, (q, params, *extra), spec["repeats"] if task == "implicit" else 1, cold)
+        options = (job.solver, job.rtol, job.preconditioner)
+        args = (q, params, jnp.asarray(rattler))
+        fn, c = _gradient_fn(system, pairs, solve_of, options, *args)
+        (grad, info), _, r = _timed(fn, args, spec["repeats"] if task == "implicit" else 1, cold, c)
         out.update(reverse_s=r, reverse_compile_s=c, reverse_iterations=int(info.iterations),
                    reverse_residual=float(info.residual))
         if cold is not None:
-            out["reverse_warm_s"] = _timed(fn, (q, params, *extra), spec["repeats"])[2]
+            out["reverse_warm_s"] = _timed(fn, args, spec["repeats"], None, c)[2]
         np.save(spec["result"], np.asarray(grad["diameter"]))
         if task == "implicit":
             def make(s_):
-                def f(q_, p_):
-                    fw = sensitivity.forward_fn(s_, "diameter", {"pressure": observables.pressure}, rattler,
-                                                solve_of(s_, q_, p_), (0,))
+                def f(q_, p_, r_):
+                    fw = sensitivity.forward_fn(s_, "diameter", {"pressure": observables.pressure}, r_,
+                                                solve_of(s_, q_, p_, r_), (0,))
                     return fw(q_, p_)
                 return f
-            fn, extra = _job._bind(system, pairs, make)
-            fw, c, r = _timed(fn, (q, params, *extra), spec["repeats"], cold)
+            fn, c = _job.compiled(system, pairs, ("bench forward", options), make, *args)
+            fw, _, r = _timed(fn, args, spec["repeats"], cold, c)
             out.update(forward_s=r, forward_compile_s=c, forward_iterations=int(fw.iterations),
                        forward_dP_dD0=float(fw.values["pressure"]), forward_residual=float(fw.residual))
             if cold is not None:
-                out["forward_warm_s"] = _timed(fn, (q, params, *extra), spec["repeats"])[2]
+                out["forward_warm_s"] = _timed(fn, args, spec["repeats"], None, c)[2]
     elif task == "fd":
         q, rattler, pairs = _load_state(spec)
         relax = _relax_fn(spec, system, spec["fd_ftol"])
@@ -250,8 +256,7 @@ def _peer(spec, system, params) -> dict[str, Any]:
     x_star = np.asarray(system.to_real(q, params))
 
     def at_x_star(obs):
-        fn, extra = _job._bind(system, pairs, lambda s_: lambda q_, p_: obs(s_, q_, p_))
-        return float(jax.jit(fn)(q, params, *extra))
+        return float(_job.run_compiled(system, pairs, obs, lambda s_: lambda q_, p_: obs(s_, q_, p_), q, params)[0])
 
     mdsens = {"energy": at_x_star(observables.energy), "pressure": at_x_star(observables.pressure),
               "max_force": at_x_star(observables.max_force)}

@@ -406,6 +406,8 @@ def prepare(design: Design) -> Plan:
                          "fixed pressure (--set pressure=...): use --keep pressure")
     if fixed and d.keep is None:  # built at fixed pressure: the box relaxes whatever --keep says
         design = d = replace(d, keep="pressure")
+    if fixed and job.solver not in ("cg", "dense"):
+        raise UsageError(f"--solver {job.solver!r} is not available at fixed pressure: choose 'cg' or 'dense'")
     if len(set(d.vary)) != len(d.vary):
         raise UsageError("a parameter is given twice to --vary")
     for name in d.vary:
@@ -560,11 +562,14 @@ def _without_strain(params: Params) -> Params:
 
 def pressure_program(plan: Plan) -> Callable:
     """The loss program at fixed pressure: ``(z*, θ, pairs) -> (ℒ, observables,
-    ∂ℒ/∂θ, solve info, rattler, contact flags)`` with ``z = (q, u)`` the
-    positions and the cell's box-dof coordinates (:mod:`mdsens.barostat`). The
-    gradient goes through the root ``∇_z (E + P V) = 0``: one reverse solve
+    ∂ℒ/∂θ, solve info, rattler, contact flags)`` with ``z = (q, u)`` the pair of
+    positions and the cell's box-dof coordinates (:func:`mdsens.barostat.state`).
+    The gradient goes through the root ``∇_z (E + P V) = 0``: one reverse solve
     with the Hessian of the enthalpy in (q, u), so it carries both the
-    particles' and the cell's response to θ."""
+    particles' and the cell's response to θ — the engine's pytree solve, as
+    ``mdsens run`` at fixed pressure does it: the assembled product
+    (:func:`mdsens.barostat.hessian_vp`) and the job's solver and
+    preconditioner (:func:`mdsens.barostat.solver_for`)."""
     design, system, names = plan.design, plan.system, plan.names
     physical = physical_fn(plan)
     job = design.job
@@ -581,8 +586,9 @@ def pressure_program(plan: Plan) -> Callable:
             return _loss_of(design, values), values
 
         (loss, values), (g_z, g_theta) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(z, theta)
-        solve = linsolve.dense() if job.solver == "dense" else linsolve.cg(rtol=job.rtol)
-        w, info = implicit.cotangent(barostat.optimality(s), z, fixed, g_z, solve, barostat.gauge_for(s, rattler))
+        solve = barostat.solver_for(s, q, params, rattler, job.solver, job.rtol, job.preconditioner)
+        w, info = implicit.cotangent(barostat.optimality(s), z, fixed, g_z, solve, barostat.gauge_for(s, rattler),
+                                     barostat.hessian_vp(s))
         _, pull = jax.vjp(lambda t: _without_strain(physical(t)), theta)
         (g_implicit,) = pull(w)
         grad = jax.tree_util.tree_map(jnp.add, g_theta, g_implicit)
@@ -596,23 +602,28 @@ _POLISH: "weakref.WeakKeyDictionary[System, Callable]" = weakref.WeakKeyDictiona
 _POLISH_PRESSURE: "weakref.WeakKeyDictionary[System, Callable]" = weakref.WeakKeyDictionary()
 
 
-def _newton(root: Callable, project: Callable, z: Array, theta: Params, steps: int) -> Array:
-    """``steps`` gauge-fixed Newton steps on ``root(z, θ) = 0`` with a dense solve;
-    kept only if they lowered max|root| (near a contact change the Hessian is
-    discontinuous and a Newton step can leave the basin)."""
+def _newton(root: Callable, project: Callable, z: Any, theta: Params, steps: int) -> Any:
+    """``steps`` gauge-fixed Newton steps on ``root(z, θ) = 0`` with a dense solve
+    (z an array or a pytree, e.g. the fixed-pressure pair (q, u)); kept only if
+    they lowered max|root| (near a contact change the Hessian is discontinuous
+    and a Newton step can leave the basin)."""
     dense = linsolve.dense()
+    tree = jax.tree_util.tree_map
 
     def step(_, zk):
         def matvec(v):
             pv = project(v)
-            return project(jax.jvp(lambda y: root(y, theta), (zk,), (pv,))[1]) + (v - pv)
+            return tree(lambda a, b, c: a + b - c, project(jax.jvp(lambda y: root(y, theta), (zk,), (pv,))[1]), v, pv)
 
-        delta, _ = dense(matvec, -project(root(zk, theta)))
-        return zk + delta
+        delta, _ = dense(matvec, tree(jnp.negative, project(root(zk, theta))))
+        return tree(jnp.add, zk, delta)
+
+    def worst(zk):
+        return jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)) for leaf in jax.tree_util.tree_leaves(root(zk, theta))]))
 
     polished = jax.lax.fori_loop(0, steps, step, z)
-    better = jnp.max(jnp.abs(root(polished, theta))) <= jnp.max(jnp.abs(root(z, theta)))
-    return jnp.where(better, polished, z)
+    better = worst(polished) <= worst(z)
+    return tree(lambda a, b: jnp.where(better, a, b), polished, z)
 
 
 def _polish_pressure_program(system: System, steps: int = 4) -> Callable:
@@ -930,8 +941,8 @@ class _PressureRunner(_Runner):
         pairs = self._pad(out.pairs) if self.listed else None
         return out.params, out.q, out.info, pairs, time.perf_counter() - t - out.compile_s
 
-    def state(self, q: Array, params: Params) -> Array:
-        return barostat.pack(self.plan.system, q, {"strain": jnp.asarray(params["strain"])})
+    def state(self, q: Array, params: Params) -> tuple[Array, Array]:
+        return barostat.state(self.plan.system, q, {"strain": jnp.asarray(params["strain"])})
 
     def polish(self, q: Array, params: Params, rattler: Array) -> tuple[Array, Params]:
         system = self.plan.system

@@ -129,50 +129,12 @@ def members(job: Job, seeds: Sequence[int], sweeps: Mapping[str, Sequence[str]])
 # -- batches of one model ---------------------------------------------------------------------
 
 
-def _same_function(f: Any, g: Any, depth: int = 0) -> bool:
-    """Structural equality of two model functions: the same code, and closures
-    (and defaults) holding equal values — arrays equal elementwise, functions
-    equal recursively. ``soft_sphere_pair(species)`` of two members with equal
-    species compare equal; Lennard-Jones pairs of different onsets do not."""
-    if f is g:
-        return True
-    if f is None or g is None or depth > 8:
-        return False
-    code_f, code_g = getattr(f, "__code__", None), getattr(g, "__code__", None)
-    if code_f is None or code_g is None:
-        return _same_value(f, g, depth)
-    if code_f is not code_g or (f.__defaults__ or ()) != (g.__defaults__ or ()):
-        return False
-    cells_f, cells_g = f.__closure__ or (), g.__closure__ or ()
-    return len(cells_f) == len(cells_g) and all(
-        _same_value(a.cell_contents, b.cell_contents, depth + 1) for a, b in zip(cells_f, cells_g))
-
-
-def _same_value(a: Any, b: Any, depth: int) -> bool:
-    if callable(a) or callable(b):
-        return _same_function(a, b, depth + 1) if callable(a) and callable(b) else False
-    if isinstance(a, (np.ndarray, jax.Array)) or isinstance(b, (np.ndarray, jax.Array)):
-        a, b = np.asarray(a), np.asarray(b)
-        return a.shape == b.shape and a.dtype == b.dtype and bool(np.array_equal(a, b))
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - values without a usable ==
-        return a is b
-
-
 def _same_model(a: System, b: System) -> bool:
     """Whether ``b`` differs from ``a`` only in positions and parameter values:
-    same name, N, d, species, parameter names and shapes, and structurally the
-    same pair energy, cutoff and contact rule (:func:`_same_function`)."""
-    if (a.name, a.n, a.dim, a.periodic) != (b.name, b.n, b.dim, b.periodic) or type(a) is not type(b):
-        return False
-    if getattr(a, "box_dof", None) != getattr(b, "box_dof", None):  # fixed pressure: which box dofs relax
-        return False
-    if not np.array_equal(a.species, b.species):
-        return False
-    if set(a.params) != set(b.params) or any(np.shape(a.params[k]) != np.shape(b.params[k]) for k in a.params):
-        return False
-    return all(_same_function(fa, fb) for fa, fb in ((a.pair, b.pair), (a.cutoff, b.cutoff), (a.contact, b.contact)))
+    one :class:`mdsens.system.Model` (same class, name, N, d, species, parameter
+    names and shapes, and structurally the same pair energy, cutoff and contact
+    rule)."""
+    return a.model == b.model
 
 
 def group(built: Sequence[System]) -> list[list[int]]:

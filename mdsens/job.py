@@ -3,30 +3,34 @@
 ``Job`` is the whole request (what ``mdsens run`` parses); ``execute(job)``
 returns a ``Result`` that knows how to become a file record
 (:func:`mdsens.io.write`) and a JSON summary. Everything here is also usable
-from Python: ``execute(Job(overrides={"n": "64"}))``.
+from Python: ``execute(Job(overrides={"n": "64"}))``, or on a system built in
+Python, ``execute(Job(system=my_system))``.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens import io, linsolve, memory, names, observables, precondition, relax, sensitivity, systems
+from mdsens import cache, io, linsolve, memory, minimize, names, observables, precondition, relax, sensitivity, systems
 from mdsens.minimize import RelaxInfo
-from mdsens.system import System
+from mdsens.system import System, pad_pairs
 from mdsens.systems import UsageError
 
 
 @dataclass
 class Job:
-    """Everything a run needs. ``overrides`` are the ``--set KEY=VALUE`` texts."""
+    """Everything a run needs. ``system``: a catalogue name, built from
+    ``overrides`` (the ``--set KEY=VALUE`` texts) and ``seed``, or a
+    :class:`mdsens.system.System` built in Python (then without overrides;
+    ``seed`` is only recorded)."""
 
-    system: str = "bidisperse"
+    system: str | System = "bidisperse"
     overrides: dict[str, str] = field(default_factory=dict)
     seed: int = 0
     wrt: list[str] | None = None  # default: the system's first parameter (diameter for soft spheres)
@@ -192,21 +196,29 @@ def use_neighbor_list(job: Job, system: System) -> bool:
     return bool(job.neighbor_list)
 
 
-def _bind(system: System, pairs: jax.Array | None, make: Callable[[System], Callable]) -> tuple[Callable, tuple]:
-    """``make(system) -> fn(q, params)``, with the neighbor list (if any) as a
-    third, non-differentiable argument so that it is data, not a compiled constant."""
-    if pairs is None:
-        return make(system), ()
-    return (lambda q_, p_, idx: make(system.with_pairs(idx))(q_, p_)), (pairs,)
+def compiled(system: System, pairs: jax.Array | None, key: Hashable, make: Callable[[System], Callable],
+             *args: Any) -> tuple[Callable, float]:
+    """``make(s)`` for ``s`` the system summed over ``pairs`` (None: all pairs),
+    compiled ahead of time for ``args`` once per (model, ``key``, shapes)
+    (:func:`mdsens.cache.program`); returns ``(fn, compile_s)``, ``fn(*args)``
+    the compiled function with the pairs bound. The pairs are an argument of
+    the program, data and not a compiled constant; ``make`` is given the
+    model's :attr:`~mdsens.system.Model.template`, so it must take θ and the
+    state from its arguments, and ``key`` must name everything else it
+    depends on (observable, solver options)."""
+    model = system.model
+    fn, compile_s = cache.program((model, key), lambda: lambda pr_, *a: make(model.template.with_pairs(pr_))(*a),
+                                  pairs, *args)
+    return (lambda *a: fn(pairs, *a)), compile_s
 
 
-def _compile_and_run(fn: Callable, *args: Any) -> tuple[Any, float, float]:
-    """Compile ``fn`` ahead of time, run it; return (output, compile_s, run_s)."""
+def run_compiled(system: System, pairs: jax.Array | None, key: Hashable, make: Callable[[System], Callable],
+                 *args: Any) -> tuple[Any, float, float]:
+    """:func:`compiled`, run on ``args``: ``(output, compile_s, run_s)``."""
+    fn, compile_s = compiled(system, pairs, key, make, *args)
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    mid = time.perf_counter()
-    out = jax.block_until_ready(compiled(*args))
-    return out, mid - start, time.perf_counter() - mid
+    out = jax.block_until_ready(fn(*args))
+    return out, compile_s, time.perf_counter() - start
 
 
 def _dist_version(name: str) -> str:
@@ -237,19 +249,26 @@ def device_name() -> str:
 def prepare(job: Job) -> tuple[System, dict[str, Callable], list[tuple[str, str, tuple[int, ...] | None]]]:
     """Build the system and validate every request before any expensive work:
     usage errors surface in a second, not after a relaxation."""
-    family = systems.get(job.system)
-    config = family.resolve(job.overrides)
-    # Memory preflight, before the build allocates anything: N = 2e9 positions
-    # alone are 32 GB in NumPy. Checked again below with the built system.
     itemsize = jnp.dtype(jnp.result_type(float)).itemsize
-    size = memory.particles(config)
-    if size is not None:
-        memory.check(memory.job_estimate(n=size[0], dim=size[1], observe=job.observe or ("energy", "pressure"),
-                                         neighbor_list=job.neighbor_list, skin=job.skin, itemsize=itemsize),
-                     memory.describe(job.system, job.overrides, *size))
-    system = family.build_fn(seed=job.seed, **config)
-    if job.minimizer not in ("fire", "gd"):
-        raise UsageError(f"unknown minimizer {job.minimizer!r}: choose 'fire' or 'gd'")
+    if isinstance(job.system, System):
+        if job.overrides:
+            raise UsageError(f"--set {', '.join(job.overrides)}: the system is given built; overrides apply to a "
+                             "catalogue name only")
+        system = job.system
+        family = systems.FAMILIES.get(system.name)
+    else:
+        family = systems.get(job.system)
+        config = family.resolve(job.overrides)
+        # Memory preflight, before the build allocates anything: N = 2e9 positions
+        # alone are 32 GB in NumPy. Checked again below with the built system.
+        size = memory.particles(config)
+        if size is not None:
+            memory.check(memory.job_estimate(n=size[0], dim=size[1], observe=job.observe or ("energy", "pressure"),
+                                             neighbor_list=job.neighbor_list, skin=job.skin, itemsize=itemsize),
+                         memory.describe(job.system, job.overrides, *size))
+        system = family.build_fn(seed=job.seed, **config)
+    if job.minimizer not in minimize.METHODS:
+        raise UsageError(f"unknown minimizer {job.minimizer!r}: choose {' or '.join(map(repr, minimize.METHODS))}")
     if not job.ftol > 0:
         raise UsageError(f"--ftol must be positive, got {job.ftol}")
     if job.polish is not None and (job.checkpoint is not None or job.resume is not None):
@@ -265,7 +284,8 @@ def prepare(job: Job) -> tuple[System, dict[str, Callable], list[tuple[str, str,
         raise UsageError(f"--polish {job.polish:g} must exceed --ftol {job.ftol:g} (it is the coarser tolerance at "
                          "which Newton steps take over)")
     params = dict(system.params)
-    requested = job.wrt if job.wrt else [next(k for k in family.parameters if k in params)]
+    order = [*(family.parameters if family is not None else ()), *params]
+    requested = job.wrt if job.wrt else [next(k for k in order if k in params)]
     # Each --wrt in its canonical spelling (names.format_name): the key of its /sensitivity group.
     wrts = [(names.format_name(*parsed), *parsed) for parsed in (parse_wrt(text, params) for text in requested)]
     observe = _observables(job, system)
@@ -281,7 +301,7 @@ def prepare(job: Job) -> tuple[System, dict[str, Callable], list[tuple[str, str,
     elements = sum(1 if index is not None else int(np.size(params[name])) for _, name, index in wrts)
     estimated = memory.job_estimate(system, observe=[*observe, *job.grad], wrt_elements=elements,
                                     neighbor_list=job.neighbor_list, skin=job.skin, itemsize=itemsize)
-    memory.check(estimated, memory.describe(job.system, job.overrides, system.n, system.dim))
+    memory.check(estimated, memory.describe(system.name, job.overrides, system.n, system.dim))
     memory.remember(system, estimated)
     return system, observe, wrts
 
@@ -326,13 +346,20 @@ def relax_system(
 _CHECKPOINT_KEYS = ("system", "overrides", "seed", "minimizer", "ftol", "skin")
 
 
+def _checkpoint_settings(job: Job) -> dict[str, Any]:
+    settings = {k: getattr(job, k) for k in _CHECKPOINT_KEYS}
+    if isinstance(job.system, System):
+        settings["system"] = job.system.name
+    return settings
+
+
 def save_checkpoint(path: str, job: Job, state: dict[str, np.ndarray]) -> None:
     """The minimizer state and the job that made it, as ``.npz``, written to a
     temporary file and renamed: a crash mid-write leaves the previous one."""
     import json
     import os
 
-    settings = json.dumps({k: getattr(job, k) for k in _CHECKPOINT_KEYS})
+    settings = json.dumps(_checkpoint_settings(job))
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as fh:
         np.savez(fh, _job=np.asarray(settings), **state)
@@ -349,7 +376,7 @@ def load_checkpoint(path: str, job: Job) -> dict[str, np.ndarray]:
             saved = json.loads(str(data["_job"]))
     except (OSError, ValueError, KeyError) as err:
         raise UsageError(f"--resume {path}: not a readable mdsens checkpoint ({err})") from None
-    current = json.loads(json.dumps({k: getattr(job, k) for k in _CHECKPOINT_KEYS}))
+    current = json.loads(json.dumps(_checkpoint_settings(job)))
     differ = [f"{k} {saved.get(k)!r} there, {current[k]!r} here" for k in _CHECKPOINT_KEYS if saved.get(k) != current[k]]
     if differ:
         raise UsageError(f"--resume {path}: the checkpoint is of another run ({'; '.join(differ)})")
@@ -403,15 +430,21 @@ def execute(job: Job, progress: Callable[[int, float, float], None] | None = Non
     q, info, compile_s, pairs, nl_meta = relax_system(job, system, params, progress)
     timings["compile_s"] += compile_s
     timings["relax_s"] = time.perf_counter() - start - compile_s
-    fn, extra = _bind(system, pairs, lambda s_: lambda q_, p_: observables.rattlers(s_, q_, p_))
-    rattler = jax.jit(fn)(q, params, *extra)
+    # Padded to a bucket of sizes, so that the next run's pair count reuses the programs.
+    pairs = None if pairs is None else pad_pairs(pairs, system.n)
+    rattler, c, _ = run_compiled(system, pairs, "rattlers", lambda s_: lambda q_, p_: observables.rattlers(s_, q_, p_),
+                                 q, params)
+    timings["compile_s"] += c
+    options = (job.solver, job.rtol, job.preconditioner)
 
     # The moduli's own solves (inside observables) follow --solver/--rtol/--preconditioner too.
     with solving(job):
         values = {}
         for name, obs in observe.items():
-            fn, extra = _bind(system, pairs, lambda s_, f=obs: lambda q_, p_: f(s_, q_, p_))
-            values[name] = np.asarray(jax.jit(fn)(q, params, *extra))
+            out, c, _ = run_compiled(system, pairs, (obs, options), lambda s_, f=obs: lambda q_, p_: f(s_, q_, p_),
+                                     q, params)
+            values[name] = np.asarray(out)
+            timings["compile_s"] += c
         values["max_force"] = np.asarray(info.max_force)
 
         forwards: dict[str, sensitivity.Forward] = {}
@@ -419,22 +452,22 @@ def execute(job: Job, progress: Callable[[int, float, float], None] | None = Non
         if bool(info.converged):
             for text, name, index in wrts:
                 def make_forward(s_, name=name, index=index):
-                    def fn_(q_, p_):
-                        solve = _solver(job, s_, q_, p_, rattler)
-                        return sensitivity.forward_fn(s_, name, observe, rattler, solve, index)(q_, p_)
+                    def fn_(q_, p_, r_):
+                        solve = sensitivity.solver_for(s_, q_, p_, r_, *options)
+                        return sensitivity.forward_fn(s_, name, observe, r_, solve, index)(q_, p_)
                     return fn_
-                fn, extra = _bind(system, pairs, make_forward)
-                forwards[text], c, r = _compile_and_run(fn, q, params, *extra)
+                forwards[text], c, r = run_compiled(system, pairs, ("forward", name, index, tuple(observe.items()),
+                                                                    options), make_forward, q, params, rattler)
                 timings["compile_s"] += c
                 timings["derivative_s"] += r
             for name in job.grad:
                 def make_gradient(s_, name=name):
-                    def fn_(q_, p_):
-                        solve = _solver(job, s_, q_, p_, rattler)
-                        return sensitivity.gradient_fn(s_, observables.OBSERVABLES[name], rattler, solve)(q_, p_)
+                    def fn_(q_, p_, r_):
+                        solve = sensitivity.solver_for(s_, q_, p_, r_, *options)
+                        return sensitivity.gradient_fn(s_, observables.OBSERVABLES[name], r_, solve)(q_, p_)
                     return fn_
-                fn, extra = _bind(system, pairs, make_gradient)
-                gradients[name], c, r = _compile_and_run(fn, q, params, *extra)
+                gradients[name], c, r = run_compiled(system, pairs, ("gradient", name, options), make_gradient,
+                                                     q, params, rattler)
                 timings["compile_s"] += c
                 timings["derivative_s"] += r
     timings["total_s"] = time.perf_counter() - wall

@@ -200,6 +200,22 @@ def gradient_descent(energy_fn: EnergyFn | None = None, shift_fn: ShiftFn = free
     return Minimizer(init, step, step_x, step_force, lambda state: jnp.zeros((), bool), blank)
 
 
+#: the minimizers by name (``--minimizer``)
+METHODS = ("fire", "gd")
+
+
+def make(method: str, shift_fn: ShiftFn = free_shift, energy_fn: EnergyFn | None = None,
+         force_fn: ForceFn | None = None) -> Minimizer:
+    """The one place a name becomes a minimizer: ``method`` "fire" (:func:`fire`)
+    or "gd" (:func:`gradient_descent`) on ``energy_fn`` or ``force_fn``, moved by
+    ``shift_fn``; any other name is a ValueError."""
+    if method == "fire":
+        return fire(energy_fn, shift_fn, force_fn=force_fn)
+    if method == "gd":
+        return gradient_descent(energy_fn, shift_fn, force_fn=force_fn)
+    raise ValueError(f"unknown minimizer {method!r}: choose {' or '.join(repr(m) for m in METHODS)}")
+
+
 def running(minimizer: Minimizer, state: Any, ftol: float, until: Array) -> Array:
     """Whether a relaxation goes on: not converged, below ``until``, not stalled."""
     go = (max_force(state.force) >= ftol) & (state.step < until)

@@ -11,7 +11,6 @@ that each linear solve's iterations and residual can be reported), and
 from __future__ import annotations
 
 import contextlib
-import weakref
 from typing import Callable, Mapping, NamedTuple
 
 import jax
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdsens import gauge as _gauge
-from mdsens import implicit, linsolve, minimize, observables
+from mdsens import cache, implicit, linsolve, minimize, observables
 from mdsens.system import Params, System
 
 Array = jax.Array
@@ -29,11 +28,7 @@ Observable = Callable[[System, Array, Params], Array]
 def minimizer_for(system: System, method: str = "fire") -> minimize.Minimizer:
     """The minimizer ``method`` ("fire" or "gd") on the system's real-space energy."""
     shift = minimize.periodic_shift if system.periodic else minimize.free_shift
-    if method == "fire":
-        return minimize.fire(system.energy_real, shift)
-    if method == "gd":
-        return minimize.gradient_descent(system.energy_real, shift)
-    raise ValueError(f"unknown minimizer {method!r}: choose 'fire' or 'gd'")
+    return minimize.make(method, shift, system.energy_real)
 
 
 def relax(
@@ -289,10 +284,20 @@ def forward(
     batched CG with ``vmap`` (``batch="vmap"``, the default on accelerators);
     see :func:`forward_fn`. ``x*`` is the real-space position (includes the
     affine part ``q* ⊙ ∂L/∂θ`` for the box).
+
+    Compiled once per model, options and shapes (:func:`mdsens.cache.program`;
+    the system's pairs are an argument, :func:`mdsens.system.pad_pairs` makes
+    their count repeat): a second call with new θ, q*, rattlers or a new build
+    of the same model compiles nothing. ``solve`` is part of the key by
+    identity: pass the same one.
     """
-    fn = _cached(system, ("forward", name, tuple(observe.items()), solve, index, batch),
-                 lambda: lambda q_, p_, r_: forward_fn(system, name, observe, r_, solve, index, batch)(q_, p_))
-    return fn(q, dict(params), jnp.asarray(rattler))
+    model = system.model
+    fn, _ = cache.program(
+        ("forward", model, name, tuple(observe.items()), solve, index, batch),
+        lambda: lambda q_, p_, r_, pr_: forward_fn(model.template.with_pairs(pr_), name, observe, r_, solve, index,
+                                                   batch)(q_, p_),
+        q, dict(params), jnp.asarray(rattler), system.pairs)
+    return fn(q, dict(params), jnp.asarray(rattler), system.pairs)
 
 
 def gradient_fn(
@@ -325,29 +330,15 @@ def gradient(
     """Reverse mode: ``dO/dθ`` for every element of every parameter, one solve.
 
     ``dO/dθ = ∂θO + (∂q*/∂θ)ᵀ ∂qO``. ``observable`` must return a scalar
-    (``jax.grad`` raises a TypeError otherwise).
+    (``jax.grad`` raises a TypeError otherwise). Compiled once per model,
+    observable, ``solve`` and shapes, as :func:`forward`.
     """
-    fn = _cached(system, ("gradient", observable, solve),
-                 lambda: lambda q_, p_, r_: gradient_fn(system, observable, r_, solve)(q_, p_))
-    return fn(q, dict(params), jnp.asarray(rattler))
-
-
-_JITTED: "weakref.WeakKeyDictionary[System, dict]" = weakref.WeakKeyDictionary()
-
-
-def _cached(system: System, key: tuple, make: Callable[[], Callable]) -> Callable:
-    """One jitted function per (system, key), the rattler mask an argument: a
-    second :func:`forward` or :func:`gradient` with new θ, q* or rattlers of
-    the same shapes compiles nothing (an optimiser or a sweep calls them in a
-    loop). ``solve`` is part of the key by identity: pass the same one."""
-    per_system = _JITTED.setdefault(system, {})
-    try:
-        fn = per_system.get(key)
-    except TypeError:  # an unhashable part of the key: no caching
-        return jax.jit(make())
-    if fn is None:
-        fn = per_system[key] = jax.jit(make())
-    return fn
+    model = system.model
+    fn, _ = cache.program(
+        ("gradient", model, observable, solve),
+        lambda: lambda q_, p_, r_, pr_: gradient_fn(model.template.with_pairs(pr_), observable, r_, solve)(q_, p_),
+        q, dict(params), jnp.asarray(rattler), system.pairs)
+    return fn(q, dict(params), jnp.asarray(rattler), system.pairs)
 
 
 # -- finite differences: the independent check ----------------------------------

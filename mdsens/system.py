@@ -14,8 +14,9 @@ see docs/design.md, "Pitfalls we measured".)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping
+import functools
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Hashable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,14 @@ class System:
     config: Mapping[str, Any] = field(default_factory=dict)
     pairs: Array | None = None
     specialize: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def model(self) -> "Model":
+        """The static part: what a compiled function may depend on (:class:`Model`)."""
+        extra = tuple((f.name, getattr(self, f.name)) for f in fields(self) if f.name not in _SYSTEM_FIELDS)
+        spec = tuple((k, tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in self.params.items())
+        return Model(type(self), self.name, (self.n, self.dim), np.asarray(self.species), self.pair, self.cutoff,
+                     self.contact, tuple(self.specialize), spec, extra)
 
     @property
     def n(self) -> int:
@@ -223,3 +232,120 @@ class System:
             keep = a < b
             found.append(np.stack([a[keep], b[keep]]))
         return np.concatenate(found, axis=1).astype(np.int32)
+
+
+_SYSTEM_FIELDS = frozenset(f.name for f in fields(System))
+
+
+@dataclass(frozen=True, eq=False)
+class Model:
+    """The static part of a :class:`System`, apart from the state (positions)
+    and θ (the parameter values): the class (and a subclass's own fields, e.g.
+    the fixed-pressure ``box_dof``), name, N and d, species, the pair energy,
+    cutoff and contact rule, ``specialize``, and the names, shapes and dtypes
+    of θ. Hashable and compared by value — functions structurally (same code,
+    equal closure values: :func:`structure`), arrays elementwise — so two
+    builds of one configuration with different seeds or parameter values are
+    one model: a jit static argument and the key of compiled programs
+    (:mod:`mdsens.cache`). ``system(positions, params)`` builds a System of
+    this model; ``template`` is one whose positions and θ are NaN, for code
+    that needs the model only (it takes θ and the state as arguments), so a
+    compiled program never holds one run's numbers."""
+
+    kind: type
+    name: str
+    shape: tuple[int, int]
+    species: np.ndarray
+    pair: PairFn
+    cutoff: Callable[[Params], Array]
+    contact: PairFn | None
+    specialize: tuple[str, ...]
+    spec: tuple[tuple[str, tuple[int, ...], str], ...]
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    @functools.cached_property
+    def key(self) -> Hashable:
+        return (self.kind, self.name, self.shape, structure(self.species), structure(self.pair),
+                structure(self.cutoff), structure(self.contact), self.specialize, self.spec, structure(self.extra))
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, Model) and self.key == other.key)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    @property
+    def n(self) -> int:
+        return self.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.shape[1]
+
+    @property
+    def periodic(self) -> bool:
+        return any(k == "box" for k, _, _ in self.spec)
+
+    def system(self, positions: Any, params: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> System:
+        """A System of this model at real-space ``positions`` (N, d) and θ ``params``."""
+        return self.kind(name=self.name, positions=np.asarray(positions), species=self.species, params=dict(params),
+                         pair=self.pair, cutoff=self.cutoff, contact=self.contact, config=dict(config or {}),
+                         specialize=self.specialize, **dict(self.extra))
+
+    @functools.cached_property
+    def template(self) -> System:
+        # NumPy, not jax arrays: the template may first be made while tracing.
+        params = {k: np.full(shape, np.nan, dtype) for k, shape, dtype in self.spec}
+        return self.system(np.full(self.shape, np.nan), params)
+
+
+def structure(value: Any, depth: int = 0) -> Hashable:
+    """A hashable key equal for structurally equal values: a function by its
+    code, defaults and closure values (recursively), an array by shape, dtype
+    and bytes, containers by their items; ``soft_sphere_pair(species)`` of two
+    builds with equal species give equal keys, Lennard-Jones pairs of
+    different onsets do not. Anything else by its own hash, or its identity."""
+    if depth > 8:
+        return ("id", id(value))
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, type)):
+        return value
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        a = np.asarray(value)
+        return ("array", a.shape, a.dtype.str, a.tobytes())
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, *(structure(v, depth + 1) for v in value))
+    if isinstance(value, dict):
+        return ("dict", *((k, structure(v, depth + 1)) for k, v in value.items()))
+    if isinstance(value, functools.partial):
+        return ("partial", structure(value.func, depth + 1), structure(value.args, depth + 1),
+                structure(value.keywords, depth + 1))
+    code = getattr(value, "__code__", None)
+    if code is not None:
+        cells = tuple(_cell(c, depth + 1) for c in value.__closure__ or ())
+        return ("function", code, structure(value.__defaults__, depth + 1), cells)
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))
+    return value
+
+
+def _cell(cell: Any, depth: int) -> Hashable:
+    try:
+        return structure(cell.cell_contents, depth)
+    except ValueError:  # an empty cell (a function that refers to itself before it is bound)
+        return ("id", id(cell))
+
+
+def pad_pairs(pairs: Any, n: int, width: int | None = None) -> Array:
+    """(2, M) pairs padded with N (:meth:`System.with_pairs`) to ``width``
+    columns, by default the next of 8 steps per octave (at most 12.5 % more):
+    a compiled function taking pairs as data then serves every M in a bucket."""
+    pairs = np.asarray(pairs)
+    m = pairs.shape[1]
+    if width is None:
+        step = max(1, 1 << max(0, m.bit_length() - 4))
+        width = max(8, -(-m // step) * step)
+    out = np.full((2, max(width, m)), n, np.int32)
+    out[:, :m] = pairs
+    return jnp.asarray(out)

@@ -254,6 +254,8 @@ def test_design_compiles_once_in_python():
     (["--target", "pressure=1", "--vary", "diameter", "--stop-at", "nonsense=0.3", "--tol", "0.1"], "unknown observable"),
     (["--target", "pressure=1", "--vary", "diameter", "--stop-at", "stress=0.3", "--tol", "0.1"], "scalar"),
     (["--target", "pressure=1", "--vary", "diameter", "--stop-at", "poisson_ratio", "--tol", "0.1"], "--stop-at"),
+    (["--target", "pressure=1", "--vary", "diameter", "--set", "pressure=0.01", "--solver", "sparse"],
+     "not available at fixed pressure"),
 ])
 def test_bad_input_exits_2_without_a_file(tmp_path, args, message):
     out = tmp_path / "bad.h5"

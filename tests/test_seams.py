@@ -1,6 +1,7 @@
-"""The engine's seams (issue 13): one solver factory, no silent failure, compile once; one NAME[i]
-spelling, one registry of observables, one box check."""
+"""The engine's seams (issue 13): the model apart from state and θ, one solver factory, no silent
+failure, compile once; one NAME[i] spelling, one registry of observables, one box check."""
 
+import contextlib
 import re
 
 import h5py
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdsens import elasticity, implicit, linsolve, observables, sensitivity, systems
+from mdsens import cache, elasticity, implicit, linsolve, observables, sensitivity, systems
 
 
 @pytest.fixture(scope="module")
@@ -74,21 +75,169 @@ def test_moduli_solves_follow_the_solver_options(relaxed, monkeypatch):
     np.testing.assert_allclose(plain, dense, rtol=1e-8)
 
 
+@contextlib.contextmanager
+def counting_compiles(pause: list | None = None):
+    """Count XLA backend compilations inside the block (jax.monitoring); none
+    are counted while ``pause`` is non-empty."""
+    from jax._src import dispatch
+
+    events: list[str] = []
+
+    def listener(event, duration, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT and not (pause or []):
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def test_forward_and_gradient_compile_once(relaxed):
     """A second call with new parameters, positions or rattlers of the same
-    shapes reuses the compiled function."""
+    shapes — or on a new build of the same model — reuses the compiled function."""
     system, params, q, rattler = relaxed
     observe = {"energy": observables.OBSERVABLES["energy"]}
     first = sensitivity.forward(system, q, params, "diameter", observe, rattler)
+    grad = sensitivity.gradient(system, q, params, observables.OBSERVABLES["energy"], rattler)
     moved = {**params, "epsilon": params["epsilon"] * 1.1}
-    second = sensitivity.forward(system, q, moved, "diameter", observe, jnp.array(rattler))
+    other = systems.get("bidisperse").build(n=16, phi=0.95, seed=5)  # another build, the same model
+    assert other.model == system.model and other is not system
+    q2, rattler2 = q * 1.0, jnp.array(rattler)  # new arrays (eager operations compile: outside the count)
+    before = cache.programs()
+    with counting_compiles() as compiled:
+        second = sensitivity.forward(other, q2, moved, "diameter", observe, rattler2)
+        grad2, _ = sensitivity.gradient(other, q2, moved, observables.OBSERVABLES["energy"], rattler)
+    assert compiled == [] and cache.programs() == before
+    # E is linear in ε at fixed q*, and q* does not depend on ε: dE/dD and dE/dθ scale by 1.1
     np.testing.assert_allclose(second.values["energy"], 1.1 * first.values["energy"], rtol=1e-9)
-    fns = list(sensitivity._JITTED[system].values())
-    assert len(fns) == 1 and fns[0]._cache_size() == 1
-    sensitivity.gradient(system, q, params, observables.OBSERVABLES["energy"], rattler)
-    sensitivity.gradient(system, q * 1.0, moved, observables.OBSERVABLES["energy"], rattler)
-    assert len(sensitivity._JITTED[system]) == 2
-    assert all(f._cache_size() == 1 for f in sensitivity._JITTED[system].values())
+    np.testing.assert_allclose(grad2["diameter"], 1.1 * grad[0]["diameter"], rtol=1e-9)
+    assert float(jnp.max(jnp.abs(first.values["energy"]))) > 1e-3
+
+
+def test_execute_compiles_once_outside_the_relaxation(monkeypatch):
+    """A second run with new parameter values and positions (another seed,
+    another ε: a new build of the same model) compiles nothing outside the
+    relaxation: rattlers, observables, forward and reverse derivatives come from
+    the programs of the first run, and give the dense solve's numbers."""
+    from mdsens import job as _job
+
+    paused: list = []
+    real = _job.relax_system
+
+    def relax_system(*args, **kwargs):  # relax.py's own cache is per System object: not counted here
+        paused.append(1)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            paused.pop()
+
+    monkeypatch.setattr(_job, "relax_system", relax_system)
+    options = dict(wrt=["diameter", "epsilon"], grad=["energy"], observe=["energy", "pressure"])
+    _job.execute(_job.Job(overrides={"n": "16", "phi": "0.95"}, seed=1, **options))
+    before = cache.programs()
+    with counting_compiles(paused) as compiled:
+        result = _job.execute(_job.Job(overrides={"n": "16", "phi": "0.95", "epsilon": "1.5"}, seed=2, **options))
+    assert result.converged and compiled == [] and cache.programs() == before
+    dense = sensitivity.forward_fn(result.system, "diameter", {"energy": observables.OBSERVABLES["energy"]},
+                                   result.rattler, linsolve.dense())(result.q, result.params)
+    np.testing.assert_allclose(result.sensitivity["diameter"].values["position"], dense.values["position"],
+                               rtol=0, atol=1e-8)
+    np.testing.assert_allclose(result.sensitivity["diameter"].values["energy"], dense.values["energy"], rtol=1e-8)
+    assert float(np.max(np.abs(dense.values["position"]))) > 1e-3
+
+
+def test_pairs_are_padded_to_few_widths():
+    from mdsens.system import pad_pairs
+
+    widths = {m: pad_pairs(np.zeros((2, m), np.int32), 7).shape[1] for m in range(1, 5000)}
+    assert all(m <= w <= max(8, 1.125 * m) for m, w in widths.items())
+    assert len(set(widths.values())) < 80
+    padded = np.asarray(pad_pairs(np.array([[0, 1], [2, 3]]), 7, 5))
+    assert padded.tolist() == [[0, 1, 7, 7, 7], [2, 3, 7, 7, 7]]
+
+
+# -- seam 1: the model apart from the state and θ -----------------------------------------
+
+
+def test_the_model_is_a_hashable_static_value():
+    """Builds of one configuration are one model whatever the seed or parameter
+    values; another N, species, pair (LJ onset) or box dofs is another; the
+    model is a jit static argument (one compile for two builds), and its
+    template computes what the system does from θ and q alone."""
+    bidisperse, lj = systems.get("bidisperse"), systems.get("lj_crystal")
+    a, b = bidisperse.build(n=16, seed=0), bidisperse.build(n=16, seed=1, epsilon=2.0, diameter=(1.0, 1.2))
+    assert a.model == b.model and hash(a.model) == hash(b.model)
+    others = [bidisperse.build(n=18), systems.get("polydisperse").build(n=16),
+              bidisperse.build(n=16, pressure=0.1), bidisperse.build(n=16, pressure=0.1, box_dof="aniso"),
+              lj.build(cells=5), lj.build(cells=5, onset=2.2)]
+    models = [a.model] + [s.model for s in others]
+    assert len(set(models)) == len(models)
+    assert lj.build(cells=5, seed=4).model == lj.build(cells=5).model
+    energy = jax.jit(lambda model, q, p: model.template.energy(q, p), static_argnums=0)
+    for s in (a, b):
+        p = {k: jnp.asarray(v) for k, v in s.params.items()}
+        q = s.to_solver(jnp.asarray(s.positions), p)
+        np.testing.assert_allclose(energy(s.model, q, p), s.energy(q, p), rtol=1e-12)
+    assert energy._cache_size() == 1
+    rebuilt = a.model.system(a.positions, a.params)
+    assert rebuilt.model == a.model and np.array_equal(rebuilt.positions, a.positions)
+    # the template carries no run's numbers: positions and θ are NaN
+    template = a.model.template
+    assert np.isnan(template.positions).all() and all(np.isnan(v).all() for v in template.params.values())
+
+
+def test_a_system_built_in_python_runs_like_the_cli(tmp_path):
+    """execute() takes a System built in Python — here by hand, from the
+    potential — and gives the numbers `mdsens run` writes for the same
+    configuration."""
+    from typer.testing import CliRunner
+
+    from mdsens import io
+    from mdsens.cli import app
+    from mdsens.job import Job, execute
+    from mdsens.system import System
+    from mdsens.systems.bidisperse import box_side, soft_sphere_pair
+
+    n, seed = 16, 3
+    species = np.repeat(np.arange(2, dtype=np.int32), n // 2)
+    side = box_side(np.array([1.0, 1.4])[species], 2, 0.9)
+    positions = np.random.default_rng(seed).uniform(0.0, side, size=(n, 2))
+    pair, contact = soft_sphere_pair(species)
+    params = {"diameter": jnp.array([1.0, 1.4]), "epsilon": jnp.asarray(1.0), "alpha": jnp.asarray(2.0),
+              "box": jnp.full(2, side)}
+    system = System("bidisperse", positions, species, params, pair, lambda p: jnp.max(p["diameter"]), contact,
+                    specialize=("alpha",))
+    args = ["--wrt", "diameter", "--wrt", "box", "--grad", "energy", "--observe", "energy", "--observe", "pressure"]
+    out = tmp_path / "cli.h5"
+    done = CliRunner().invoke(app, ["run", "bidisperse", "--set", f"n={n}", "--seed", str(seed), *args, "-o", str(out)])
+    assert done.exit_code == 0, done.output
+    cli = io.read(out)
+    record = execute(Job(system=system, seed=seed, wrt=["diameter", "box"], grad=["energy"],
+                         observe=["energy", "pressure"])).record()
+    io.write(tmp_path / "python.h5", record)  # the same file format
+    mine = io.read(tmp_path / "python.h5")
+    np.testing.assert_allclose(mine["positions"], cli["positions"], rtol=0, atol=1e-10)
+    for name in ("energy", "pressure"):
+        np.testing.assert_allclose(mine["observables"][name], cli["observables"][name], rtol=1e-9)
+    for wrt in ("diameter", "box"):
+        for key, value in cli["sensitivity"][wrt]["values"].items():
+            np.testing.assert_allclose(mine["sensitivity"][wrt]["values"][key], value, rtol=1e-7, atol=1e-9)
+    for key, value in cli["gradient"]["energy"]["values"].items():
+        np.testing.assert_allclose(mine["gradient"]["energy"]["values"][key], value, rtol=1e-7, atol=1e-12)
+    with pytest.raises(systems.UsageError, match="overrides apply to a catalogue name only"):
+        execute(Job(system=system, overrides={"n": "8"}))
+
+
+def test_one_minimizer_factory():
+    from mdsens import minimize
+
+    x = jnp.zeros((3, 2))
+    assert type(minimize.make("fire", energy_fn=lambda x_, p_: jnp.sum(x_**2)).init(x, {})).__name__ == "FireState"
+    assert type(minimize.make("gd", energy_fn=lambda x_, p_: jnp.sum(x_**2)).init(x, {})).__name__ == "DescentState"
+    with pytest.raises(ValueError, match="unknown minimizer 'bfgs': choose 'fire' or 'gd'"):
+        minimize.make("bfgs")
 
 
 # -- seam 6: one registry of observables, one box check -------------------------------------
