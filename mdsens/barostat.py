@@ -425,12 +425,7 @@ def _programs(system: CellSystem, method: str, ftol: float, skin: float, capacit
         worst = jnp.max(jnp.abs(coeff)) if system.box_dof != "iso" else jnp.abs(coeff[0])
         return minimize.max_force(real), worst * (volume / n) ** ((d - 1) / d)
 
-    if method == "fire":
-        mini = minimize.fire(force_fn=force_fn, shift_fn=shift)
-    elif method == "gd":
-        mini = minimize.gradient_descent(force_fn=force_fn, shift_fn=shift)
-    else:
-        raise ValueError(f"unknown minimizer {method!r}: choose 'fire' or 'gd'")
+    mini = minimize.make(method, shift, force_fn=force_fn)
 
     def near_fn(x, theta):
         q, params = unpack_x(x, theta)
@@ -602,10 +597,7 @@ def _cell_programs(system: CellSystem, theta: Params, method: str, ftol: float, 
         y = jnp.mod(x[:n * d].reshape(n, d) + dx[:n * d].reshape(n, d), env[0]["box"])
         return jnp.concatenate([y.ravel(), x[n * d:] + dx[n * d:]])
 
-    if method == "fire":
-        mini = minimize.fire(force_fn=force_fn, shift_fn=shift)
-    else:
-        mini = minimize.gradient_descent(force_fn=force_fn, shift_fn=shift)
+    mini = minimize.make(method, shift, force_fn=force_fn)
 
     norms = jnp.asarray(np.sum(basis_np**2, axis=(1, 2)))
 

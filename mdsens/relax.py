@@ -593,11 +593,7 @@ def _minimizer(system: System, table: Table, method: str, pairs: bool = False) -
     def shift_fn(x: Array, dx: Array, env: tuple[Params, Array]) -> Array:
         return shift(x, dx, env[0])
 
-    if method == "fire":
-        return minimize.fire(shift_fn=shift_fn, force_fn=force_fn)
-    if method == "gd":
-        return minimize.gradient_descent(shift_fn=shift_fn, force_fn=force_fn)
-    raise ValueError(f"unknown minimizer {method!r}: choose 'fire' or 'gd'")
+    return minimize.make(method, shift_fn, force_fn=force_fn)
 
 
 class _Compiled(NamedTuple):
