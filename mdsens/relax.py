@@ -310,20 +310,6 @@ def _all_others(n: int) -> np.ndarray:
     return (cols + (cols >= rows)).astype(np.int32)
 
 
-def _compacted(cand: Array, near: Array, capacity: int, n: int) -> tuple[Array, Array]:
-    """(N, capacity) the ``near`` entries of each row of ``cand``, in row order,
-    padded with ``n``, and whether some row had more than ``capacity``."""
-    rows, width = near.shape
-    flags = near.astype(jnp.int32)
-    running = [flags[:, 0]]
-    for k in range(1, width):  # unrolled: XLA:CPU's cumsum is a slow reduce-window
-        running.append(running[-1] + flags[:, k])
-    before = jnp.stack(running, axis=1) - flags
-    slot = jnp.where(near & (before < capacity), jnp.arange(rows)[:, None] * capacity + before, rows * capacity)
-    key = jnp.full(rows * capacity, n, cand.dtype).at[slot.ravel()].set(cand.ravel(), mode="drop")
-    return key.reshape(rows, capacity), jnp.any(running[-1] > capacity)
-
-
 class Table:
     """Builds and refreshes the neighbor table of one system at one box: the
     particles closer than ``cutoff + skin``, from a cell list of side at least
@@ -429,10 +415,6 @@ class Table:
             source = first[around[rows, which]] + slot - (ends - lengths)[rows, which]
             inside = slot < ends[:, -1:]
             per_cell = jnp.where(inside, order[jnp.clip(source, 0, n - 1)].astype(jnp.int32), n)
-            # Sorted once per cell (about half as many rows as particles), so
-            # that each particle's row is sorted and :meth:`build` compacts it
-            # without a sort of its own.
-            per_cell = jnp.sort(per_cell, axis=1)
             return per_cell[cell], jnp.zeros((0, width), jnp.int32), jnp.max(ends[:, -1]) > width
         around = jnp.asarray(self.neighbor_cells)[cell]  # (N, 3^d)
         sorted_cell = cell[order]
@@ -462,15 +444,8 @@ class Table:
         if self.static:
             return Neighbors(cand, x, cells, cell_overflow)
         near = self._near(x, cand, box, deform)
-        if self.packed:
-            # Rows already sorted (per cell, :meth:`_candidates`): keep the near
-            # entries in order with a running count along the row and one flat
-            # scatter (the same table as the sort below, for less: see README).
-            key, overflow = _compacted(cand, near, capacity, n)
-            return Neighbors(key, x, cells, cell_overflow | overflow)
         # Compaction: the near candidates first (sorted by index; a row sort was
-        # measured cheaper on XLA:CPU than top_k or a cumsum-and-scatter of
-        # unsorted rows). A row
+        # measured cheaper on XLA:CPU than top_k or a cumsum-and-scatter). A row
         # overflows when a near candidate sorts beyond the capacity: read off
         # the sorted rows, since a separate count of ``near`` made XLA compute
         # the distances twice (N = 16384: 53 → 27 ms per build).
