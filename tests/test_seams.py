@@ -126,7 +126,7 @@ def test_execute_compiles_once_outside_the_relaxation(monkeypatch):
     paused: list = []
     real = _job.relax_system
 
-    def relax_system(*args, **kwargs):  # relax.py's own cache is per System object: not counted here
+    def relax_system(*args, **kwargs):  # the relaxation's table may need another capacity: not counted here
         paused.append(1)
         try:
             return real(*args, **kwargs)
@@ -145,6 +145,70 @@ def test_execute_compiles_once_outside_the_relaxation(monkeypatch):
     np.testing.assert_allclose(result.sensitivity["diameter"].values["position"], dense.values["position"],
                                rtol=0, atol=1e-8)
     np.testing.assert_allclose(result.sensitivity["diameter"].values["energy"], dense.values["energy"], rtol=1e-8)
+    assert float(np.max(np.abs(dense.values["position"]))) > 1e-3
+
+
+def test_relaxation_programs_are_keyed_by_the_model():
+    """relax.py's compiled chunks belong to the model, not the System object: new
+    builds of seeds already seen (new System objects) relax compiling nothing,
+    to the bitwise same x* (a table shared between systems of one model changes
+    nothing but shapes); another model with the same N and d compiles its own."""
+    from mdsens import relax
+
+    family = systems.get("bidisperse")
+
+    def run(seed, fam=family):
+        s = fam.build(n=16, phi=0.95, seed=seed)
+        return relax.relax(s, {k: jnp.asarray(v) for k, v in s.params.items()}, jnp.asarray(s.positions))
+
+    first = [run(seed) for seed in (11, 12)]  # the table capacity settles at the larger need of the two
+    with counting_compiles() as compiled:
+        again = [run(seed) for seed in (11, 12)]
+    assert compiled == [] and all(a.compile_s < 0.5 for a in again)
+    for a, b in zip(first, again):
+        assert bool(b.info.converged) and bool(jnp.all(a.x == b.x))
+    # the Newton polish too: compiled once per model and shapes, not on every call
+    polished = []
+    for k, seed in enumerate((11, 12)):
+        s = family.build(n=16, phi=0.95, seed=seed)
+        params = {k_: jnp.asarray(v) for k_, v in s.params.items()}
+        with counting_compiles() as compiled:
+            polished.append(relax.newton_polish(s, params, first[k].x, 1e-13))
+        assert k == 0 or compiled == []
+        f = relax.pair_force_fn(s)(polished[-1][0], polished[-1][2].idx, params)
+        assert float(jnp.max(jnp.abs(f))) < 1e-13
+    with counting_compiles() as compiled:
+        other = run(11, systems.get("polydisperse"))
+    assert compiled and bool(other.info.converged)
+
+
+def test_a_second_ensemble_of_the_model_compiles_nothing():
+    """ensemble.run: a second call with other seeds and another ε (the same model)
+    compiles neither its batched relaxation nor its derivative program, and its
+    derivatives are the dense solve's."""
+    from mdsens import ensemble
+    from mdsens.job import Job
+
+    def run(seeds, **overrides):
+        job = Job(system="bidisperse", overrides={"n": "16", "phi": "0.95", **overrides}, grad=["energy"])
+        return ensemble.run(ensemble.EnsembleJob(job, seeds=seeds))
+
+    # Seeds whose random starts need a table of every other particle (the cap
+    # at N = 16, no cell list): any later batch of the model fits the same
+    # shapes. (Seeds that needed less would leave a later batch one compile
+    # for its wider table.)
+    first = run(range(5, 7))
+    assert first.meta["table_capacity"] == [16]
+    with counting_compiles() as compiled:
+        result = run(range(0, 2), epsilon="1.5")
+    assert compiled == [] and result.timings["compile_s"] == 0.0 and bool(np.all(result.converged))
+    member = systems.get("bidisperse").build(n=16, phi=0.95, epsilon=1.5, seed=1)
+    params = {k: jnp.asarray(v) for k, v in member.params.items()}
+    q = jnp.asarray(member.to_solver(jnp.asarray(result.position[1]), params))
+    rattler = jnp.asarray(result.rattler[1])
+    dense = sensitivity.forward_fn(member, "diameter", {}, rattler, linsolve.dense())(q, params)
+    np.testing.assert_allclose(result.sensitivity["diameter"]["position"][1], dense.values["position"],
+                               rtol=0, atol=1e-8)
     assert float(np.max(np.abs(dense.values["position"]))) > 1e-3
 
 
