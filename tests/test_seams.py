@@ -22,16 +22,26 @@ def relaxed():
     return system, params, q, observables.rattlers(system, q, params)
 
 
-def test_equilibrium_is_preconditioned_and_exact(relaxed):
-    """equilibrium() builds its solve at the root (twolevel by default); its
-    derivative equals the dense exact solve's."""
+@pytest.fixture(scope="module")
+def dense_tangent(relaxed):
+    """dq*/dσ_large at the relaxed state through equilibrium() with the dense exact solve."""
     system, params, q, _ = relaxed
     dp = {k: jnp.zeros_like(v) for k, v in params.items()}
     dp["diameter"] = jnp.asarray([0.0, 1.0])
+    eq = sensitivity.equilibrium(system, solve=linsolve.dense())
+    return dp, jax.jit(lambda p, d: jax.jvp(lambda p_: eq(q, p_), (p,), (d,))[1])(params, dp)  # jit: 3× faster
+
+
+def test_equilibrium_is_preconditioned_and_exact(relaxed, dense_tangent):
+    """equilibrium() builds its solve at the root (twolevel by default); its
+    derivative equals the dense exact solve's."""
+    system, params, q, _ = relaxed
+    dp, dense = dense_tangent
     outs = []
-    for kwargs in ({}, {"preconditioner": "jacobi"}, {"solve": linsolve.dense()}):
+    for kwargs in ({}, {"preconditioner": "jacobi"}):
         eq = sensitivity.equilibrium(system, **kwargs)
         outs.append(jax.jvp(lambda p: eq(q, p), (params,), (dp,))[1])
+    outs.append(dense)
     np.testing.assert_allclose(outs[0], outs[2], rtol=0, atol=1e-8)
     np.testing.assert_allclose(outs[1], outs[2], rtol=0, atol=1e-8)
     assert float(jnp.max(jnp.abs(outs[2]))) > 1e-3
@@ -52,6 +62,35 @@ def test_unconverged_relaxation_and_capped_solve_are_nan(relaxed):
     dp["diameter"] = jnp.asarray([1.0, 0.0])
     assert bool(jnp.all(jnp.isnan(jax.jvp(lambda p: capped(q, p), (params,), (dp,))[1])))
     # (an uncapped CG gives a finite tangent: test_equilibrium_is_preconditioned_and_exact)
+
+
+def test_equilibrium_on_a_pair_list_misses_no_contact(relaxed, dense_tangent):
+    """equilibrium(system.with_pairs(pairs)): a list taken at the random start
+    misses contacts that form during the relaxation, so the result is NaN, not
+    the minimum of a truncated energy; a list that covers q* (a neighbor list
+    with a skin) gives q* and the derivative of the whole system."""
+    from mdsens.system import pad_pairs
+
+    system, params, q_star, _ = relaxed
+    start = jnp.asarray(system.to_solver(jnp.asarray(system.positions), params))
+    frozen = system.with_pairs(pad_pairs(system.interacting_pairs(start, params), system.n))
+    out = sensitivity.equilibrium(frozen)(start, params)
+    if bool(jnp.all(jnp.isfinite(out))):  # then it must be an equilibrium of the whole energy
+        force = jax.grad(system.energy)(out, params)
+        assert float(jnp.max(jnp.abs(force))) < 1e-8
+        assert int(sensitivity.missing_pairs(frozen, out, params)) == 0
+    else:
+        assert bool(jnp.all(jnp.isnan(out)))
+    # a list that covers q*: q* itself, and the derivative of the whole system
+    listed = system.with_pairs(pad_pairs(system.interacting_pairs(q_star, params, margin=0.3), system.n))
+    assert int(sensitivity.missing_pairs(listed, q_star, params)) == 0
+    assert int(listed.pairs.shape[1]) < system.n * (system.n - 1) // 2
+    dp, want = dense_tangent
+    got, tangent = jax.jit(lambda p, d: jax.jvp(lambda p_: sensitivity.equilibrium(listed)(q_star, p_), (p,), (d,)))(
+        params, dp)
+    np.testing.assert_allclose(got, q_star, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(tangent, want, rtol=0, atol=1e-8)
+    assert float(jnp.max(jnp.abs(want))) > 1e-3
 
 
 def test_moduli_solves_follow_the_solver_options(relaxed, monkeypatch):
