@@ -79,6 +79,20 @@ def gauge_for(system: System, rattler: Array | None = None) -> implicit.Gauge:
 SOLVERS = ("cg", "dense", "sparse")
 
 
+def check_solver(method: str, preconditioner: str) -> None:
+    """The one check of the linear-solver options (``--solver``,
+    ``--preconditioner``; :func:`solver_for`, :func:`mdsens.job.prepare`): a
+    :class:`~mdsens.systems.UsageError` naming the choices."""
+    from mdsens import precondition
+    from mdsens.systems import UsageError
+
+    if preconditioner not in precondition.PRECONDITIONERS:
+        raise UsageError(f"unknown preconditioner {preconditioner!r}: choose "
+                         f"{' or '.join(map(repr, precondition.PRECONDITIONERS))}")
+    if method not in SOLVERS:
+        raise UsageError(f"unknown linear solver {method!r}: choose {' or '.join(map(repr, SOLVERS))}")
+
+
 def solver_for(
     system: System, q: Array, params: Params, rattler: Array | None = None, method: str = "cg",
     rtol: float = 1e-10, preconditioner: str = "twolevel",
@@ -93,15 +107,10 @@ def solver_for(
     ``ensemble``, ``design``, :func:`equilibrium` and the elastic moduli
     (:func:`solving`) all come here."""
     from mdsens import linsolve, precondition
-    from mdsens.systems import UsageError
 
-    if preconditioner not in precondition.PRECONDITIONERS:
-        raise UsageError(f"unknown preconditioner {preconditioner!r}: choose "
-                         f"{' or '.join(precondition.PRECONDITIONERS)}")
+    check_solver(method, preconditioner)
     if method == "dense":
         return linsolve.dense()
-    if method not in SOLVERS:
-        raise UsageError(f"unknown linear solver {method!r}: choose {', '.join(SOLVERS)}")
     if method == "sparse":
         from mdsens import sparse
 

@@ -427,6 +427,31 @@ def test_one_box_message_for_every_caller():
     assert messages[0].startswith("fixed pressure ")
 
 
+def test_one_solver_check_for_every_caller(relaxed, tmp_path):
+    """--solver and --preconditioner are checked in one place: Job (the CLI)
+    and solver_for (equilibrium, the moduli) refuse a bad name with the same
+    one-line message; the command line exits 2 without a file."""
+    from typer.testing import CliRunner
+
+    from mdsens.cli import app
+    from mdsens.job import Job, prepare
+    from mdsens.systems import UsageError
+
+    system, params, q, rattler = relaxed
+    for option, bad, message in (("solver", "lu", "unknown linear solver 'lu': choose 'cg' or 'dense' or 'sparse'"),
+                                  ("preconditioner", "ilu", "unknown preconditioner 'ilu': choose 'none' or 'jacobi' "
+                                                            "or 'twolevel'")):
+        options = {"solver": "cg", "preconditioner": "twolevel", option: bad}
+        with pytest.raises(UsageError) as from_job:
+            prepare(Job(overrides={"n": "16"}, **options))
+        with pytest.raises(UsageError) as from_solve:
+            sensitivity.solver_for(system, q, params, rattler, options["solver"], 1e-10, options["preconditioner"])
+        assert str(from_job.value) == str(from_solve.value) == message
+        result = CliRunner().invoke(app, ["run", "--set", "n=16", f"--{option}", bad, "-o", str(tmp_path / "x.h5")])
+        assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
+        assert not (tmp_path / "x.h5").exists()
+
+
 def test_pressure_parameter_and_model_potential_units(tmp_path):
     """The fixed-pressure parameter `pressure` has a unit (an energy density, so
     dx*/dP is a length per energy density); the parameter units follow the
