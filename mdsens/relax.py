@@ -770,7 +770,7 @@ def spatial_order(table: Table, x: Array) -> np.ndarray:
     return np.argsort(np.asarray(table._cell_of(jnp.asarray(x))), kind="stable").astype(np.int32)
 
 
-def _renumbered(a: np.ndarray, order: np.ndarray | None, inverse: bool = False) -> np.ndarray:
+def renumbered(a: np.ndarray, order: np.ndarray | None, inverse: bool = False) -> np.ndarray:
     """A per-particle array in the relaxation's numbering (``inverse``: back in
     the model's); anything else unchanged."""
     a = np.asarray(a)
@@ -783,7 +783,7 @@ def _renumbered(a: np.ndarray, order: np.ndarray | None, inverse: bool = False) 
     return out
 
 
-def _table_in_model_numbering(idx: Array, order: np.ndarray | None) -> Array:
+def table_in_model_numbering(idx: Array, order: np.ndarray | None) -> Array:
     """A table built on renumbered particles, with rows and entries in the
     model's numbering (rows sorted, padded with N)."""
     if order is None:
@@ -791,7 +791,12 @@ def _table_in_model_numbering(idx: Array, order: np.ndarray | None) -> Array:
     idx = np.asarray(idx)
     n = order.shape[0]
     entries = np.where(idx < n, order[np.minimum(idx, n - 1)], n)
-    return jnp.asarray(np.sort(_renumbered(entries, order, inverse=True), axis=1).astype(idx.dtype))
+    return jnp.asarray(np.sort(renumbered(entries, order, inverse=True), axis=1).astype(idx.dtype))
+
+
+# the names mdsens.barostat has used (kept)
+_renumbered = renumbered
+_table_in_model_numbering = table_in_model_numbering
 
 
 def _descend(system: System, params: Params, x: Array, method: str, ftol: float, max_steps: int, chunk: int,
