@@ -204,6 +204,9 @@ def test_relaxation_programs_are_keyed_by_the_model():
     with counting_compiles() as compiled:
         again = [run(seed) for seed in (11, 12)]
     assert compiled == [] and all(a.compile_s < 0.5 for a in again)
+    # one table for the model: both now run at the larger capacity (seed 11 first ran on a narrower one),
+    # and the force does not depend on it
+    assert [b.stats.capacity for b in again] == [max(a.stats.capacity for a in first)] * 2
     for a, b in zip(first, again):
         assert bool(b.info.converged) and bool(jnp.all(a.x == b.x))
     # the Newton polish too: compiled once per model and shapes, not on every call
