@@ -44,7 +44,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens import barostat, minimize, observables, relax, sensitivity, systems
+from mdsens import barostat, cache, minimize, observables, relax, sensitivity, systems
 from mdsens.job import Job, _solver, prepare, solving
 from mdsens.system import Params, System
 from mdsens.systems import UsageError
@@ -216,16 +216,46 @@ def _where(mask: Array, new: Any, old: Any) -> Any:
 #: how many members' tables one rebuild pass builds together (see ``_program``)
 REBUILD_GROUP = 4
 
-_PROGRAMS: "weakref.WeakKeyDictionary[System, dict]" = weakref.WeakKeyDictionary()
+#: batched relaxation programs kept in process, keyed by model, table and
+#: options (least recently used dropped first)
+PROGRAM_LIMIT = 16
+_PROGRAMS: "OrderedDict[Any, _Batch]" = OrderedDict()
+
+
+class _Batch(NamedTuple):
+    """A cached batched relaxation: the minimizer, the jitted chunk, its
+    executables per argument shapes, and the capacities ``[K, C]`` the batches
+    of this model have needed so far (they only grow, as a
+    :class:`mdsens.relax.Table`'s do: the next batch reuses the compiled
+    chunk, and the derivatives, whose pairs have the table's shape, theirs)."""
+
+    mini: minimize.Minimizer
+    advance: Callable
+    executables: dict
+    sticky: list
+
+
+def _table_key(table: relax.Table) -> tuple:
+    """What a table's build and displacement test depend on (its capacities are arguments)."""
+    box = None if table.box is None else tuple(np.asarray(table.box).tolist())
+    return (table.n, table.dim, table.skin, table.cutoff, table.metric_reach, box)
 
 
 def _program(model: System, table: relax.Table, method: str, ftol: float) -> tuple[minimize.Minimizer, Callable]:
     """The batched chunk ``(state, nbrs, params, until, stale) -> (state, nbrs,
-    rebuilds, max|F|, stalled, E)``, jitted; cached per model and table."""
-    per_model = _PROGRAMS.setdefault(model, {})
-    key = (id(table), method, float(ftol))
-    if key in per_model:
-        return per_model[key]
+    rebuilds, max|F|, stalled, E)``, jitted; cached per model (:attr:`System.model`),
+    table (by what defines it, :func:`_table_key`), minimizer and tolerance."""
+    batch = _batch_program(model, table, method, ftol)
+    return batch.mini, batch.advance
+
+
+def _batch_program(model: System, table: relax.Table, method: str, ftol: float) -> _Batch:
+    key = (model.model, _table_key(table), method, float(ftol))
+    found = _PROGRAMS.get(key)
+    if found is not None:
+        _PROGRAMS.move_to_end(key)
+        return found
+    model = model.model.template  # what the program closes over: the model, no member's numbers
     mini = relax._minimizer(model, table, method)
 
     def advance(state, nbrs, params, until, stale):
@@ -289,8 +319,10 @@ def _program(model: System, table: relax.Table, method: str, ftol: float) -> tup
         energy = jax.vmap(lambda x_, i_, p_: relax.table_energy(model, x_, i_, p_))(s.x, nb.idx, params)
         return s, nb, rebuilds, fmax, jax.vmap(mini.stalled)(s), energy
 
-    per_model[key] = (mini, jax.jit(advance))
-    return per_model[key]
+    _PROGRAMS[key] = _Batch(mini, jax.jit(advance), {}, [0, 0])
+    while len(_PROGRAMS) > PROGRAM_LIMIT:
+        _PROGRAMS.popitem(last=False)
+    return _PROGRAMS[key]
 
 
 def relax_batch(
@@ -308,11 +340,16 @@ def relax_batch(
     if model.periodic:
         x = jnp.mod(x, params["box"][:, None, :])
     table = _table(model, params, skin)
-    mini, advance = _program(model, table, method, ftol)
+    batch = _batch_program(model, table, method, ftol)
+    mini, advance = batch.mini, batch.advance
     place = (lambda a: a) if sharding is None else (lambda a: jax.device_put(a, sharding))
     params = jax.tree.map(place, params)
     state = jax.tree.map(place, jax.vmap(mini.blank)(x))
     capacity, cell_capacity = _capacities(table, model, state.x, params)
+    if not table.static:  # at least what earlier batches of this model needed: their compiled chunk
+        capacity = min(max(capacity, batch.sticky[0]), table.n) if table.grid is None else \
+            max(capacity, batch.sticky[0])
+        cell_capacity = max(cell_capacity, batch.sticky[1])
 
     def placeholder(x_, capacity, cell_capacity):
         tables = [table.placeholder(x_[m], capacity, cell_capacity) for m in range(x_.shape[0])]
@@ -320,13 +357,14 @@ def relax_batch(
 
     nbrs = placeholder(state.x, capacity, cell_capacity)
     stale = jnp.asarray(True)
-    compiled: dict = {}
+    compiled = batch.executables
     compile_s = 0.0
     reallocations = rebuilds = 0
     done = 0
     while True:
         until = jnp.asarray(min(max_steps, done + chunk), jnp.int32)
-        key = (nbrs.idx.shape, nbrs.cells.shape)
+        leaves, tree = jax.tree.flatten((state, nbrs, params))
+        key = (tree, tuple(jax.typeof(a) for a in leaves), sharding)
         if key not in compiled:
             t = time.perf_counter()
             compiled[key] = advance.lower(state, nbrs, params, until, stale).compile()
@@ -351,6 +389,7 @@ def relax_batch(
                      time.perf_counter() - start - compile_s)
         if np.all(converged | np.asarray(stalled)) or done >= max_steps:
             break
+    batch.sticky[:] = [max(batch.sticky[0], int(nbrs.idx.shape[-1])), max(batch.sticky[1], int(nbrs.cells.shape[-1]))]
     return BatchRelaxed(state.x, steps, fmax_np, np.asarray(energy), converged, np.asarray(stalled), nbrs.idx,
                         compile_s, reallocations, rebuilds, int(nbrs.idx.shape[-1]))
 
@@ -524,7 +563,7 @@ def run(ej: EnsembleJob, progress: Callable[[int, int, float, float], None] | No
                                        job.skin, progress, sharding)
             q, params = out.q, out.params
             observe = barostat.default_observables(member_job, model, observe)
-            fn = jax.vmap(barostat.derivative_fn(member_job, model, observe, wrts, member_job.grad))
+            derivatives = barostat.derivative_fn
             positions = jax.vmap(model.to_real)(q, params)
             # the relaxed cell: sides (iso, aniso) or the (d, d) edge vectors (shear), as in a run file
             boxes = np.stack([barostat.record_box(model, jax.tree.map(lambda a, r=r: a[r], params))
@@ -533,7 +572,7 @@ def run(ej: EnsembleJob, progress: Callable[[int, int, float, float], None] | No
             out = relax_batch(model, params, x0, job.minimizer, job.ftol, job.max_steps, job.chunk, job.skin,
                               progress, sharding)
             q = out.x / params["box"][:, None, :] if model.periodic else out.x
-            fn = jax.vmap(derivative_fn(member_job, model, observe, wrts, member_job.grad))
+            derivatives = derivative_fn
             positions = out.x
             boxes = np.asarray(params["box"]) if model.periodic else None
         timings["compile_s"] += out.compile_s
@@ -546,12 +585,19 @@ def run(ej: EnsembleJob, progress: Callable[[int, int, float, float], None] | No
         # Derivatives are computed for every member (one program) and kept for
         # the converged ones only (NaN for the others, so every file has the
         # same datasets).
-        t0 = time.perf_counter()
+        # Compiled once per model, options and shapes (mdsens.cache.program): a
+        # second ensemble of the same model (new seeds, new θ) compiles nothing here.
+        options = (member_job.solver, member_job.rtol, member_job.preconditioner)
         with solving(member_job):
-            compiled = jax.jit(fn).lower(place(q), params, place(pairs)).compile()
+            compiled, c = cache.program(
+                ("ensemble.derivatives", derivatives, model.model, tuple(observe.items()), tuple(wrts),
+                 tuple(member_job.grad), options, sharding),
+                lambda d=derivatives, o=observe, j=member_job, w=wrts, m=model.model:
+                    jax.vmap(d(j, m.template, o, w, j.grad)),
+                place(q), params, place(pairs))
         t1 = time.perf_counter()
         rattler, values, forwards, gradients = jax.block_until_ready(compiled(place(q), params, place(pairs)))
-        timings["compile_s"] += t1 - t0
+        timings["compile_s"] += c
         timings["derivative_s"] += time.perf_counter() - t1
         for row, k in enumerate(batch):
             ok = bool(out.converged[row])

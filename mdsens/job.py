@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens import cache, io, linsolve, memory, minimize, names, observables, precondition, relax, sensitivity, systems
+from mdsens import cache, io, linsolve, memory, minimize, names, observables, relax, sensitivity, systems
 from mdsens.minimize import RelaxInfo
 from mdsens.system import System, pad_pairs
 from mdsens.systems import UsageError
@@ -167,12 +167,7 @@ def _solver(job: Job, system: System | None = None, q: jax.Array | None = None, 
     """The linear solve of ``job`` (:func:`mdsens.sensitivity.solver_for`) at a
     relaxed state; without one, only the options are validated."""
     if system is None:
-        if job.preconditioner not in precondition.PRECONDITIONERS:
-            raise UsageError(f"unknown preconditioner {job.preconditioner!r}: choose "
-                             f"{' or '.join(precondition.PRECONDITIONERS)}")
-        if job.solver not in sensitivity.SOLVERS:
-            raise UsageError(f"unknown linear solver {job.solver!r}: choose "
-                             f"{' or '.join(repr(s) for s in sensitivity.SOLVERS)}")
+        sensitivity.check_solver(job.solver, job.preconditioner)
         return None
     return sensitivity.solver_for(system, q, params, rattler, job.solver, job.rtol, job.preconditioner)
 

@@ -24,23 +24,24 @@ from its start on a reallocated, bigger table, so no step is ever taken on a
 truncated list. An interaction without a finite range (Morse) gets the static
 table of all other particles (exactly all pairs, never rebuilt).
 
-Compiled chunks are cached per (system, table shape, minimizer, ftol), so a
+Compiled chunks are cached per (model, box, minimizer, ftol, skin, table
+shape) — the model (:attr:`System.model`), not the System object — so a
 second relaxation of the same model — a finite difference, a warm restart, an
-optimizer step — compiles nothing.
+optimizer step, another seed built separately — compiles nothing.
 """
 
 from __future__ import annotations
 
 import math
 import time
-import weakref
-from typing import Any, Callable, NamedTuple
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens import minimize
+from mdsens import cache, minimize
 from mdsens.system import Params, System
 
 Array = jax.Array
@@ -610,27 +611,39 @@ class _Compiled(NamedTuple):
         return self.executables[key]
 
 
-_CACHE: "weakref.WeakKeyDictionary[System, dict]" = weakref.WeakKeyDictionary()
+#: relaxation programs kept in process, keyed by model and options (least
+#: recently used dropped first); each holds its table and compiled chunks
+PROGRAM_LIMIT = 32
+_CACHE: "OrderedDict[Hashable, list[tuple[Table, _Compiled]]]" = OrderedDict()
 
 
 def _programs(system: System, params: Params, method: str, ftol: float, skin: float) -> tuple[Table, _Compiled]:
-    """The table and the jitted init and chunk functions, cached per system
-    (and box, minimizer, tolerance, skin): a second relaxation compiles nothing."""
+    """The table and the jitted init and chunk functions, cached per model
+    (:attr:`System.model`: a new build of the same model, another seed or θ,
+    shares them) and box, minimizer, tolerance, skin and specialised constants:
+    a second relaxation compiles nothing. The compiled functions close over the
+    model's :attr:`~mdsens.system.Model.template` only; the table's sticky
+    capacities are lower bounds (the force does not depend on them, an
+    overflow still reallocates), so sharing a table between systems of one
+    model changes shapes, never results."""
     box = tuple(np.asarray(params["box"]).tolist()) if system.periodic else None
     cutoff = float(system.cutoff(params))
     # The model's code-path parameters (the soft-sphere α) become constants of
     # the compiled loop: one program per value (System.specialize).
     constants = {name: float(params[name]) for name in system.specialize
                  if name in params and np.ndim(params[name]) == 0}
-    key = (method, float(ftol), float(skin), box, tuple(sorted(constants.items())))
-    per_system = _CACHE.setdefault(system, {})
-    for table, programs in per_system.get(key, []):
-        # A cached table serves a slightly smaller cutoff too (a finite
-        # difference in a diameter, a design step): no new compile.
-        if cutoff <= table.cutoff <= CUTOFF_SLACK**2 * cutoff or (math.isinf(cutoff) and table.static):
-            return table, programs
+    key = (system.model, method, float(ftol), float(skin), box, tuple(sorted(constants.items())))
+    entries = _CACHE.get(key)
+    if entries is not None:
+        _CACHE.move_to_end(key)
+        for table, programs in entries:
+            # A cached table serves a slightly smaller cutoff too (a finite
+            # difference in a diameter, a design step): no new compile.
+            if cutoff <= table.cutoff <= CUTOFF_SLACK**2 * cutoff or (math.isinf(cutoff) and table.static):
+                return table, programs
     table = Table(system, params, skin, cutoff * CUTOFF_SLACK if math.isfinite(cutoff) else None)
-    mini = _minimizer(system, table, method, pairs=True)
+    model = system.model.template  # what the programs close over: the model, no run's numbers
+    mini = _minimizer(model, table, method, pairs=True)
 
     def advance(state: Any, nbrs: Any, pairs: PairList, params: Params, until: Array, stale: Array):
         """Steps until converged, ``until``, stalled, or the table (or its pair
@@ -657,7 +670,7 @@ def _programs(system: System, params: Params, method: str, ftol: float, skin: fl
 
         def rebuild(s, nb, pl, rebuilds):
             nb = table.build(s.x, nb.idx.shape[1], nb.cells.shape[1])
-            pl = pair_list(nb.idx, system.n, pl.i.shape[0], pl.order)
+            pl = pair_list(nb.idx, model.n, pl.i.shape[0], pl.order)
             nb = nb._replace(overflow=nb.overflow | pl.overflow)
             return mini.step_force(s, (params, pl)), nb, pl, rebuilds + 1
 
@@ -671,10 +684,13 @@ def _programs(system: System, params: Params, method: str, ftol: float, skin: fl
         # stop at once: a converged start must not report a blank force.
         s, nb, pl, _, rebuilds = jax.lax.while_loop(lambda c: go(c[0], c[1]) | c[3], outer, first)
         return (s, nb, pl, rebuilds, minimize.max_force(s.force), mini.stalled(s),
-                table_energy(system, s.x, nb.idx, params, pl.order))
+                table_energy(model, s.x, nb.idx, params, pl.order))
 
     programs = _Compiled(mini, jax.jit(advance), {})
-    per_system.setdefault(key, []).append((table, programs))
+    _CACHE.setdefault(key, []).append((table, programs))
+    _CACHE.move_to_end(key)
+    while len(_CACHE) > PROGRAM_LIMIT:
+        _CACHE.popitem(last=False)
     return table, programs
 
 
@@ -754,7 +770,7 @@ def spatial_order(table: Table, x: Array) -> np.ndarray:
     return np.argsort(np.asarray(table._cell_of(jnp.asarray(x))), kind="stable").astype(np.int32)
 
 
-def _renumbered(a: np.ndarray, order: np.ndarray | None, inverse: bool = False) -> np.ndarray:
+def renumbered(a: np.ndarray, order: np.ndarray | None, inverse: bool = False) -> np.ndarray:
     """A per-particle array in the relaxation's numbering (``inverse``: back in
     the model's); anything else unchanged."""
     a = np.asarray(a)
@@ -767,7 +783,7 @@ def _renumbered(a: np.ndarray, order: np.ndarray | None, inverse: bool = False) 
     return out
 
 
-def _table_in_model_numbering(idx: Array, order: np.ndarray | None) -> Array:
+def table_in_model_numbering(idx: Array, order: np.ndarray | None) -> Array:
     """A table built on renumbered particles, with rows and entries in the
     model's numbering (rows sorted, padded with N)."""
     if order is None:
@@ -775,7 +791,12 @@ def _table_in_model_numbering(idx: Array, order: np.ndarray | None) -> Array:
     idx = np.asarray(idx)
     n = order.shape[0]
     entries = np.where(idx < n, order[np.minimum(idx, n - 1)], n)
-    return jnp.asarray(np.sort(_renumbered(entries, order, inverse=True), axis=1).astype(idx.dtype))
+    return jnp.asarray(np.sort(renumbered(entries, order, inverse=True), axis=1).astype(idx.dtype))
+
+
+# the names mdsens.barostat has used (kept)
+_renumbered = renumbered
+_table_in_model_numbering = table_in_model_numbering
 
 
 def _descend(system: System, params: Params, x: Array, method: str, ftol: float, max_steps: int, chunk: int,
@@ -897,15 +918,14 @@ def _table_hessian(system: System, x: Array, idx: Array, params: Params) -> Arra
     return jnp.where((valid & (r2 > 0))[..., None, None], k, 0.0)
 
 
-_NEWTON: "weakref.WeakKeyDictionary[System, dict]" = weakref.WeakKeyDictionary()
-
 #: CG tolerance of a Newton step (relative to |F|): each step gains ~3 digits.
 NEWTON_RTOL = 1e-3
 NEWTON_MAX_STEPS = 12
 
 
-def _newton_program(system: System, table: Table) -> Callable:
-    """One damped Newton step, jitted: ``(x, nbrs, params) -> (x', f', ok, cg_iterations)``.
+def _newton_program(system: System) -> Callable:
+    """One damped Newton step: ``(x, nbrs, params) -> (x', f', ok, cg_iterations)``
+    (:func:`newton_polish` compiles it once per model and shapes, :func:`mdsens.cache.program`).
 
     Levenberg–Marquardt: solve ``(H + μI) δ = F`` with ``μ = max|F|`` (per unit
     length²) by block-Jacobi-preconditioned CG on the table's pair blocks —
@@ -915,9 +935,6 @@ def _newton_program(system: System, table: Table) -> Callable:
     start) and lowers max|F|. ``ok`` is False when no step length does."""
     from mdsens import linsolve
 
-    per_system = _NEWTON.setdefault(system, {})
-    if id(table) in per_system:
-        return per_system[id(table)]
     force = pair_force_fn(system)
     shift = minimize.periodic_shift if system.periodic else minimize.free_shift
     n, d = system.n, system.dim
@@ -965,9 +982,7 @@ def _newton_program(system: System, table: Table) -> Callable:
         _, _, x1, f1, ok = jax.lax.while_loop(cond, body, init)
         return jnp.where(ok, x1, x), jnp.where(ok, f1, f), ok, info.iterations
 
-    program = jax.jit(step)
-    per_system[id(table)] = program
-    return program
+    return step
 
 
 def newton_polish(system: System, params: Params, x: Array, ftol: float, skin: float = DEFAULT_SKIN,
@@ -979,8 +994,13 @@ def newton_polish(system: System, params: Params, x: Array, ftol: float, skin: f
     start = time.perf_counter()
     table, _ = _programs(system, params, "fire", ftol, skin)
     nbrs = table.allocate(x)
-    program = _newton_program(system, table)
-    compiled = program.lower(x, nbrs, params).compile()
+    model = system.model
+
+    def program(x: Array, nbrs: Neighbors, params: Params) -> tuple[Callable, float]:
+        # once per model and shapes: a second polish (another seed, θ) compiles nothing
+        return cache.program(("relax.newton", model), lambda: _newton_program(model.template), x, nbrs, params)
+
+    compiled, _ = program(x, nbrs, params)
     capacity = nbrs.idx.shape
     compile_s = time.perf_counter() - start
     steps = cg = 0
@@ -1000,12 +1020,18 @@ def newton_polish(system: System, params: Params, x: Array, ftol: float, skin: f
             nbrs = table.allocate(x)
             if nbrs.idx.shape != capacity:
                 t = time.perf_counter()
-                compiled = program.lower(x, nbrs, params).compile()
+                compiled, _ = program(x, nbrs, params)
                 capacity = nbrs.idx.shape
                 compile_s += time.perf_counter() - t
+    # E and max|F| at the end, compiled per model too (evaluated eagerly, a new
+    # build's own pair function would be traced again)
+    final, c = cache.program(("relax.newton_end", model), lambda: lambda x_, i_, p_: (
+        table_energy(model.template, x_, i_, p_), minimize.max_force(pair_force_fn(model.template)(x_, i_, p_))),
+        x, nbrs.idx, params)
+    energy, last = final(x, nbrs.idx, params)
+    compile_s += c
     if f is None or fmax == float("inf"):
-        fmax = float(minimize.max_force(pair_force_fn(system)(x, nbrs.idx, params)))
-    energy = table_energy(system, x, nbrs.idx, params)
+        fmax = float(last)
     info = minimize.RelaxInfo(jnp.asarray(steps, jnp.int32), jnp.asarray(fmax), energy, jnp.asarray(fmax < ftol))
     return x, info, NewtonInfo(steps, cg, compile_s, nbrs.idx)
 

@@ -79,6 +79,20 @@ def gauge_for(system: System, rattler: Array | None = None) -> implicit.Gauge:
 SOLVERS = ("cg", "dense", "sparse")
 
 
+def check_solver(method: str, preconditioner: str) -> None:
+    """The one check of the linear-solver options (``--solver``,
+    ``--preconditioner``; :func:`solver_for`, :func:`mdsens.job.prepare`): a
+    :class:`~mdsens.systems.UsageError` naming the choices."""
+    from mdsens import precondition
+    from mdsens.systems import UsageError
+
+    if preconditioner not in precondition.PRECONDITIONERS:
+        raise UsageError(f"unknown preconditioner {preconditioner!r}: choose "
+                         f"{' or '.join(map(repr, precondition.PRECONDITIONERS))}")
+    if method not in SOLVERS:
+        raise UsageError(f"unknown linear solver {method!r}: choose {' or '.join(map(repr, SOLVERS))}")
+
+
 def solver_for(
     system: System, q: Array, params: Params, rattler: Array | None = None, method: str = "cg",
     rtol: float = 1e-10, preconditioner: str = "twolevel",
@@ -93,15 +107,10 @@ def solver_for(
     ``ensemble``, ``design``, :func:`equilibrium` and the elastic moduli
     (:func:`solving`) all come here."""
     from mdsens import linsolve, precondition
-    from mdsens.systems import UsageError
 
-    if preconditioner not in precondition.PRECONDITIONERS:
-        raise UsageError(f"unknown preconditioner {preconditioner!r}: choose "
-                         f"{' or '.join(precondition.PRECONDITIONERS)}")
+    check_solver(method, preconditioner)
     if method == "dense":
         return linsolve.dense()
-    if method not in SOLVERS:
-        raise UsageError(f"unknown linear solver {method!r}: choose {', '.join(SOLVERS)}")
     if method == "sparse":
         from mdsens import sparse
 
@@ -160,6 +169,16 @@ def equilibrium(
     ``max_steps`` the result is NaN, and a derivative whose linear solve did
     not converge is NaN (:func:`mdsens.implicit.custom_root`); test
     ``jnp.isfinite`` before following a gradient.
+
+    A system with a pair list (:meth:`System.with_pairs`, e.g. the neighbor
+    table's pairs at a relaxed state) relaxes and differentiates on those
+    pairs only — cheap — and the result is valid only where the list holds
+    every pair closer than the cutoff at q*: a contact that forms during the
+    relaxation among unlisted particles would be missed. So the result is
+    NaN unless the list covers q* (:func:`missing_pairs`, checked at q*, O(N²)
+    time in row blocks, once per call): rebuild the list there
+    (:meth:`System.interacting_pairs` with a margin, or
+    :func:`mdsens.relax.pairs_from_table`) and call again.
     """
     mini = minimizer_for(system, method)
     solve_at = None
@@ -173,9 +192,40 @@ def equilibrium(
         x0 = system.to_real(q0, params)
         x, info = minimize.run(mini, system.energy_real, x0, params, ftol, max_steps)
         q = system.to_solver(x, params)
-        return jnp.where(info.converged, q, jnp.nan)
+        ok = info.converged
+        if system.pairs is not None:  # a frozen pair list: valid only if it holds every contact at q*
+            ok = ok & (missing_pairs(system, q, params) == 0)
+        return jnp.where(ok, q, jnp.nan)
 
     return solver
+
+
+def missing_pairs(system: System, q: Array, params: Params, block: int = 1024) -> Array:
+    """How many pairs closer than ``cutoff(θ)`` at ``q`` are not among the
+    system's pair list (:meth:`System.with_pairs`; 0 without one): jittable,
+    all pairs compared in row blocks (O(N²) time, O(N · block) memory). Zero
+    means the listed energy equals the full one near ``q``, with all its
+    derivatives there."""
+    if system.pairs is None:
+        return jnp.zeros((), jnp.int32)
+    n = system.n
+    reach2 = jnp.asarray(system.cutoff(params)) ** 2
+    cols = jnp.arange(n)
+    width = min(block, n)
+
+    def rows_within(start: Array) -> Array:
+        rows = start + jnp.arange(width)
+        real = rows < n
+        rows = jnp.where(real, rows, 0)
+        dr = system.separation(q[rows][:, None, :] - q[None, :, :], params)
+        near = (jnp.sum(dr**2, axis=-1) < reach2) & (cols[None, :] > rows[:, None]) & real[:, None]
+        return jnp.sum(near, dtype=jnp.int32)
+
+    starts = jnp.arange(0, n, width)
+    total = jnp.sum(jax.lax.map(rows_within, starts))
+    dr, i, j, valid = system.pair_list(q, params)
+    listed = jnp.sum(valid & (i != j) & (jnp.sum(dr**2, axis=-1) < reach2), dtype=jnp.int32)
+    return total - listed
 
 
 def unit_tangents(params: Params, name: str, index: tuple[int, ...] | None = None) -> tuple[Params, tuple[int, ...]]:

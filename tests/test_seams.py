@@ -22,16 +22,26 @@ def relaxed():
     return system, params, q, observables.rattlers(system, q, params)
 
 
-def test_equilibrium_is_preconditioned_and_exact(relaxed):
-    """equilibrium() builds its solve at the root (twolevel by default); its
-    derivative equals the dense exact solve's."""
+@pytest.fixture(scope="module")
+def dense_tangent(relaxed):
+    """dq*/dσ_large at the relaxed state through equilibrium() with the dense exact solve."""
     system, params, q, _ = relaxed
     dp = {k: jnp.zeros_like(v) for k, v in params.items()}
     dp["diameter"] = jnp.asarray([0.0, 1.0])
+    eq = sensitivity.equilibrium(system, solve=linsolve.dense())
+    return dp, jax.jit(lambda p, d: jax.jvp(lambda p_: eq(q, p_), (p,), (d,))[1])(params, dp)  # jit: 3× faster
+
+
+def test_equilibrium_is_preconditioned_and_exact(relaxed, dense_tangent):
+    """equilibrium() builds its solve at the root (twolevel by default); its
+    derivative equals the dense exact solve's."""
+    system, params, q, _ = relaxed
+    dp, dense = dense_tangent
     outs = []
-    for kwargs in ({}, {"preconditioner": "jacobi"}, {"solve": linsolve.dense()}):
+    for kwargs in ({}, {"preconditioner": "jacobi"}):
         eq = sensitivity.equilibrium(system, **kwargs)
         outs.append(jax.jvp(lambda p: eq(q, p), (params,), (dp,))[1])
+    outs.append(dense)
     np.testing.assert_allclose(outs[0], outs[2], rtol=0, atol=1e-8)
     np.testing.assert_allclose(outs[1], outs[2], rtol=0, atol=1e-8)
     assert float(jnp.max(jnp.abs(outs[2]))) > 1e-3
@@ -52,6 +62,35 @@ def test_unconverged_relaxation_and_capped_solve_are_nan(relaxed):
     dp["diameter"] = jnp.asarray([1.0, 0.0])
     assert bool(jnp.all(jnp.isnan(jax.jvp(lambda p: capped(q, p), (params,), (dp,))[1])))
     # (an uncapped CG gives a finite tangent: test_equilibrium_is_preconditioned_and_exact)
+
+
+def test_equilibrium_on_a_pair_list_misses_no_contact(relaxed, dense_tangent):
+    """equilibrium(system.with_pairs(pairs)): a list taken at the random start
+    misses contacts that form during the relaxation, so the result is NaN, not
+    the minimum of a truncated energy; a list that covers q* (a neighbor list
+    with a skin) gives q* and the derivative of the whole system."""
+    from mdsens.system import pad_pairs
+
+    system, params, q_star, _ = relaxed
+    start = jnp.asarray(system.to_solver(jnp.asarray(system.positions), params))
+    frozen = system.with_pairs(pad_pairs(system.interacting_pairs(start, params), system.n))
+    out = sensitivity.equilibrium(frozen)(start, params)
+    if bool(jnp.all(jnp.isfinite(out))):  # then it must be an equilibrium of the whole energy
+        force = jax.grad(system.energy)(out, params)
+        assert float(jnp.max(jnp.abs(force))) < 1e-8
+        assert int(sensitivity.missing_pairs(frozen, out, params)) == 0
+    else:
+        assert bool(jnp.all(jnp.isnan(out)))
+    # a list that covers q*: q* itself, and the derivative of the whole system
+    listed = system.with_pairs(pad_pairs(system.interacting_pairs(q_star, params, margin=0.3), system.n))
+    assert int(sensitivity.missing_pairs(listed, q_star, params)) == 0
+    assert int(listed.pairs.shape[1]) < system.n * (system.n - 1) // 2
+    dp, want = dense_tangent
+    got, tangent = jax.jit(lambda p, d: jax.jvp(lambda p_: sensitivity.equilibrium(listed)(q_star, p_), (p,), (d,)))(
+        params, dp)
+    np.testing.assert_allclose(got, q_star, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(tangent, want, rtol=0, atol=1e-8)
+    assert float(jnp.max(jnp.abs(want))) > 1e-3
 
 
 def test_moduli_solves_follow_the_solver_options(relaxed, monkeypatch):
@@ -126,7 +165,7 @@ def test_execute_compiles_once_outside_the_relaxation(monkeypatch):
     paused: list = []
     real = _job.relax_system
 
-    def relax_system(*args, **kwargs):  # relax.py's own cache is per System object: not counted here
+    def relax_system(*args, **kwargs):  # the relaxation's table may need another capacity: not counted here
         paused.append(1)
         try:
             return real(*args, **kwargs)
@@ -145,6 +184,73 @@ def test_execute_compiles_once_outside_the_relaxation(monkeypatch):
     np.testing.assert_allclose(result.sensitivity["diameter"].values["position"], dense.values["position"],
                                rtol=0, atol=1e-8)
     np.testing.assert_allclose(result.sensitivity["diameter"].values["energy"], dense.values["energy"], rtol=1e-8)
+    assert float(np.max(np.abs(dense.values["position"]))) > 1e-3
+
+
+def test_relaxation_programs_are_keyed_by_the_model():
+    """relax.py's compiled chunks belong to the model, not the System object: new
+    builds of seeds already seen (new System objects) relax compiling nothing,
+    to the bitwise same x* (a table shared between systems of one model changes
+    nothing but shapes); another model with the same N and d compiles its own."""
+    from mdsens import relax
+
+    family = systems.get("bidisperse")
+
+    def run(seed, fam=family):
+        s = fam.build(n=16, phi=0.95, seed=seed)
+        return relax.relax(s, {k: jnp.asarray(v) for k, v in s.params.items()}, jnp.asarray(s.positions))
+
+    first = [run(seed) for seed in (11, 12)]  # the table capacity settles at the larger need of the two
+    with counting_compiles() as compiled:
+        again = [run(seed) for seed in (11, 12)]
+    assert compiled == [] and all(a.compile_s < 0.5 for a in again)
+    # one table for the model: both now run at the larger capacity (seed 11 first ran on a narrower one),
+    # and the force does not depend on it
+    assert [b.stats.capacity for b in again] == [max(a.stats.capacity for a in first)] * 2
+    for a, b in zip(first, again):
+        assert bool(b.info.converged) and bool(jnp.all(a.x == b.x))
+    # the Newton polish too: compiled once per model and shapes, not on every call
+    polished = []
+    for k, seed in enumerate((11, 12)):
+        s = family.build(n=16, phi=0.95, seed=seed)
+        params = {k_: jnp.asarray(v) for k_, v in s.params.items()}
+        with counting_compiles() as compiled:
+            polished.append(relax.newton_polish(s, params, first[k].x, 1e-13))
+        assert k == 0 or compiled == []
+        f = relax.pair_force_fn(s)(polished[-1][0], polished[-1][2].idx, params)
+        assert float(jnp.max(jnp.abs(f))) < 1e-13
+    with counting_compiles() as compiled:
+        other = run(11, systems.get("polydisperse"))
+    assert compiled and bool(other.info.converged)
+
+
+def test_a_second_ensemble_of_the_model_compiles_nothing():
+    """ensemble.run: a second call with other seeds and another ε (the same model)
+    compiles neither its batched relaxation nor its derivative program, and its
+    derivatives are the dense solve's."""
+    from mdsens import ensemble
+    from mdsens.job import Job
+
+    def run(seeds, **overrides):
+        job = Job(system="bidisperse", overrides={"n": "16", "phi": "0.95", **overrides}, grad=["energy"])
+        return ensemble.run(ensemble.EnsembleJob(job, seeds=seeds))
+
+    # Seeds whose random starts need a table of every other particle (the cap
+    # at N = 16, no cell list): any later batch of the model fits the same
+    # shapes. (Seeds that needed less would leave a later batch one compile
+    # for its wider table.)
+    first = run(range(5, 7))
+    assert first.meta["table_capacity"] == [16]
+    with counting_compiles() as compiled:
+        result = run(range(0, 2), epsilon="1.5")
+    assert compiled == [] and result.timings["compile_s"] == 0.0 and bool(np.all(result.converged))
+    member = systems.get("bidisperse").build(n=16, phi=0.95, epsilon=1.5, seed=1)
+    params = {k: jnp.asarray(v) for k, v in member.params.items()}
+    q = jnp.asarray(member.to_solver(jnp.asarray(result.position[1]), params))
+    rattler = jnp.asarray(result.rattler[1])
+    dense = sensitivity.forward_fn(member, "diameter", {}, rattler, linsolve.dense())(q, params)
+    np.testing.assert_allclose(result.sensitivity["diameter"]["position"][1], dense.values["position"],
+                               rtol=0, atol=1e-8)
     assert float(np.max(np.abs(dense.values["position"]))) > 1e-3
 
 
@@ -322,6 +428,31 @@ def test_one_box_message_for_every_caller():
         messages.append(str(err.value))
     assert all(m.endswith(" needs a periodic box; system 'morse_cluster' is in free space") for m in messages)
     assert messages[0].startswith("fixed pressure ")
+
+
+def test_one_solver_check_for_every_caller(relaxed, tmp_path):
+    """--solver and --preconditioner are checked in one place: Job (the CLI)
+    and solver_for (equilibrium, the moduli) refuse a bad name with the same
+    one-line message; the command line exits 2 without a file."""
+    from typer.testing import CliRunner
+
+    from mdsens.cli import app
+    from mdsens.job import Job, prepare
+    from mdsens.systems import UsageError
+
+    system, params, q, rattler = relaxed
+    for option, bad, message in (("solver", "lu", "unknown linear solver 'lu': choose 'cg' or 'dense' or 'sparse'"),
+                                  ("preconditioner", "ilu", "unknown preconditioner 'ilu': choose 'none' or 'jacobi' "
+                                                            "or 'twolevel'")):
+        options = {"solver": "cg", "preconditioner": "twolevel", option: bad}
+        with pytest.raises(UsageError) as from_job:
+            prepare(Job(overrides={"n": "16"}, **options))
+        with pytest.raises(UsageError) as from_solve:
+            sensitivity.solver_for(system, q, params, rattler, options["solver"], 1e-10, options["preconditioner"])
+        assert str(from_job.value) == str(from_solve.value) == message
+        result = CliRunner().invoke(app, ["run", "--set", "n=16", f"--{option}", bad, "-o", str(tmp_path / "x.h5")])
+        assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
+        assert not (tmp_path / "x.h5").exists()
 
 
 def test_pressure_parameter_and_model_potential_units(tmp_path):
