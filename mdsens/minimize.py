@@ -85,9 +85,25 @@ def free_shift(x: Array, dx: Array, params: Params) -> Array:
     return x + dx
 
 
+def fold(y: Array, box: Array) -> Array:
+    """``y`` folded into ``[0, box)``: ``jnp.mod(y, box)``, bit for bit wherever
+    ``-box < y < 2 box`` (a step never moves a particle a box length; the
+    exceptions are ``y = −box``, +0 here and −0 there, and negative subnormals,
+    which ``jnp.mod`` leaves negative), but
+    vectorised: XLA:CPU lowers ``jnp.mod`` to a scalar ``fmod`` call per
+    element, which made it a third of a FIRE step's vector work (2D, N = 131072:
+    3.8 → 2.6 ms per ``step_x``, loaded machine).
+
+    Why bit for bit: ``floor(y / box)`` is −1, 0 or 1 there, or off by one
+    where ``y / box`` rounds to an integer; ``y − k·box`` is then exact (Sterbenz)
+    or the same rounded ``y + box`` that ``jnp.mod`` computes, and the two
+    ``where`` put a result off by one box back, exactly."""
+    y = y - box * jnp.floor(y / box)
+    return jnp.where(y >= box, y - box, jnp.where(y < 0, y + box, y))
+
+
 def periodic_shift(x: Array, dx: Array, params: Params) -> Array:
-    box = params["box"]
-    return jnp.mod(x + dx, box)
+    return fold(x + dx, params["box"])
 
 
 def max_force(force: Array) -> Array:
