@@ -44,3 +44,22 @@ def test_gradient_descent_converges_and_cap_is_reported():
     assert float(system.energy(q, system.params)) < float(system.energy(q0, system.params))
     _, capped = sensitivity.relax(system, ftol=1e-12, max_steps=7)
     assert not bool(capped.converged) and int(capped.steps) == 7
+
+
+def test_fold_is_jnp_mod_bit_for_bit_within_a_box_length():
+    # The periodic shift's fold replaces jnp.mod (per-element fmod on XLA:CPU):
+    # the same bits for -box < y < 2 box, edges where y / box rounds to an
+    # integer included, and always inside [0, box).
+    from mdsens.minimize import fold
+
+    rng = np.random.default_rng(0)
+    eps = np.finfo(np.float64).eps
+    for box in (np.array([1.0, 3.7]), np.array([13.2, 0.1])):
+        y = rng.uniform(-1, 2, (20000, 2)) * box
+        edges = [box * (1 - eps), box * (1 - eps / 2), -box * eps, box, box * (1 + eps), 2 * box * (1 - eps),
+                 -box * (1 - eps), np.nextafter(box, 0), np.nextafter(-box, 0), np.nextafter(2 * box, 0), 0 * box]
+        y = np.concatenate([y, np.stack(edges)])
+        want = np.asarray(jnp.mod(jnp.asarray(y), jnp.asarray(box)))
+        got = np.asarray(jax.jit(fold)(jnp.asarray(y), jnp.asarray(box)))
+        assert np.array_equal(want.view(np.int64), got.view(np.int64))
+        assert np.all((got >= 0) & (got < box))
