@@ -35,7 +35,7 @@ mdsens design "${common[@]}" --set n=64 --target pressure=0.001 --stop-at poisso
 rerun "$out/nu_low_n64.h5"
 
 # N = 256: ν = 0.85 by raising the pressure, reached at step 79 (ν = 0.849330); ν = 0.3 not reached,
-# the lowest ν found (step 435, ν = 0.315542) second
+# the lowest ν found (step 302, ν = 0.311037, 2026-11-28) second
 # mdsens design "${common[@]}" --set n=256 --target pressure=0.06 --stop-at poisson_ratio=0.85 --tol 0.0117 --lr 0.002 --steps 200 --check-every 0 -o "$out/nu085_n256.h5"; rerun "$out/nu085_n256.h5"
-# mdsens design "${common[@]}" --set n=256 --target pressure=0.001 --stop-at poisson_ratio=0.3155 --tol 0.002 --lr 0.0015 --steps 600 --check-every 0 -o "$out/nu_low_n256.h5"; rerun "$out/nu_low_n256.h5"
+# mdsens design "${common[@]}" --set n=256 --target pressure=0.0003 --stop-at poisson_ratio=0.3111 --tol 0.0005 --lr 0.0015 --steps 400 --check-every 0 -o "$out/nu_low_n256.h5"; rerun "$out/nu_low_n256.h5"
 # mdsens design "${common[@]}" --set n=256 --target pressure=0.001 --stop-at poisson_ratio=0.3 --tol 0.033 --lr 0.0007 --steps 700 --check-every 200 -o "$out/nu03_n256.h5"
