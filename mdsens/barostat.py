@@ -541,7 +541,12 @@ def _cell_programs(system: CellSystem, theta: Params, method: str, ftol: float, 
                 stretch * GRID_MARGIN <= programs["stretch"] <= stretch:
             return programs
     cutoff *= _relax.CUTOFF_SLACK
-    scale = _programs(system, method, ftol, skin, 1)["scale"]
+    # The cell variable's factor c = √N ℓ₀ is a constant of the program (the
+    # reference box is part of the cache key).
+    c_scale = float(_programs(system, method, ftol, skin, 1)["scale"](theta))
+
+    def scale(theta):
+        return c_scale
     n, d = system.n, system.dim
     reach = cutoff + skin
     table = _relax.Table(system, theta, skin=0.0, cutoff=reach / stretch, metric_reach=reach)
@@ -581,10 +586,10 @@ def _cell_programs(system: CellSystem, theta: Params, method: str, ftol: float, 
         dy = y[pairs.i] - y[pairs.j]
         dy = dy - theta["box"] * jnp.round(dy / theta["box"])
         if system.box_dof == "iso":
-            stretch_ = f[0, 0]
+            stretch_ = jnp.exp(x[1][0] / c_scale)  # F = e^u I (as deformation(): exp of U's diagonal)
             r2 = stretch_ * stretch_ * jnp.sum(dy * dy, axis=-1)
         elif system.box_dof == "aniso":
-            stretch_ = jnp.diagonal(f)
+            stretch_ = jnp.exp(x[1] / c_scale)
             r2 = jnp.sum(dy * dy * (stretch_ * stretch_), axis=-1)
         else:
             dr = apply(dy, f)

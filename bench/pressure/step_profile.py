@@ -17,7 +17,9 @@ latter is less sensitive to other load on the machine) is printed:
 - ``running``: the convergence test (fixed box ``max|F| ≥ ftol``; fixed P
   also the stress residual), ``valid``: the table's validity test,
 - ``loop``: the inner loop's body as the relaxation runs it (step, valid,
-  running).
+  running),
+- ``rebuild``: a table build, its pair list and the force on it (once every
+  few tens of steps in a relaxation).
 
 JSON on stdout's last line.
 """
@@ -56,7 +58,7 @@ def interleaved(cases, steps, repeats):
     return {k: (1e6 * min(wall[k]) / steps, 1e6 * min(cpu[k]) / steps) for k in cases}
 
 
-def loops(step_x, step_force, running, valid, steps):
+def loops(step_x, step_force, running, valid, rebuild, steps):
     """Jitted fori_loops over a FIRE state, each exercising one part. The
     carried state changes each iteration, so nothing is loop-invariant."""
 
@@ -74,6 +76,7 @@ def loops(step_x, step_force, running, valid, steps):
         "valid": run(lambda k, s: nudge(s, jnp.where(valid(s), 1.0, 0.0))),
         "loop": run(lambda k, s: (lambda s2: nudge(s2, jnp.where(valid(s2) & running(s2), 0.0, 1.0)))(
             step_force(step_x(s)))),
+        "rebuild": run(lambda k, s: rebuild(nudge(s, k))),
     }
 
 
@@ -87,9 +90,14 @@ def fixed_box(system, params, warm, ftol, steps):
     pl = relax.pair_list(nb.idx, system.n, table.pair_capacity(x, cell_capacity))
     env = (params, pl)
     state = mini.init(x, env)
+    def rebuild(s):
+        nb_ = table.build(s.x, capacity, cell_capacity)
+        pl_ = relax.pair_list(nb_.idx, system.n, pl.i.shape[0])
+        return mini.step_force(s, (params, pl_))
+
     parts = loops(lambda s: mini.step_x(s, env), lambda s: mini.step_force(s, env),
                   lambda s: minimize.running(mini, s, ftol, jnp.asarray(10**9, jnp.int32)),
-                  lambda s: ~table.moved(s.x, nb), steps)
+                  lambda s: ~table.moved(s.x, nb), rebuild, steps)
     return {k: (f, state) for k, f in parts.items()}, int(pl.i.shape[0]), capacity
 
 
@@ -112,9 +120,15 @@ def fixed_pressure(cell, warm, ftol, steps):
     env = (theta, pl)
     state = mini.init(x, env)
     ref_inverse = jnp.linalg.inv(fj)
+    def rebuild(s):
+        f_ = programs["deform"](s.x, theta)
+        nb_ = table.build(s.x[0], capacity, cell_capacity, deform=f_)
+        pl_ = relax.pair_list(nb_.idx, n, pl.i.shape[0])
+        return mini.step_force(s, (theta, pl_))
+
     parts = loops(lambda s: mini.step_x(s, env), lambda s: mini.step_force(s, env),
                   lambda s: programs["running"](s, theta),
-                  lambda s: programs["valid"](s.x, theta, nb, ref_inverse), steps)
+                  lambda s: programs["valid"](s.x, theta, nb, ref_inverse), rebuild, steps)
     return {k: (f, state) for k, f in parts.items()}, int(pl.i.shape[0]), capacity
 
 
