@@ -541,7 +541,12 @@ def _cell_programs(system: CellSystem, theta: Params, method: str, ftol: float, 
                 stretch * GRID_MARGIN <= programs["stretch"] <= stretch:
             return programs
     cutoff *= _relax.CUTOFF_SLACK
-    scale = _programs(system, method, ftol, skin, 1)["scale"]
+    # The cell variable's factor c = √N ℓ₀ is a constant of the program (the
+    # reference box is part of the cache key).
+    c_scale = float(_programs(system, method, ftol, skin, 1)["scale"](theta))
+
+    def scale(theta):
+        return c_scale
     n, d = system.n, system.dim
     reach = cutoff + skin
     table = _relax.Table(system, theta, skin=0.0, cutoff=reach / stretch, metric_reach=reach)
@@ -554,48 +559,65 @@ def _cell_programs(system: CellSystem, theta: Params, method: str, ftol: float, 
         return jnp.sum(v[..., None, :] * f, axis=-1)
 
     def unpack(x, theta):
-        strain = jnp.tensordot(x[n * d:] / scale(theta), jnp.asarray(basis_np, x.dtype), axes=1)
-        return x[:n * d].reshape(n, d), {**theta, "strain": strain}
+        """``x = (y, w)``: reference-box positions (N, d) and the cell variable (k,)."""
+        y, w = x
+        strain = jnp.tensordot(w / scale(theta), jnp.asarray(basis_np, w.dtype), axes=1)
+        return y, {**theta, "strain": strain}
 
     traces = jnp.asarray(np.trace(basis_np, axis1=1, axis2=2))
+    pairs_ab = [(a, b) for a in range(d) for b in range(a, d)]
 
     def force_fn(x, env):
-        """Real-space pair terms ``t = φ'(r) r̂`` once per pair; each particle's
-        force and its share of the virial projections ``B_k : Σ t ⊗ r`` come
-        from one gather of ``[±t, (B_k : t ⊗ r)/2]`` in table order (a second
-        consumer of the pair terms made XLA:CPU compute them twice)."""
+        """Real-space pair terms ``t = φ'(r) r̂`` once per pair, gathered back into
+        each particle's force in table order (as
+        :func:`mdsens.relax.pair_list_force_fn`), and the virial projections
+        ``B_k : Σ t ⊗ r`` summed over the pair list.
+
+        The cell enters through the pair coefficient, not through a deformed
+        copy of the separations: for iso and aniso ``t = (c_p F) Δy_p`` with
+        ``Δy`` the wrapped reference-box separation and ``c = φ'(r)/r``, so
+        the separations stay the one array that the fixed-box force also
+        keeps. Formed as ``F Δy`` (P, d), XLA:CPU recomputed the wrap of every
+        separation inside the gather, once per table entry: the force cost
+        1.9× the fixed box's at N = 1024 (bench/pressure/step_profile.py)."""
         theta, pairs = env
         y, params = unpack(x, theta)
         f = system.deformation(params)
         dy = y[pairs.i] - y[pairs.j]
-        dr = apply(dy - theta["box"] * jnp.round(dy / theta["box"]), f)
-        r2 = jnp.sum(dr * dr, axis=-1)
+        dy = dy - theta["box"] * jnp.round(dy / theta["box"])
+        if system.box_dof == "iso":
+            stretch_ = jnp.exp(x[1][0] / c_scale)  # F = e^u I (as deformation(): exp of U's diagonal)
+            r2 = stretch_ * stretch_ * jnp.sum(dy * dy, axis=-1)
+        elif system.box_dof == "aniso":
+            stretch_ = jnp.exp(x[1] / c_scale)
+            r2 = jnp.sum(dy * dy * (stretch_ * stretch_), axis=-1)
+        else:
+            dr = apply(dy, f)
+            r2 = jnp.sum(dr * dr, axis=-1)
         r = jnp.sqrt(jnp.where(r2 > 0, r2, 1.0))
         mi, mj = pairs.model_pairs()
         dphi = jax.grad(lambda r_: jnp.sum(system.pair(r_, mi, mj, params)))(r)
-        terms = jnp.where(r2 > 0, dphi / r, 0.0)[:, None] * dr
+        coeff = jnp.where(r2 > 0, dphi / r, 0.0)
         if system.box_dof == "iso":
-            virial = jnp.sum(terms * dr, axis=-1, keepdims=True)
+            terms = (coeff * stretch_)[:, None] * dy
+            projected = jnp.sum(coeff * r2)[None]
         elif system.box_dof == "aniso":
-            virial = terms * dr
+            terms = (coeff[:, None] * stretch_) * dy
+            projected = jnp.sum(coeff[:, None] * (dy * dy), axis=0) * (stretch_ * stretch_)
         else:
-            virial = jnp.stack([terms[:, a] * dr[:, b] + (terms[:, b] * dr[:, a] if a != b else 0.0)
-                                for a in range(d) for b in range(a, d)], axis=-1)
-        half = 0.5 * virial
-        stacked = jnp.concatenate([jnp.concatenate([terms, half], axis=1), jnp.concatenate([-terms, half], axis=1),
-                                   jnp.zeros((1, d + half.shape[1]), terms.dtype)])[pairs.gather]
+            terms = coeff[:, None] * dr
+            projected = jnp.stack([(1.0 if a == b else 2.0) * jnp.sum(terms[:, a] * dr[:, b])
+                                   for a, b in pairs_ab])
+        stacked = jnp.concatenate([terms, -terms, jnp.zeros((1, d), terms.dtype)])[pairs.gather]
         total = stacked[:, 0]
         for k in range(1, pairs.gather.shape[1]):
             total = total + stacked[:, k]
-        f_x = -total[:, :d]
-        projected = jnp.sum(total[:, d:], axis=0)  # B_k : Σ_pairs t ⊗ r
         volume = system.volume(params)
         f_u = -projected - volume * theta["pressure"] * traces
-        return jnp.concatenate([apply(f_x, f.T).ravel(), f_u / scale(theta)])
+        return apply(-total, f.T), f_u / scale(theta)
 
     def shift(x, dx, env):
-        y = jnp.mod(x[:n * d].reshape(n, d) + dx[:n * d].reshape(n, d), env[0]["box"])
-        return jnp.concatenate([y.ravel(), x[n * d:] + dx[n * d:]])
+        return jnp.mod(x[0] + dx[0], env[0]["box"]), x[1] + dx[1]
 
     mini = minimize.make(method, shift, force_fn=force_fn)
 
@@ -612,9 +634,9 @@ def _cell_programs(system: CellSystem, theta: Params, method: str, ftol: float, 
         """(max real |F_i|, scaled stress residual) from the state's force (as
         :func:`_programs`' ``measure``)."""
         _, params = unpack(x, theta)
-        real = apply(f[:n * d].reshape(n, d), inverse(x, theta).T)
+        real = apply(f[0], inverse(x, theta).T)
         volume = system.volume(params)
-        coeff = -f[n * d:] * scale(theta) / (volume * norms)
+        coeff = -f[1] * scale(theta) / (volume * norms)
         worst = jnp.max(jnp.abs(coeff)) if system.box_dof != "iso" else jnp.abs(coeff[0])
         return minimize.max_force(real), worst * (volume / n) ** ((d - 1) / d)
 
@@ -662,8 +684,7 @@ def _cell_programs(system: CellSystem, theta: Params, method: str, ftol: float, 
 
         def rebuild(s, nb, pl, ref_f, rebuilds, regrid):
             f = deform(s.x, theta)
-            y = s.x[:n * d].reshape(n, d)
-            nb = table.build(y, nb.idx.shape[1], nb.cells.shape[1], deform=f)
+            nb = table.build(s.x[0], nb.idx.shape[1], nb.cells.shape[1], deform=f)
             pl = _relax.pair_list(nb.idx, n, pl.i.shape[0], pl.order)
             nb = nb._replace(overflow=nb.overflow | pl.overflow)
             regrid = _smallest_stretch(f) < stretch
@@ -683,7 +704,9 @@ def _cell_programs(system: CellSystem, theta: Params, method: str, ftol: float, 
         return s, nb, pl, ref_f, rebuilds, regrid, fmax, smax, mini.stalled(s)
 
     programs = {"table": table, "mini": mini, "advance": jax.jit(advance), "deform": jax.jit(deform),
-                "shapes": set(), "cutoff": cutoff, "stretch": float(stretch)}
+                "shapes": set(), "cutoff": cutoff, "stretch": float(stretch),
+                # the loop's parts, for bench/pressure/step_profile.py
+                "running": running, "valid": valid, "measure": measure}
     cache.append(programs)
     return programs
 
@@ -701,7 +724,7 @@ def relax(
 ) -> Relaxed:
     """Minimise the enthalpy from ``(q0, params["strain"])`` (default: the system's
     initial positions and strain) with FIRE ("fire") or gradient descent ("gd")
-    over ``(L₀ ⊙ q, c u)``, ``c = √N ℓ₀``, until the module's convergence test
+    over the pair ``(L₀ ⊙ q, c u)``, ``c = √N ℓ₀``, until the module's convergence test
     holds or ``max_steps``; ``callback(step, max_force, elapsed_s)`` between
     compiled chunks of ``chunk`` steps.
 
@@ -721,7 +744,7 @@ def relax(
     start = time.perf_counter()
     compile_s = 0.0
     scale = float(_programs(system, method, ftol, skin, 1)["scale"](theta))
-    x = jnp.concatenate([(jnp.mod(q, 1.0) * theta["box"]).ravel(), coordinates(system, strain) * scale])
+    x = (jnp.mod(q, 1.0) * theta["box"], coordinates(system, strain) * scale)
     state, rebuilds, reallocations, grow = None, 0, 0, 1.0
     programs = None
     # As in mdsens.relax: a large system's table is sized afresh once the
@@ -734,7 +757,7 @@ def relax(
 
     def sized(grow, shrink=False):
         """An empty table and pair list sized at the current state (built in the chunk)."""
-        y = state.x[:n * d].reshape(n, d)
+        y = state.x[0]
         f = programs["deform"](state.x, theta)
         capacity, cell_capacity = table.capacities(y, grow, shrink, deform=f)
         return (table.placeholder(y, capacity, cell_capacity),
@@ -744,8 +767,8 @@ def relax(
     while True:
         if programs is None:  # a grid for the cell's current stretch (and a new compile)
             at = x if state is None else state.x
-            f = np.asarray(deformation(jnp.tensordot(at[n * d:] / scale, jnp.asarray(
-                strain_basis(d, system.box_dof), at.dtype), axes=1), system.box_dof))
+            f = np.asarray(deformation(jnp.tensordot(at[1] / scale, jnp.asarray(
+                strain_basis(d, system.box_dof), at[1].dtype), axes=1), system.box_dof))
             # The grid's stretch a power of GRID_MARGIN, so that nearby cells share a program.
             smallest = float(np.min(np.linalg.svd(f, compute_uv=False)))
             stretch = GRID_MARGIN ** math.ceil(math.log(smallest) / math.log(GRID_MARGIN) + 0.5)
@@ -753,11 +776,11 @@ def relax(
             table = programs["table"]
             if state is None:
                 if table.cell_list and n >= _relax.SORT_THRESHOLD:
-                    order = _relax.spatial_order(table, x[:n * d].reshape(n, d))
-                    x = jnp.concatenate([x[:n * d].reshape(n, d)[order].ravel(), x[n * d:]])
+                    order = _relax.spatial_order(table, x[0])
+                    x = (x[0][order], x[1])
                 state = programs["mini"].blank(x)
             nbrs, pairs = sized(grow)
-            ref_f, stale = jnp.eye(d, dtype=x.dtype), True
+            ref_f, stale = jnp.eye(d, dtype=x[0].dtype), True
         until = jnp.asarray(min(int(state.step) + (settle or chunk), max_steps), jnp.int32)
         shapes = (nbrs.idx.shape, nbrs.cells.shape, pairs.i.shape)
         t0 = time.perf_counter()
@@ -797,10 +820,10 @@ def relax(
             else:
                 table._sticky = (width, nbrs.cells.shape[1])
     energy_fn = _programs(system, method, ftol, skin, 1)["energy"]
-    y = jnp.asarray(_relax._renumbered(state.x[:n * d].reshape(n, d), order, inverse=True))
+    y = jnp.asarray(_relax._renumbered(state.x[0], order, inverse=True))
     q = jnp.mod(y / theta["box"], 1.0)
     basis = jnp.asarray(strain_basis(d, system.box_dof), y.dtype)
-    relaxed = {**theta, "strain": jnp.tensordot(state.x[n * d:] / scale, basis, axes=1)}
+    relaxed = {**theta, "strain": jnp.tensordot(state.x[1] / scale, basis, axes=1)}
     cutoff = float(system.cutoff(relaxed))
     widths = 1.0 / np.linalg.norm(np.linalg.inv(np.asarray(system.cell(relaxed))), axis=0)
     if cutoff >= 0.5 * float(widths.min()):

@@ -25,6 +25,13 @@ mixing after the velocity update, a half-step back-off when the power turns
 non-positive, the time step shrunk only while it stays above ``dt_min``, and
 an exactly normalised force direction. The paper's initial delay is an
 option, off by default (see :func:`fire`).
+
+States. ``x`` (and with it the velocity and force) is an array or a pytree
+of arrays — the fixed-pressure relaxation moves the pair (positions, cell
+variable) without packing them into one vector (:mod:`mdsens.barostat`).
+FIRE's power ``F·v`` and norms are then sums over the leaves (as
+:func:`mdsens.linsolve.cg`'s inner products); on a plain array they are the
+same operations as before, bit for bit.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Params = Any
@@ -106,6 +114,24 @@ def periodic_shift(x: Array, dx: Array, params: Params) -> Array:
     return fold(x + dx, params["box"])
 
 
+def _tree_map(fn: Callable, *trees: Any) -> Any:
+    return jax.tree_util.tree_map(fn, *trees)
+
+
+def _dot(a: Any, b: Any) -> Array:
+    """``a·b``: ``jnp.vdot`` on arrays, the sum of the leaves' ``vdot`` on pytrees."""
+    if isinstance(a, (jax.Array, np.ndarray)):
+        return jnp.vdot(a, b)
+    return sum(jnp.vdot(u, w) for u, w in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def _norm(a: Any) -> Array:
+    """``|a|``: ``jnp.linalg.norm`` of an array, over all leaves of a pytree."""
+    if isinstance(a, (jax.Array, np.ndarray)):
+        return jnp.linalg.norm(a)
+    return jnp.sqrt(sum(jnp.sum(u * u) for u in jax.tree_util.tree_leaves(a)))
+
+
 def max_force(force: Array) -> Array:
     """Largest per-particle force magnitude ``max_i |F_i|``."""
     return jnp.max(jnp.sqrt(jnp.sum(force**2, axis=-1)))
@@ -149,17 +175,17 @@ def fire(
     force_of = _force_fn(energy_fn, force_fn)
 
     def blank(x: Array) -> FireState:
-        zero = jnp.zeros((), x.dtype)
+        zero = jnp.zeros((), jax.tree_util.tree_leaves(x)[0].dtype)
         count = jnp.zeros((), jnp.int32)
-        return FireState(x, jnp.zeros_like(x), jnp.zeros_like(x), zero + dt_start, zero + alpha_start,
-                         count, count, count)
+        return FireState(x, _tree_map(jnp.zeros_like, x), _tree_map(jnp.zeros_like, x), zero + dt_start,
+                         zero + alpha_start, count, count, count)
 
     def init(x: Array, params: Params) -> FireState:
         return blank(x)._replace(force=force_of(x, params))
 
     def step_x(state: FireState, params: Params) -> FireState:
         x, v, f, dt, alpha, n_pos, n_neg, count = state
-        downhill = jnp.vdot(f, v) > 0
+        downhill = _dot(f, v) > 0
         n_pos = jnp.where(downhill, n_pos + 1, 0)
         n_neg = jnp.where(downhill, 0, n_neg + 1)
         grow = downhill & (n_pos > n_delay)
@@ -171,14 +197,15 @@ def fire(
         dt = jnp.where(shrink & (dt * f_dec >= dt_min), dt * f_dec, dt)
         alpha = jnp.where(shrink, alpha_start, alpha)
         # Uphill: step half back along the velocity that overshot, then stop.
-        x = jnp.where(downhill, x, shift_fn(x, -0.5 * dt * v, params))
-        v = jnp.where(downhill, v, jnp.zeros_like(v))
-        v = v + dt * f
-        f_norm = jnp.linalg.norm(f)
-        v_norm = jnp.linalg.norm(v)
-        direction = f / jnp.where(f_norm > 0, f_norm, 1.0)
-        v = (1.0 - alpha) * v + alpha * v_norm * direction
-        x = shift_fn(x, dt * v, params)
+        back = shift_fn(x, _tree_map(lambda v_: -0.5 * dt * v_, v), params)
+        x = _tree_map(lambda x_, b: jnp.where(downhill, x_, b), x, back)
+        v = _tree_map(lambda v_, f_: jnp.where(downhill, v_, jnp.zeros_like(v_)) + dt * f_, v, f)
+        f_norm = _norm(f)
+        v_norm = _norm(v)
+        f_scale = jnp.where(f_norm > 0, f_norm, 1.0)
+        direction = _tree_map(lambda f_: f_ / f_scale, f)
+        v = _tree_map(lambda v_, e: (1.0 - alpha) * v_ + alpha * v_norm * e, v, direction)
+        x = shift_fn(x, _tree_map(lambda v_: dt * v_, v), params)
         return FireState(x, v, f, dt, alpha, n_pos, n_neg, count + 1)
 
     def step_force(state: FireState, params: Params) -> FireState:
@@ -199,13 +226,14 @@ def gradient_descent(energy_fn: EnergyFn | None = None, shift_fn: ShiftFn = free
     force_of = _force_fn(energy_fn, force_fn)
 
     def blank(x: Array) -> DescentState:
-        return DescentState(x, jnp.zeros_like(x), jnp.zeros((), jnp.int32))
+        return DescentState(x, _tree_map(jnp.zeros_like, x), jnp.zeros((), jnp.int32))
 
     def init(x: Array, params: Params) -> DescentState:
         return blank(x)._replace(force=force_of(x, params))
 
     def step_x(state: DescentState, params: Params) -> DescentState:
-        return DescentState(shift_fn(state.x, step_size * state.force, params), state.force, state.step + 1)
+        return DescentState(shift_fn(state.x, _tree_map(lambda f_: step_size * f_, state.force), params),
+                            state.force, state.step + 1)
 
     def step_force(state: DescentState, params: Params) -> DescentState:
         return state._replace(force=force_of(state.x, params))

@@ -539,3 +539,44 @@ def test_cell_list_relaxation_reaches_a_minimum_of_the_full_enthalpy(dim, box_do
     r = np.linalg.norm((dq - np.round(dq)) @ cell, axis=-1)
     within = set(zip(i[r < float(system.cutoff(out.params))].tolist(), j[r < float(system.cutoff(out.params))].tolist()))
     assert set(map(tuple, out.pairs.T.tolist())) == within
+
+
+@pytest.mark.parametrize("dim,box_dof,n", [(2, "iso", 64), (2, "aniso", 64), (3, "aniso", 128), (2, "shear", 64),
+                                           (3, "shear", 128)])
+def test_pair_list_force_is_minus_the_enthalpy_gradient(dim, box_dof, n):
+    """The relaxation's force on the state (y, w) = (L₀ ⊙ q, c u), taken once per
+    pair from the pair list with the cell folded into the pair coefficient
+    (``barostat._cell_programs``), against autodiff of the system's own
+    all-pairs enthalpy in a strained cell: −∂H/∂y, and for iso and aniso
+    −∂H/∂w; for shear the cell's force is the "virial in log space"
+    −V (σ + P I) : B_k / c, checked against the stress of the full energy."""
+    system = get("bidisperse").build(n=n, dim=dim, seed=1, pressure=PRESSURE, box_dof=box_dof)
+    basis = jnp.asarray(barostat.strain_basis(dim, box_dof))
+    u = jnp.asarray(0.03 * np.random.default_rng(0).standard_normal(basis.shape[0]))
+    params = {**system.params, "strain": jnp.tensordot(u, basis, axes=1)}
+    theta, _ = barostat.split(params)
+    c = float(barostat._programs(system, "fire", 1e-10, barostat.DEFAULT_SKIN, 1)["scale"](theta))
+    deform = barostat.deformation(params["strain"], box_dof)
+    smallest = float(np.min(np.linalg.svd(np.asarray(deform), compute_uv=False)))
+    stretch = barostat.GRID_MARGIN ** math.ceil(math.log(smallest) / math.log(barostat.GRID_MARGIN) + 0.5)
+    programs = barostat._cell_programs(system, theta, "fire", 1e-10, barostat.DEFAULT_SKIN, stretch)
+    table, mini = programs["table"], programs["mini"]
+    q = system.to_solver(jnp.asarray(system.positions), params)
+    y = q * theta["box"]
+    capacity, cells = table.capacities(y, deform=deform)
+    built = table.build(y, capacity, cells, deform=deform)
+    pairs = relax.pair_list(built.idx, n, table.pair_capacity(y, cells, deform=deform))
+    f_y, f_w = jax.jit(lambda x: mini.step_force(mini.blank(x), (theta, pairs)).force)((y, u * c))
+
+    def enthalpy(y_, w_):
+        p_ = {**theta, "strain": jnp.tensordot(w_ / c, basis, axes=1)}
+        return system.energy(y_ / theta["box"], p_) + theta["pressure"] * system.volume(p_)
+
+    g_y, g_w = jax.grad(enthalpy, argnums=(0, 1))(y, u * c)
+    assert float(jnp.max(jnp.abs(f_y + g_y))) < 1e-12 * float(jnp.max(jnp.abs(g_y)))
+    if box_dof == "shear":
+        volume = system.volume(params)
+        zero = jnp.zeros((dim, dim))
+        sigma = jax.grad(lambda e: system.energy(q, params, strain=e))(zero) / volume
+        g_w = volume * jnp.tensordot(basis, sigma + PRESSURE * jnp.eye(dim), axes=([1, 2], [0, 1])) / c
+    assert float(jnp.max(jnp.abs(f_w + g_w))) < 1e-12 * float(jnp.max(jnp.abs(g_w)))
