@@ -412,7 +412,7 @@ def _programs(system: CellSystem, method: str, ftol: float, skin: float, capacit
 
     def shift(x, dx, env):
         box = env[0]["box"]
-        y = jnp.mod(x[:n * d].reshape(n, d) + dx[:n * d].reshape(n, d), box)
+        y = minimize.fold(x[:n * d].reshape(n, d) + dx[:n * d].reshape(n, d), box)
         return jnp.concatenate([y.ravel(), x[n * d:] + dx[n * d:]])
 
     def measure(x, f, theta):
@@ -617,7 +617,7 @@ def _cell_programs(system: CellSystem, theta: Params, method: str, ftol: float, 
         return apply(-total, f.T), f_u / scale(theta)
 
     def shift(x, dx, env):
-        return jnp.mod(x[0] + dx[0], env[0]["box"]), x[1] + dx[1]
+        return minimize.fold(x[0] + dx[0], env[0]["box"]), x[1] + dx[1]
 
     mini = minimize.make(method, shift, force_fn=force_fn)
 
