@@ -541,8 +541,13 @@ def test_cell_list_relaxation_reaches_a_minimum_of_the_full_enthalpy(dim, box_do
     assert set(map(tuple, out.pairs.T.tolist())) == within
 
 
-@pytest.mark.parametrize("dim,box_dof,n", [(2, "iso", 64), (2, "aniso", 64), (3, "aniso", 128), (2, "shear", 64),
-                                           (3, "shear", 128)])
+# Both force paths (the cell in the pair coefficient: iso/aniso; deformed separations: shear)
+# in the default run, in 2D; the rest with -m slow (~27 s each on 2 cores).
+@pytest.mark.parametrize("dim,box_dof,n", [(2, "iso", 64),
+                                           pytest.param(2, "aniso", 64, marks=pytest.mark.slow),
+                                           pytest.param(3, "aniso", 128, marks=pytest.mark.slow),
+                                           (2, "shear", 64),
+                                           pytest.param(3, "shear", 128, marks=pytest.mark.slow)])
 def test_pair_list_force_is_minus_the_enthalpy_gradient(dim, box_dof, n):
     """The relaxation's force on the state (y, w) = (L₀ ⊙ q, c u), taken once per
     pair from the pair list with the cell folded into the pair coefficient
