@@ -49,7 +49,7 @@ def bench(
     rtol: float = typer.Option(1e-10, help="CG relative tolerance of the implicit derivative."),
     preconditioner: str = typer.Option("twolevel", help="CG preconditioner: twolevel, jacobi or none."),
     solver: str = typer.Option("cg", help="Linear solver of the implicit derivatives: cg (with --preconditioner) "
-                               "or sparse (the Hessian factored on the host; each timed call factors anew)."),
+                               "sparse (the Hessian factored on the host; each timed call factors anew) or dense (small N)."),
     fd_sample: int = typer.Option(3, help="Diameters differentiated by finite differences (the full gradient time is extrapolated)."),
     fd_ftol: float = typer.Option(1e-12, help="Re-relaxation tolerance of the finite differences."),
     h: float = typer.Option(1e-5, help="Finite-difference step."),
@@ -87,10 +87,9 @@ def bench(
     with errors():
         if output.exists() and not force:
             fail(f"{output} exists; pass --force to overwrite it, or -o another path", EXIT_USAGE)
-        if preconditioner not in ("none", "jacobi", "twolevel"):
-            fail(f"--preconditioner {preconditioner!r}: choose twolevel, jacobi or none", EXIT_USAGE)
-        if solver not in ("cg", "sparse"):
-            fail(f"--solver {solver!r}: choose cg or sparse", EXIT_USAGE)
+        from mdsens.sensitivity import check_solver
+
+        check_solver(solver, preconditioner)  # the one check `run`, `ensemble` and `design` make
         ns = _ints(n, "--n")
         if ensemble is not None:
             from mdsens import bench_ensemble

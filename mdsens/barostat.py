@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import time
-import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -53,7 +53,7 @@ import numpy as np
 from mdsens import gauge as _gauge
 from mdsens import implicit, linsolve, minimize
 from mdsens.job import Result
-from mdsens.system import Params, System, pad_pairs
+from mdsens.system import Model, Params, System, pad_pairs
 
 Array = jax.Array
 Observable = Callable[[System, Array, Params], Array]
@@ -351,13 +351,37 @@ class Relaxed(NamedTuple):
     rebuilds: int
 
 
-_PROGRAMS: "weakref.WeakKeyDictionary[System, dict]" = weakref.WeakKeyDictionary()
+#: the fixed-pressure programs, per model (:attr:`System.model`): a new build
+#: of the same model (another seed, θ or start) shares them; least recently
+#: used dropped first
+_PROGRAMS: "OrderedDict[Model, dict]" = OrderedDict()
+PROGRAM_LIMIT = 16
+
+
+def _model_cache(system: CellSystem) -> tuple[dict, CellSystem]:
+    """The program cache of ``system``'s model, and the model's template (what
+    the programs close over: the model, no run's numbers)."""
+    model = system.model
+    cache = _PROGRAMS.get(model)
+    if cache is None:
+        cache = _PROGRAMS[model] = {}
+        while len(_PROGRAMS) > PROGRAM_LIMIT:
+            _PROGRAMS.popitem(last=False)
+    else:
+        _PROGRAMS.move_to_end(model)
+    return cache, model.template
+
+
+def programs_of(system: CellSystem) -> int:
+    """How many program sets the fixed-pressure cache holds for ``system``'s model."""
+    return len(_PROGRAMS.get(system.model, {}))
 
 
 def _programs(system: CellSystem, method: str, ftol: float, skin: float, capacity: int):
-    """The compiled pieces for one system, minimizer, tolerance, skin and pair
-    capacity (cached: a re-relaxation at other parameters compiles nothing)."""
-    cache = _PROGRAMS.setdefault(system, {})
+    """The compiled pieces for one model, minimizer, tolerance, skin and pair
+    capacity (cached: a re-relaxation at other parameters, or of another
+    build of the model, compiles nothing)."""
+    cache, system = _model_cache(system)
     key = (method, float(ftol), float(skin), int(capacity))
     if key in cache:
         return cache[key]
@@ -533,7 +557,8 @@ def _cell_programs(system: CellSystem, theta: Params, method: str, ftol: float, 
     constants = {name: float(theta[name]) for name in system.specialize
                  if name in theta and np.ndim(theta[name]) == 0}
     key = ("cell-list", method, float(ftol), float(skin), box, tuple(sorted(constants.items())))
-    cache = _PROGRAMS.setdefault(system, {}).setdefault(key, [])
+    model_cache, system = _model_cache(system)
+    cache = model_cache.setdefault(key, [])
     for programs in cache:
         # A cached program serves a slightly smaller cutoff (a finite difference,
         # a design step) and a cell stretched a little more than its grid's.

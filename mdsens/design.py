@@ -955,7 +955,7 @@ class _PressureRunner(_Runner):
         return jnp.mod(q, 1.0), params
 
     def programs(self) -> int:
-        return len(barostat._PROGRAMS.get(self.plan.system, {}))
+        return barostat.programs_of(self.plan.system)
 
 
 def _contact_set(flags, n: int) -> set:

@@ -182,13 +182,31 @@ def _box_of(model: System, params: Params) -> Array | None:
 
 def _table(model: System, params: Params, skin: float) -> relax.Table:
     """One table for the batch: built for the largest member cutoff, with cells
-    sized by the smallest box, so that every member's cells span cutoff + skin."""
+    sized by the smallest box, so that every member's cells span cutoff + skin.
+    Cached per model, skin and box: as :func:`mdsens.relax.relax`'s, a table
+    serves cutoffs down to ``1 / CUTOFF_SLACK`` of its own, so a batch whose
+    cutoff moved a little (a diameter sweep, a finite difference) reuses the
+    table and with it the compiled chunk (:func:`_batch_program`)."""
     cutoffs = np.asarray(jax.vmap(model.cutoff)(params))
     cutoff = float(np.max(cutoffs))
     smallest = dict(model.params)
     if model.periodic:
         smallest["box"] = jnp.asarray(np.min(np.asarray(params["box"]), axis=0))
-    return relax.Table(model, smallest, skin, cutoff * relax.CUTOFF_SLACK if math.isfinite(cutoff) else None)
+    box = tuple(np.asarray(smallest["box"]).tolist()) if model.periodic else None
+    key = (model.model, float(skin), box)
+    tables = _TABLES.get(key)
+    if tables is None:
+        tables = _TABLES[key] = []
+        while len(_TABLES) > PROGRAM_LIMIT:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    for table in tables:
+        if cutoff <= table.cutoff <= relax.CUTOFF_SLACK**2 * cutoff or (math.isinf(cutoff) and table.static):
+            return table
+    table = relax.Table(model, smallest, skin, cutoff * relax.CUTOFF_SLACK if math.isfinite(cutoff) else None)
+    tables.append(table)
+    return table
 
 
 def _capacities(table: relax.Table, model: System, x: Array, params: Params, grow: float = 1.0) -> tuple[int, int]:
@@ -220,6 +238,8 @@ REBUILD_GROUP = 4
 #: options (least recently used dropped first)
 PROGRAM_LIMIT = 16
 _PROGRAMS: "OrderedDict[Any, _Batch]" = OrderedDict()
+#: the batches' tables, per model, skin and box (:func:`_table`)
+_TABLES: "OrderedDict[Any, list[relax.Table]]" = OrderedDict()
 
 
 class _Batch(NamedTuple):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mdsens import minimize, observables, relax, sensitivity, systems
 from mdsens.job import Job, execute
@@ -148,6 +149,7 @@ def test_overflow_is_detected_and_the_chunk_redone(monkeypatch):
         np.testing.assert_allclose(np.asarray(out.x), np.asarray(reference.x), atol=1e-12)
 
 
+@pytest.mark.usefixtures("compile_fresh")
 def test_second_relaxation_compiles_nothing():
     system = systems.get("bidisperse").build(n=64, dim=2, phi=0.9)
     params = {k: jnp.asarray(v) for k, v in system.params.items()}

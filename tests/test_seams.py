@@ -126,11 +126,15 @@ def counting_compiles(pause: list | None = None):
         if event == dispatch.BACKEND_COMPILE_EVENT and not (pause or []):
             events.append(event)
 
+    # every compilation must happen to be counted: not loaded from the test run's shared programs
+    shared = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         yield events
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+        jax.config.update("jax_enable_compilation_cache", shared)
 
 
 def test_forward_and_gradient_compile_once(relaxed):
@@ -252,6 +256,45 @@ def test_a_second_ensemble_of_the_model_compiles_nothing():
     np.testing.assert_allclose(result.sensitivity["diameter"]["position"][1], dense.values["position"],
                                rtol=0, atol=1e-8)
     assert float(np.max(np.abs(dense.values["position"]))) > 1e-3
+
+
+def test_fixed_pressure_programs_are_keyed_by_the_model():
+    """barostat.relax on a new build of the same fixed-pressure model (another
+    seed) compiles nothing, and still reaches the target pressure."""
+    from mdsens import barostat
+
+    def build(seed):
+        return systems.get("bidisperse").build(n=16, pressure=0.05, box_dof="shear", seed=seed)
+
+    first = barostat.relax(build(0), ftol=1e-11)
+    assert bool(first.info.converged)
+    other = build(1)
+    with counting_compiles() as compiled:
+        second = barostat.relax(other, ftol=1e-11)
+    assert compiled == [] and second.compile_s == 0.0 and bool(second.info.converged)
+    pressure = observables.pressure(other, second.q, second.params)
+    np.testing.assert_allclose(float(pressure), 0.05, rtol=1e-8)
+
+
+def test_batch_relaxation_serves_a_slightly_smaller_cutoff_without_compiling():
+    """ensemble.relax_batch at diameters 0.5% smaller (a finite difference, a
+    sweep step) reuses the batch's table and compiled chunk, and its members
+    are still minima of the all-pairs energy."""
+    from mdsens import ensemble, minimize
+
+    builds = [systems.get("bidisperse").build(n=16, phi=0.95, seed=s) for s in (3, 4)]
+    params = ensemble.stack([b.params for b in builds])
+    x0 = jnp.stack([jnp.asarray(b.positions) for b in builds])
+    first = ensemble.relax_batch(builds[0], params, x0)
+    assert bool(np.all(first.converged))
+    smaller = dict(params, diameter=params["diameter"] * 0.995)
+    with counting_compiles() as compiled:
+        second = ensemble.relax_batch(builds[0], smaller, first.x)
+    assert compiled == [] and second.compile_s == 0.0 and bool(np.all(second.converged))
+    for m, build in enumerate(builds):
+        p = {k: v[m] for k, v in smaller.items()}
+        force = -jax.grad(lambda x_: build.energy_real(x_, p))(jnp.asarray(second.x[m]))
+        assert float(minimize.max_force(force)) < 1e-9
 
 
 def test_pairs_are_padded_to_few_widths():
@@ -450,9 +493,12 @@ def test_one_solver_check_for_every_caller(relaxed, tmp_path):
         with pytest.raises(UsageError) as from_solve:
             sensitivity.solver_for(system, q, params, rattler, options["solver"], 1e-10, options["preconditioner"])
         assert str(from_job.value) == str(from_solve.value) == message
-        result = CliRunner().invoke(app, ["run", "--set", "n=16", f"--{option}", bad, "-o", str(tmp_path / "x.h5")])
-        assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
-        assert not (tmp_path / "x.h5").exists()
+        for command in ("run", "bench"):  # `mdsens bench` makes the same check
+            result = CliRunner().invoke(app, [command, "--set", "n=16", f"--{option}", bad,
+                                              "-o", str(tmp_path / "x.h5")])
+            assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
+            assert len(result.stderr.strip().splitlines()) == 1
+            assert not (tmp_path / "x.h5").exists()
 
 
 def test_pressure_parameter_and_model_potential_units(tmp_path):
