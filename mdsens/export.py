@@ -14,6 +14,18 @@
   it with a margin, marked ``log/mdsens/free_space`` = 1 so that
   ``from_file`` reads it back as free space.
 
+A sheared (triclinic) cell of a fixed-pressure run (``box_dof=shear``; the
+record's ``box`` is then the (d, d) matrix of edge vectors as rows) is written
+as that cell: extxyz's ``Lattice`` is the 3×3 matrix of rows a, b, c; h5md3d's
+``box/edges`` is the (3, 3) matrix of edge vectors as rows (H5MD's triclinic
+box); both keep the positions as they are (real space). GSD needs HOOMD's
+upper-triangular form, a1 = (Lx, 0, 0), a2 = (xy Ly, Ly, 0),
+a3 = (xz Lz, yz Lz, Lz): the cell and the positions are rotated into it (QR
+of the cell's transpose, diagonal made positive) and the positions wrapped to
+fractional coordinates in [−½, ½). A 2D cell is embedded in 3D with the slab
+(or, in GSD, Lz = 0) along z. A rectangular cell is written exactly as a box of
+side lengths.
+
 All take the record of :func:`mdsens.io.read`. Lengths stay in reduced units
 (the reference length σ); in the H5MD export they are *labelled* ``A``
 (Ångström, MDAnalysis's native length, so it converts nothing) because
@@ -76,6 +88,24 @@ def _slab(record: Mapping[str, Any]) -> float:
     return float(np.max(record["diameter"])) if len(record["diameter"]) else 1.0
 
 
+def _triclinic(box: Any) -> bool:
+    return box is not None and np.ndim(box) == 2
+
+
+def _cell3(record: Mapping[str, Any]) -> np.ndarray:
+    """The (3, 3) lattice (edge vectors as rows) of a periodic record: a
+    sheared (d, d) cell or the box's side lengths on the diagonal; for 2D the
+    third vector is a slab one largest diameter thick along z."""
+    box = np.asarray(record["box"], dtype=np.float64)
+    cell = box if box.ndim == 2 else np.diag(box)
+    d = cell.shape[0]
+    out = np.zeros((3, 3))
+    out[:d, :d] = cell
+    if d == 2:
+        out[2, 2] = _slab(record)
+    return out
+
+
 def _info_value(value: Any) -> str:
     v = np.asarray(value)
     if v.dtype == bool:
@@ -102,8 +132,7 @@ def to_extxyz(record: Mapping[str, Any], path: str | os.PathLike) -> None:
         columns.append((name, "R", 3, _embed(u)))
     header = []
     if periodic:
-        edges = list(np.asarray(record["box"], dtype=float)) + ([_slab(record)] if d == 2 else [])
-        lattice = np.diag(edges)
+        lattice = _cell3(record)  # rows a, b, c
         header.append('Lattice="' + " ".join(repr(float(x)) for x in lattice.ravel()) + '"')
         header.append('pbc="' + " ".join(["T"] * d + (["F"] if d == 2 else [])) + '"')
     else:
@@ -188,11 +217,16 @@ def to_h5md3d(record: Mapping[str, Any], path: str | os.PathLike) -> None:
         box = group.create_group("box")
         box.attrs["dimension"] = np.int32(3)
         if periodic:
-            edges = list(np.asarray(record["box"], dtype=float)) + ([_slab(record)] if d == 2 else [])
             box.attrs["boundary"] = np.array(["periodic"] * d + (["none"] if d == 2 else []),
                                              dtype=h5py.string_dtype())
-            _time_series(box, "edges", np.asarray(edges), step, "A",
-                         "box side lengths; for 2D the third is a slab one largest diameter thick")
+            if _triclinic(record["box"]):  # H5MD: a (3, 3) edges matrix is a triclinic box, rows the edge vectors
+                _time_series(box, "edges", _cell3(record), step, "A",
+                             "triclinic cell: the edge vectors as rows; for 2D the third is a slab one largest "
+                             "diameter thick along z")
+            else:
+                edges = list(np.asarray(record["box"], dtype=float)) + ([_slab(record)] if d == 2 else [])
+                _time_series(box, "edges", np.asarray(edges), step, "A",
+                             "box side lengths; for 2D the third is a slab one largest diameter thick")
             box["edges/value"].attrs["reduced_unit"] = io.LENGTH
         else:
             box.attrs["boundary"] = np.array(["none"] * 3, dtype=h5py.string_dtype())
@@ -235,6 +269,56 @@ def gsd_type_name(species: int) -> str:
     return chr(ord("A") + species) if species < 26 else f"T{species}"
 
 
+def _hoomd_cell(cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A (d, d) cell (edge vectors as rows, right-handed) in HOOMD's
+    orientation: ``(h, rotation)`` with ``h`` upper triangular, positive
+    diagonal, its COLUMNS the rotated edge vectors (a1 = (Lx, 0, 0),
+    a2 = (xy Ly, Ly, 0), a3 = (xz Lz, yz Lz, Lz)), and ``rotation`` the
+    orthogonal (d, d) matrix that maps a real-space row vector x to
+    ``x @ rotation`` in that frame (``cell @ rotation == h.T``)."""
+    cell = np.asarray(cell, dtype=np.float64)
+    q, r = np.linalg.qr(cell.T)  # cell.T = q r: the columns of r are the edge vectors in the frame q
+    signs = np.where(np.diag(r) < 0, -1.0, 1.0)
+    return signs[:, None] * r, q * signs[None, :]
+
+
+def _hoomd_box(cell: np.ndarray) -> tuple[list[float], np.ndarray]:
+    """HOOMD's [Lx, Ly, Lz, xy, xz, yz] of a (d, d) cell (each as float32
+    rounds it) and the (d, d) upper-triangular matrix they stand for."""
+    h, _ = _hoomd_cell(cell)
+    d = len(h)
+    lx, ly = h[0, 0], h[1, 1]
+    lz = h[2, 2] if d == 3 else 0.0
+    tilts = [h[0, 1] / ly, h[0, 2] / lz if d == 3 else 0.0, h[1, 2] / lz if d == 3 else 0.0]
+    box = [float(np.float32(v)) for v in (lx, ly, lz, *tilts)]
+    lx, ly, lz, xy, xz, yz = box
+    matrix = np.array([[lx, xy * ly, xz * lz], [0.0, ly, yz * lz], [0.0, 0.0, lz]])[:d, :d]
+    return box, matrix
+
+
+def _gsd_triclinic(positions: np.ndarray, cell: np.ndarray) -> tuple[list[float], np.ndarray]:
+    """Box and float32 positions (N, d) of a sheared cell in HOOMD's frame:
+    fractional coordinates wrapped into [−½, ½) (the rectangular export's
+    centring, x − L/2 for x in [0, L)), then placed in the rotated cell as
+    stored (float32)."""
+    if not np.linalg.det(cell) > 0:
+        raise ValueError("HOOMD's box holds right-handed cells only (Lx, Ly, Lz > 0)")
+    box, h = _hoomd_box(cell)
+    fraction = positions @ np.linalg.inv(cell)  # x = s @ cell
+    centered = fraction - np.floor(fraction) - 0.5  # in [-1/2, 1/2)
+    inverse = np.linalg.inv(h.T)
+    face = 1e-12  # a fractional coordinate this close to -1/2 or 1/2 is on the face
+    for _ in range(8):
+        stored = (centered @ h.T).astype(np.float32)
+        check = stored.astype(np.float64) @ inverse  # the stored positions' own fractions
+        high, low = check >= 0.5 - face, check < -0.5 - face
+        if not (high.any() or low.any()):
+            break
+        # float32 rounding onto the +1/2 face wraps to -1/2; past the -1/2 face, step in by 2^-24
+        centered = np.where(high, -0.5, np.where(low, centered + 2.0**-24, centered))
+    return box, stored
+
+
 def to_gsd(record: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write ``record`` as one HOOMD GSD frame (atomically)."""
     import tempfile
@@ -245,22 +329,25 @@ def to_gsd(record: Mapping[str, Any], path: str | os.PathLike) -> None:
     species = np.asarray(record["species"], dtype=np.int64).reshape(-1)
     diameter = np.asarray(record["diameter"], dtype=np.float64).reshape(-1)
     periodic = record["box"] is not None
-    if periodic:
-        edges = np.asarray(record["box"], dtype=np.float64).reshape(-1)
-        centered = positions - edges * (np.floor(positions / edges) + 0.5)  # in [-L/2, L/2)
-    else:  # a box that holds the cluster with a margin of two diameters on each side
-        low, high = positions.min(axis=0), positions.max(axis=0)
-        edges = (high - low) + 4 * _slab(record)
-        centered = positions - (low + high) / 2
-    half = (edges / 2).astype(np.float32)
-    stored = centered.astype(np.float32)
-    stored = np.where(stored >= half, -half, stored)  # float32 rounding up to +L/2 wraps to -L/2
-    box = [float(np.float32(e)) for e in edges] + ([0.0] if d == 2 else [])
+    if _triclinic(record["box"]):
+        box, stored = _gsd_triclinic(positions, np.asarray(record["box"], dtype=np.float64))
+    else:
+        if periodic:
+            edges = np.asarray(record["box"], dtype=np.float64).reshape(-1)
+            centered = positions - edges * (np.floor(positions / edges) + 0.5)  # in [-L/2, L/2)
+        else:  # a box that holds the cluster with a margin of two diameters on each side
+            low, high = positions.min(axis=0), positions.max(axis=0)
+            edges = (high - low) + 4 * _slab(record)
+            centered = positions - (low + high) / 2
+        half = (edges / 2).astype(np.float32)
+        stored = centered.astype(np.float32)
+        stored = np.where(stored >= half, -half, stored)  # float32 rounding up to +L/2 wraps to -L/2
+        box = [float(np.float32(e)) for e in edges] + ([0.0] if d == 2 else []) + [0.0, 0.0, 0.0]
 
     frame = hoomd.Frame()
     frame.configuration.step = int(record.get("meta", {}).get("steps", 0))
     frame.configuration.dimensions = d
-    frame.configuration.box = box + [0.0, 0.0, 0.0]
+    frame.configuration.box = box
     frame.particles.N = n
     frame.particles.position = _embed(stored).astype(np.float32)
     count = int(species.max()) + 1 if n else 1
@@ -292,8 +379,15 @@ def export(source: str | os.PathLike, fmt: str, output: str | os.PathLike) -> No
     record = io.read(source)
     box = record["box"]
     if box is not None and np.ndim(box) == 2:
-        if not np.allclose(box, np.diag(np.diag(box)), rtol=0, atol=0):
-            raise io.FormatError(f"{source}: a sheared (triclinic) cell from a fixed-pressure run with box_dof=shear; "
-                                 f"export to {fmt} supports rectangular boxes only so far")
-        record = {**record, "box": np.diag(box)}
+        box = np.asarray(box, dtype=np.float64)
+        if np.array_equal(box, np.diag(np.diag(box))):  # rectangular: side lengths, written as before
+            record = {**record, "box": np.diag(box)}
+        else:
+            volume = np.linalg.det(box)
+            if not np.all(np.isfinite(box)) or volume == 0:
+                raise io.FormatError(f"{source}: the sheared cell is degenerate (determinant {volume:.6g}); "
+                                     f"export to {fmt} needs a cell of nonzero volume")
+            if fmt == "gsd" and volume < 0:
+                raise io.FormatError(f"{source}: the sheared cell is left-handed (determinant {volume:.6g} < 0), "
+                                     "which HOOMD's box cannot hold; export to extxyz or h5md3d")
     _WRITERS[fmt](record, output)

@@ -4,7 +4,9 @@ dump, POSCAR, CIF; HOOMD's GSD), written by ASE or gsd and read back with
 positions, box, species and diameters intact; triclinic cells refused; the
 ``format``, ``frame``, ``dim`` and ``diameter`` keys; and ``mdsens export
 --format gsd`` read back with ``gsd.hoomd``. No relaxation: small synthetic
-packings (N = 12)."""
+packings (N = 12); except the sheared (triclinic) cells of a fixed-pressure
+run with ``box_dof=shear`` (N = 16, one run for the module), exported to all
+three formats and read back with ASE, h5py / MDAnalysis and gsd."""
 
 from __future__ import annotations
 
@@ -287,3 +289,142 @@ def test_export_gsd_free_space(tmp_path):
     x = np.asarray(frame.particles.position)
     assert np.all(np.abs(x) < np.asarray(frame.configuration.box[:3]) / 2)
     assert_same(load(out), record, atol=1e-5)  # marked free space: read back without a box
+
+
+# -- sheared (triclinic) cells: mdsens export of a box_dof=shear run -----------------
+
+
+@pytest.fixture(scope="module")
+def sheared(tmp_path_factory) -> dict[str, Path]:
+    """mdsens files with a sheared cell (edge vectors as rows): a 2D
+    fixed-pressure run with ``box_dof=shear`` (N = 16, by the CLI); that run
+    turned by 40° (its cell is symmetric, exp(U) L; turned, it is not, so a
+    transposed cell is a different cell); and a synthetic 3D triclinic packing
+    (a 3D shear run needs N ≳ 48 and tens of seconds here)."""
+    import shutil
+
+    import h5py
+
+    from mdsens.cli import app
+
+    folder = tmp_path_factory.mktemp("sheared")
+    run = folder / "run.h5"
+    result = CliRunner().invoke(app, ["run", "--set", "n=16", "--set", "pressure=0.05", "--set", "box_dof=shear",
+                                      "--observe", "energy", "-o", str(run), "--quiet"])
+    assert result.exit_code == 0, result.output
+    cell = io.read(run)["box"]
+    assert cell.shape == (2, 2) and abs(cell[0, 1]) > 1e-2  # sheared
+    turned = folder / "turned.h5"
+    shutil.copy(run, turned)
+    angle = np.deg2rad(40.0)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    with h5py.File(turned, "r+") as f:  # what export reads: the cell and the positions
+        for name in ("particles/all/box/edges", "particles/all/position/value"):
+            f[name][...] = f[name][()] @ rotation.T
+    record = packing(3, seed=3)
+    cell = np.array([[5.0, 0.3, -0.4], [1.2, 6.0, 0.5], [-0.8, 1.5, 7.0]])
+    fractions = np.random.default_rng(3).uniform(0, 1, (N, 3))
+    synthetic = folder / "triclinic3d.h5"
+    io.write(synthetic, {**record, "box": cell, "positions": fractions @ cell})
+    return {"2d": run, "2d-turned": turned, "3d": synthetic}
+
+
+def cell_geometry(cell: np.ndarray) -> np.ndarray:
+    """Rotation-invariant: the edge lengths, the angles between edges (radians) and the volume."""
+    lengths = np.linalg.norm(cell, axis=1)
+    pairs = [(i, j) for i in range(len(cell)) for j in range(i + 1, len(cell))]
+    angles = [np.arccos(cell[i] @ cell[j] / (lengths[i] * lengths[j])) for i, j in pairs]
+    return np.concatenate([lengths, angles, [abs(np.linalg.det(cell))]])
+
+
+def image_distances(positions: np.ndarray, cell: np.ndarray) -> np.ndarray:
+    """Every pair's minimum-image distance (over the 3^d images of the nearest fractional offset)."""
+    import itertools
+
+    fractions = positions @ np.linalg.inv(cell)
+    delta = fractions[:, None] - fractions[None]
+    delta -= np.round(delta)
+    shifts = np.array(list(itertools.product((-1, 0, 1), repeat=len(cell))))
+    r = np.linalg.norm((delta[:, :, None, :] + shifts) @ cell, axis=-1).min(axis=-1)
+    return r[np.triu_indices(len(positions), 1)]
+
+
+def assert_same_cell(cell, positions, record, atol, shift=0.0):
+    """An exported (d, d) cell and (N, d) positions hold the record's packing:
+    cell lengths, angles and volume, each particle's fractional coordinates
+    (mod 1, after adding ``shift``) and every minimum-image distance."""
+    ref_cell, ref_x = np.asarray(record["box"]), np.asarray(record["positions"])
+    np.testing.assert_allclose(cell_geometry(cell), cell_geometry(ref_cell), rtol=atol, atol=atol)
+    delta = positions @ np.linalg.inv(cell) + shift - ref_x @ np.linalg.inv(ref_cell)
+    assert np.max(np.abs(delta - np.round(delta))) <= atol
+    np.testing.assert_allclose(image_distances(positions, cell), image_distances(ref_x, ref_cell), rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("fmt", ["extxyz", "h5md3d", "gsd"])
+def test_export_sheared_cell(sheared, tmp_path, fmt):
+    import warnings
+
+    import h5py
+
+    mda = pytest.importorskip("MDAnalysis") if fmt == "h5md3d" else None
+    from mdsens.cli import app
+
+    for name, source in sheared.items():
+        record = io.read(source)
+        d = record["positions"].shape[1]
+        out = tmp_path / f"{name}.{dict(extxyz='xyz', h5md3d='h5md', gsd='gsd')[fmt]}"
+        result = CliRunner().invoke(app, ["export", str(source), "--format", fmt, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        if fmt == "extxyz":  # float64 text; Lattice="a b c" as rows; 2D: the slab along z
+            atoms = ase_io.read(out, format="extxyz")
+            cell = np.asarray(atoms.cell)
+            assert list(atoms.pbc) == [True] * d + [False] * (3 - d)
+            np.testing.assert_allclose(atoms.positions[:, :d], record["positions"], rtol=0, atol=1e-14)
+            np.testing.assert_array_equal(cell[d:, :d], 0.0)
+            assert_same_cell(cell[:d, :d], atoms.positions[:, :d], record, atol=1e-12)
+            scaled = atoms.get_scaled_positions()[:, :d] - record["positions"] @ np.linalg.inv(record["box"])
+            assert np.max(np.abs(scaled - np.round(scaled))) <= 1e-12
+        elif fmt == "h5md3d":  # float64 (3, 3) edges, rows the edge vectors; MDAnalysis keeps float32
+            with h5py.File(out) as f:
+                edges = f["particles/trajectory/box/edges/value"][()]
+                x = f["particles/trajectory/position/value"][0]
+            assert edges.shape == (1, 3, 3)
+            cell = edges[0]
+            assert_same_cell(cell[:d, :d], x[:, :d], record, atol=1e-12)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # masses of unnamed particles
+                universe = mda.Universe(str(out))
+            dims = universe.trajectory.ts.dimensions
+            np.testing.assert_allclose(dims[:3], np.linalg.norm(cell, axis=1), rtol=1e-6)
+            np.testing.assert_allclose(np.deg2rad(dims[3:]), cell_geometry(cell)[[5, 4, 3]], atol=1e-6)
+            np.testing.assert_allclose(universe.atoms.positions, x, rtol=1e-6, atol=1e-6)
+        else:  # HOOMD: [Lx, Ly, Lz, xy, xz, yz], a1 = (Lx,0,0), a2 = (xy Ly, Ly, 0), a3 = (xz Lz, yz Lz, Lz); float32
+            with gsd_hoomd.open(out, "r") as trajectory:
+                frame = trajectory[0]
+            lx, ly, lz, xy, xz, yz = (float(v) for v in frame.configuration.box)
+            assert frame.configuration.dimensions == d
+            if d == 2:
+                assert lz == 0 and xz == 0 and yz == 0
+            cell = np.array([[lx, 0, 0], [xy * ly, ly, 0], [xz * lz, yz * lz, lz]])[:d, :d]  # rows a1, a2, a3
+            x = np.asarray(frame.particles.position, dtype=np.float64)
+            assert np.all(x[:, d:] == 0)
+            fractions = x[:, :d] @ np.linalg.inv(cell)
+            assert np.all(fractions >= -0.5) and np.all(fractions < 0.5)  # HOOMD's box, centred
+            assert_same_cell(cell, x[:, :d], record, atol=2e-6, shift=0.5)
+
+
+def test_export_left_handed_cell_to_gsd_refused(sheared, tmp_path):
+    # HOOMD's cell is right-handed (Lx, Ly, Lz > 0): a mirrored cell is one line, exit 1, no file;
+    # extxyz takes it as it is.
+    from mdsens.cli import app
+
+    record = io.read(sheared["3d"])
+    mirrored = tmp_path / "mirrored.h5"
+    io.write(mirrored, {**record, "box": record["box"][[1, 0, 2]]})
+    out = tmp_path / "mirrored.gsd"
+    result = CliRunner().invoke(app, ["export", str(mirrored), "--format", "gsd", "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("\n") == 1 and "left-handed" in result.stderr
+    assert not out.exists()
+    result = CliRunner().invoke(app, ["export", str(mirrored), "--format", "extxyz", "-o", str(tmp_path / "m.xyz")])
+    assert result.exit_code == 0, result.output
