@@ -4,9 +4,9 @@ dump, POSCAR, CIF; HOOMD's GSD), written by ASE or gsd and read back with
 positions, box, species and diameters intact; triclinic cells refused; the
 ``format``, ``frame``, ``dim`` and ``diameter`` keys; and ``mdsens export
 --format gsd`` read back with ``gsd.hoomd``. No relaxation: small synthetic
-packings (N = 12); except the sheared (triclinic) cells of a fixed-pressure
-run with ``box_dof=shear`` (N = 16, one run for the module), exported to all
-three formats and read back with ASE, h5py / MDAnalysis and gsd."""
+packings (N = 12), also in sheared (triclinic) cells as a fixed-pressure run
+with ``box_dof=shear`` writes them, exported to all three formats and read
+back with ASE, h5py / MDAnalysis and gsd."""
 
 from __future__ import annotations
 
@@ -296,37 +296,20 @@ def test_export_gsd_free_space(tmp_path):
 
 @pytest.fixture(scope="module")
 def sheared(tmp_path_factory) -> dict[str, Path]:
-    """mdsens files with a sheared cell (edge vectors as rows): a 2D
-    fixed-pressure run with ``box_dof=shear`` (N = 16, by the CLI); that run
-    turned by 40° (its cell is symmetric, exp(U) L; turned, it is not, so a
-    transposed cell is a different cell); and a synthetic 3D triclinic packing
-    (a 3D shear run needs N ≳ 48 and tens of seconds here)."""
-    import shutil
-
-    import h5py
-
-    from mdsens.cli import app
-
+    """mdsens files with a sheared cell (edge vectors as rows, as a
+    ``box_dof=shear`` run writes it through :func:`mdsens.io.write`), 2D and
+    3D. The cells are not symmetric (a relaxed cell exp(U) L is, when turned it
+    is not), so a transposed cell is a different cell. Synthetic: a shear run
+    costs over a minute of compilation on 2 cores."""
     folder = tmp_path_factory.mktemp("sheared")
-    run = folder / "run.h5"
-    result = CliRunner().invoke(app, ["run", "--set", "n=16", "--set", "pressure=0.05", "--set", "box_dof=shear",
-                                      "--observe", "energy", "-o", str(run), "--quiet"])
-    assert result.exit_code == 0, result.output
-    cell = io.read(run)["box"]
-    assert cell.shape == (2, 2) and abs(cell[0, 1]) > 1e-2  # sheared
-    turned = folder / "turned.h5"
-    shutil.copy(run, turned)
-    angle = np.deg2rad(40.0)
-    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    with h5py.File(turned, "r+") as f:  # what export reads: the cell and the positions
-        for name in ("particles/all/box/edges", "particles/all/position/value"):
-            f[name][...] = f[name][()] @ rotation.T
-    record = packing(3, seed=3)
-    cell = np.array([[5.0, 0.3, -0.4], [1.2, 6.0, 0.5], [-0.8, 1.5, 7.0]])
-    fractions = np.random.default_rng(3).uniform(0, 1, (N, 3))
-    synthetic = folder / "triclinic3d.h5"
-    io.write(synthetic, {**record, "box": cell, "positions": fractions @ cell})
-    return {"2d": run, "2d-turned": turned, "3d": synthetic}
+    out = {}
+    for d, cell in ((2, np.array([[4.6, 0.7], [-1.1, 5.2]])),
+                    (3, np.array([[5.0, 0.3, -0.4], [1.2, 6.0, 0.5], [-0.8, 1.5, 7.0]]))):
+        record = packing(d, seed=d)
+        fractions = np.random.default_rng(d).uniform(0, 1, (N, d))
+        out[f"{d}d"] = folder / f"triclinic{d}d.h5"
+        io.write(out[f"{d}d"], {**record, "box": cell, "positions": fractions @ cell})
+    return out
 
 
 def cell_geometry(cell: np.ndarray) -> np.ndarray:
