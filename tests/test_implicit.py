@@ -182,15 +182,22 @@ def test_assembled_hessian_equals_jvp_of_gradient(family, config):
     (used by second-order implicit derivatives) matches too."""
     system, q, params, _ = relaxed(family, seed=1, **config)
     v = jax.random.normal(jax.random.PRNGKey(3), q.shape)
-    reference = jax.jvp(lambda y: jax.grad(system.energy)(y, params), (q,), (v,))[1]
-    scale = float(jnp.max(jnp.abs(reference)))
-    assert float(jnp.max(jnp.abs(system.hessian_vp(q, params)(v) - reference))) < 1e-12 * scale
     listed = system.with_pairs(jnp.asarray(system.interacting_pairs(q, params)))
-    assert float(jnp.max(jnp.abs(listed.hessian_vp(q, params)(v) - reference))) < 1e-12 * scale
     d = {k: jnp.zeros_like(x) for k, x in params.items()}
     d["diameter"] = jnp.array([0.3, 1.0])
-    assembled = jax.jvp(lambda p: system.hessian_vp(q, p)(v), (params,), (d,))[1]
-    autodiff = jax.jvp(lambda p: jax.jvp(lambda y: jax.grad(system.energy)(y, p), (q,), (v,))[1], (params,), (d,))[1]
+
+    @jax.jit  # one compiled program, not op by op (3× faster)
+    def operators(q, params, v, d):
+        reference = jax.jvp(lambda y: jax.grad(system.energy)(y, params), (q,), (v,))[1]
+        assembled = jax.jvp(lambda p: system.hessian_vp(q, p)(v), (params,), (d,))[1]
+        autodiff = jax.jvp(lambda p: jax.jvp(lambda y: jax.grad(system.energy)(y, p), (q,), (v,))[1],
+                           (params,), (d,))[1]
+        return reference, system.hessian_vp(q, params)(v), listed.hessian_vp(q, params)(v), assembled, autodiff
+
+    reference, all_pairs, on_list, assembled, autodiff = operators(q, params, v, d)
+    scale = float(jnp.max(jnp.abs(reference)))
+    assert float(jnp.max(jnp.abs(all_pairs - reference))) < 1e-12 * scale
+    assert float(jnp.max(jnp.abs(on_list - reference))) < 1e-12 * scale
     assert relative_error(assembled, autodiff) < 1e-12
 
 
