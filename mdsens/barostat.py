@@ -997,7 +997,6 @@ def relax_batch(
     ``jax.sharding`` for arrays with a leading member axis (None: one device).
     Raises RuntimeError if a relaxed cell is narrower than twice the
     interaction range."""
-    start = time.perf_counter()
     params = {k: jnp.asarray(v) for k, v in params.items()}
     theta, strain = split(params)
     n, d = model.n, model.dim
@@ -1011,32 +1010,37 @@ def relax_batch(
     count = jax.jit(jax.vmap(_programs(model, method, ftol, skin, 1)["count"]))
     capacity = min(int(int(jnp.max(count(x, theta))) * 1.25) + 2, n)
     state = jax.tree.map(place, jax.vmap(_programs(model, method, ftol, skin, capacity)["mini"].blank)(place(x)))
-    compile_s = 0.0
-    reallocations = rebuilds = 0
-    while True:
-        program = _batch_program(model, method, ftol, skin, capacity)
-        done = int(np.max(np.asarray(state.step)))
-        until = jnp.asarray(min(max_steps, done + chunk), jnp.int32)
-        key = (members, None if sharding is None else repr(sharding))
-        if key not in program["compiled"]:
-            t = time.perf_counter()
-            program["compiled"][key] = program["advance"].lower(state, theta, until).compile()
-            compile_s += time.perf_counter() - t
-        s, idx, overflow, k, fmax, smax, stalled = program["compiled"][key](state, theta, until)
-        if bool(overflow):  # redo the chunk from its start on a wider table
-            reallocations += 1
-            capacity = min(int(capacity * 1.5) + 2, n)
-            continue
-        state = s
-        rebuilds += int(k)
-        fmax, smax, stalled = np.asarray(fmax), np.asarray(smax), np.asarray(stalled)
-        converged = (fmax < ftol) & (smax < ftol)
-        done = int(np.max(np.asarray(state.step)))
-        if callback is not None:
-            worst = np.where(converged, 0.0, np.maximum(fmax, smax))
-            callback(done, int(np.sum(converged)), float(np.max(worst)), time.perf_counter() - start - compile_s)
-        if np.all(converged | stalled) or done >= max_steps:
-            break
+    key = (members, None if sharding is None else repr(sharding))
+
+    def program(state, capacity, until, stale):
+        # the chunk builds fresh tables for every member itself (stale unused)
+        batch = _batch_program(model, method, ftol, skin, capacity)
+        until_ = jnp.asarray(until, jnp.int32)
+        executable, seconds = driver.compiled(batch["compiled"], key,
+                                              lambda: batch["advance"].lower(state, theta, until_))
+
+        def run(state, capacity, until, stale):
+            s, idx, overflow, k, fmax, smax, stalled = executable(state, theta, jnp.asarray(until, jnp.int32))
+            fmax, smax, stalled = np.asarray(fmax), np.asarray(smax), np.asarray(stalled)
+            converged = (fmax < ftol) & (smax < ftol)
+            # each member stops at its own convergence; the batch when every member has
+            return driver.Chunk(s, capacity, int(np.max(np.asarray(s.step))), bool(overflow),
+                                bool(np.all(converged | stalled)), rebuilds=int(k),
+                                out=(idx, fmax, smax, converged, stalled))
+
+        return run, seconds
+
+    def widen(state, capacity, report, attempt):
+        return min(int(capacity * 1.5) + 2, n)
+
+    def report(chunk, elapsed):
+        _, fmax, smax, converged, _ = chunk.out
+        worst = np.where(converged, 0.0, np.maximum(fmax, smax))
+        callback(chunk.step, int(np.sum(converged)), float(np.max(worst)), elapsed)
+
+    done = driver.drive(state, capacity, program, widen, chunk=chunk, max_steps=max_steps,
+                        callback=None if callback is None else report)
+    state, capacity, (idx, fmax, smax, converged, stalled) = done.state, done.table, done.last.out
     y = state.x[:, :n * d].reshape(members, n, d)
     q = jnp.mod(y / theta["box"][:, None, :], 1.0)
     basis = jnp.asarray(strain_basis(d, model.box_dof), y.dtype)
@@ -1053,7 +1057,7 @@ def relax_batch(
     energy = jax.jit(jax.vmap(lambda q_, p_, i_: model.with_pairs(table_pairs(i_, n)).energy(q_, p_)))(
         q, relaxed, idx)
     return BatchRelaxed(q, relaxed, np.asarray(state.step), fmax, smax, np.asarray(energy), converged, stalled, idx,
-                        compile_s, reallocations, rebuilds, capacity)
+                        done.compile_s, done.reallocations, done.rebuilds, capacity)
 
 
 def derivative_fn(job, model: CellSystem, observe: Mapping[str, Observable],
