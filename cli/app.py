@@ -56,7 +56,7 @@ def handle_signals() -> None:
 
     Python runs a handler between bytecodes, so a signal that arrives while a
     compiled JAX program runs takes effect when it returns: within one
-    relaxation chunk (:func:`mdsens.minimize.run_chunked`) or one derivative.
+    relaxation chunk (:func:`mdsens.driver.drive`) or one derivative.
     Only the first signal raises; later ones are ignored while the first one
     unwinds (the cleanup is short). A SIGINT ignored by the parent (a
     background job) stays ignored. Only the console script calls this; the

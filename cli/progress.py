@@ -2,7 +2,7 @@
 
 A rich live line: steps, ``max|F|`` against ``ftol`` with a bar on a log scale
 (from the first reported force down to ``ftol``), elapsed time. The engine
-calls it between jitted chunks (:func:`mdsens.minimize.run_chunked`), so it
+calls it between jitted chunks (:func:`mdsens.driver.drive`), so it
 costs one device sync per chunk and nothing inside the loop.
 """
 
@@ -64,7 +64,8 @@ class RelaxationProgress:
 
 
 def relaxation_progress(ftol: float, quiet: bool) -> Callable[[int, float, float], None] | None:
-    """A ``callback(step, max_force, elapsed_s)`` for :func:`mdsens.minimize.run_chunked`,
+    """A ``callback(step, max_force, elapsed_s)`` for :func:`mdsens.relax.relax` (between the
+    chunks of :func:`mdsens.driver.drive`),
     or None when quiet or not on a terminal."""
     if quiet or not sys.stderr.isatty():
         return None

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdsens import gauge as _gauge
-from mdsens import implicit, linsolve, minimize
+from mdsens import driver, implicit, linsolve, minimize
 from mdsens.job import Result
 from mdsens.system import Model, Params, System, pad_pairs
 
@@ -739,7 +739,7 @@ def _cell_programs(system: CellSystem, theta: Params, method: str, ftol: float, 
         return s, nb, pl, ref_f, rebuilds, regrid, fmax, smax, mini.stalled(s)
 
     programs = {"table": table, "mini": mini, "advance": jax.jit(advance), "deform": jax.jit(deform),
-                "shapes": set(), "cutoff": cutoff, "stretch": float(stretch),
+                "compiled": {}, "cutoff": cutoff, "stretch": float(stretch),
                 # the loop's parts, for bench/pressure/step_profile.py
                 "running": running, "valid": valid, "measure": measure}
     cache.append(programs)
@@ -776,22 +776,24 @@ def relax(
     theta, strain = split(params)
     n, d = system.n, system.dim
     q = system.to_solver(jnp.asarray(system.positions), params) if q0 is None else jnp.asarray(q0)
-    start = time.perf_counter()
-    compile_s = 0.0
     scale = float(_programs(system, method, ftol, skin, 1)["scale"](theta))
     x = (jnp.mod(q, 1.0) * theta["box"], coordinates(system, strain) * scale)
-    state, rebuilds, reallocations, grow = None, 0, 0, 1.0
-    programs = None
-    # As in mdsens.relax: a large system's table is sized afresh once the
-    # random start's overlapping clusters have spread (a narrower table, one
-    # more compile).
-    settle = _relax.SETTLE_STEPS if n >= _relax.RESIZE_THRESHOLD else 0
-    # As in mdsens.relax: large systems relax renumbered in cell order (set with
-    # the first grid); positions and table leave in the model's numbering.
-    order = None
+    programs = table = order = None
+    grow = 1.0
 
-    def sized(grow, shrink=False):
-        """An empty table and pair list sized at the current state (built in the chunk)."""
+    def new_grid(at):
+        """Programs on a grid for the cell's current stretch (a new compile)."""
+        nonlocal programs, table
+        f = np.asarray(deformation(jnp.tensordot(at[1] / scale, jnp.asarray(
+            strain_basis(d, system.box_dof), at[1].dtype), axes=1), system.box_dof))
+        # The grid's stretch a power of GRID_MARGIN, so that nearby cells share a program.
+        smallest = float(np.min(np.linalg.svd(f, compute_uv=False)))
+        stretch = GRID_MARGIN ** math.ceil(math.log(smallest) / math.log(GRID_MARGIN) + 0.5)
+        programs = _cell_programs(system, theta, method, ftol, skin, stretch)
+        table = programs["table"]
+
+    def sized(state, grow, shrink=False):
+        """An empty table and pair list sized at ``state`` (built in the chunk)."""
         y = state.x[0]
         f = programs["deform"](state.x, theta)
         capacity, cell_capacity = table.capacities(y, grow, shrink, deform=f)
@@ -799,61 +801,63 @@ def relax(
                 table.pair_placeholder(table.pair_capacity(y, cell_capacity, grow, shrink, deform=f), capacity,
                                        order))
 
-    while True:
-        if programs is None:  # a grid for the cell's current stretch (and a new compile)
-            at = x if state is None else state.x
-            f = np.asarray(deformation(jnp.tensordot(at[1] / scale, jnp.asarray(
-                strain_basis(d, system.box_dof), at[1].dtype), axes=1), system.box_dof))
-            # The grid's stretch a power of GRID_MARGIN, so that nearby cells share a program.
-            smallest = float(np.min(np.linalg.svd(f, compute_uv=False)))
-            stretch = GRID_MARGIN ** math.ceil(math.log(smallest) / math.log(GRID_MARGIN) + 0.5)
-            programs = _cell_programs(system, theta, method, ftol, skin, stretch)
-            table = programs["table"]
-            if state is None:
-                if table.cell_list and n >= _relax.SORT_THRESHOLD:
-                    order = _relax.spatial_order(table, x[0])
-                    x = (x[0][order], x[1])
-                state = programs["mini"].blank(x)
-            nbrs, pairs = sized(grow)
-            ref_f, stale = jnp.eye(d, dtype=x[0].dtype), True
-        until = jnp.asarray(min(int(state.step) + (settle or chunk), max_steps), jnp.int32)
-        shapes = (nbrs.idx.shape, nbrs.cells.shape, pairs.i.shape)
-        t0 = time.perf_counter()
-        out, nb, pl, rf, count, regrid, fmax, smax, stalled = programs["advance"](
-            state, nbrs, pairs, ref_f, theta, until, jnp.asarray(stale))
-        jax.block_until_ready(out.x)
-        if shapes not in programs["shapes"]:
-            # The first call of a program is mostly its compilation.
-            compile_s += time.perf_counter() - t0
-            programs["shapes"].add(shapes)
-        if bool(regrid):
-            # The cell shrank below the grid's stretch at the last rebuild: a new
-            # grid from there (its first rebuild re-evaluates the force).
-            state, programs = out, None
-            rebuilds += int(count)
-            continue
-        if bool(nb.overflow):  # redo the chunk from its start on a bigger table
-            reallocations += 1
-            if reallocations > 20:
-                raise RuntimeError("neighbor table overflowed 20 times; giving up")
-            grow = 1.5 ** reallocations
-            (nbrs, pairs), stale = sized(grow), True
-            continue
-        state, nbrs, pairs, ref_f, stale = out, nb, pl, rf, False
-        rebuilds += int(count)
-        if callback is not None:
-            callback(int(state.step), float(max(fmax, smax)), time.perf_counter() - start)
-        done = bool((fmax < ftol) & (smax < ftol))
-        if done or bool(stalled) or int(state.step) >= max_steps:
-            break
-        if settle:
-            settle = 0
-            width = nbrs.idx.shape[1]
-            smaller = sized(1.0, shrink=True)
-            if smaller[0].idx.shape[1] < 0.75 * width:
-                (nbrs, pairs), stale = smaller, True
-            else:
-                table._sticky = (width, nbrs.cells.shape[1])
+    new_grid(x)
+    # As in mdsens.relax: large systems relax renumbered in cell order (set with
+    # the first grid); positions and table leave in the model's numbering.
+    if table.cell_list and n >= _relax.SORT_THRESHOLD:
+        order = _relax.spatial_order(table, x[0])
+        x = (x[0][order], x[1])
+    state = programs["mini"].blank(x)
+    # the table: (Neighbors, PairList, F⁻¹ at the build), empty at first
+    tables = (*sized(state, grow), jnp.eye(d, dtype=x[0].dtype))
+
+    def program(state, tables, until, stale):
+        args = (state, *tables, theta, jnp.asarray(until, jnp.int32), jnp.asarray(stale))
+        leaves, tree = jax.tree.flatten(args)
+        executable, seconds = driver.compiled(programs["compiled"], (tree, tuple(jax.typeof(a) for a in leaves)),
+                                              lambda: programs["advance"].lower(*args))
+
+        def run(state, tables, until, stale):
+            out, nb, pl, rf, count, regrid, fmax, smax, stalled = executable(
+                state, *tables, theta, jnp.asarray(until, jnp.int32), jnp.asarray(stale))
+            return driver.Chunk(out, (nb, pl, rf), int(out.step), bool(nb.overflow),
+                                bool((fmax < ftol) & (smax < ftol)), bool(stalled),
+                                not math.isfinite(float(max(fmax, smax))), bool(regrid), int(count), (fmax, smax))
+
+        return run, seconds
+
+    def widen(state, tables, report, attempt):
+        nonlocal grow
+        grow = 1.5 ** attempt  # kept for later grids
+        return (*sized(state, grow), tables[2])
+
+    def regrid(report):
+        # The cell shrank below the grid's stretch at the last rebuild: a new
+        # grid from there (its first rebuild re-evaluates the force).
+        new_grid(report.state.x)
+        return (*sized(report.state, grow), jnp.eye(d, dtype=x[0].dtype))
+
+    def resize(state, tables):
+        # As in mdsens.relax: a large system's table is sized afresh once the
+        # random start's overlapping clusters have spread (a narrower table, one
+        # more compile).
+        nbrs, _, ref_f = tables
+        width = nbrs.idx.shape[1]
+        smaller = sized(state, 1.0, shrink=True)
+        if smaller[0].idx.shape[1] < 0.75 * width:
+            return (*smaller, ref_f)
+        table._sticky = (width, nbrs.cells.shape[1])
+        return None
+
+    def report(chunk, elapsed):
+        fmax, smax = chunk.out
+        callback(chunk.step, float(max(fmax, smax)), elapsed)
+
+    done = driver.drive(state, tables, program, widen, chunk=chunk, max_steps=max_steps,
+                        settle=_relax.SETTLE_STEPS if n >= _relax.RESIZE_THRESHOLD else 0, resize=resize,
+                        regrid=regrid, callback=None if callback is None else report)
+    state, (nbrs, _, _), (fmax, smax), compile_s, rebuilds = \
+        done.state, done.table, done.last.out, done.compile_s, done.rebuilds
     energy_fn = _programs(system, method, ftol, skin, 1)["energy"]
     y = jnp.asarray(_relax._renumbered(state.x[0], order, inverse=True))
     q = jnp.mod(y / theta["box"], 1.0)
@@ -1003,7 +1007,6 @@ def relax_batch(
     ``jax.sharding`` for arrays with a leading member axis (None: one device).
     Raises RuntimeError if a relaxed cell is narrower than twice the
     interaction range."""
-    start = time.perf_counter()
     params = {k: jnp.asarray(v) for k, v in params.items()}
     theta, strain = split(params)
     n, d = model.n, model.dim
@@ -1017,32 +1020,37 @@ def relax_batch(
     count = jax.jit(jax.vmap(_programs(model, method, ftol, skin, 1)["count"]))
     capacity = min(int(int(jnp.max(count(x, theta))) * 1.25) + 2, n)
     state = jax.tree.map(place, jax.vmap(_programs(model, method, ftol, skin, capacity)["mini"].blank)(place(x)))
-    compile_s = 0.0
-    reallocations = rebuilds = 0
-    while True:
-        program = _batch_program(model, method, ftol, skin, capacity)
-        done = int(np.max(np.asarray(state.step)))
-        until = jnp.asarray(min(max_steps, done + chunk), jnp.int32)
-        key = (members, None if sharding is None else repr(sharding))
-        if key not in program["compiled"]:
-            t = time.perf_counter()
-            program["compiled"][key] = program["advance"].lower(state, theta, until).compile()
-            compile_s += time.perf_counter() - t
-        s, idx, overflow, k, fmax, smax, stalled = program["compiled"][key](state, theta, until)
-        if bool(overflow):  # redo the chunk from its start on a wider table
-            reallocations += 1
-            capacity = min(int(capacity * 1.5) + 2, n)
-            continue
-        state = s
-        rebuilds += int(k)
-        fmax, smax, stalled = np.asarray(fmax), np.asarray(smax), np.asarray(stalled)
-        converged = (fmax < ftol) & (smax < ftol)
-        done = int(np.max(np.asarray(state.step)))
-        if callback is not None:
-            worst = np.where(converged, 0.0, np.maximum(fmax, smax))
-            callback(done, int(np.sum(converged)), float(np.max(worst)), time.perf_counter() - start - compile_s)
-        if np.all(converged | stalled) or done >= max_steps:
-            break
+    key = (members, None if sharding is None else repr(sharding))
+
+    def program(state, capacity, until, stale):
+        # the chunk builds fresh tables for every member itself (stale unused)
+        batch = _batch_program(model, method, ftol, skin, capacity)
+        until_ = jnp.asarray(until, jnp.int32)
+        executable, seconds = driver.compiled(batch["compiled"], key,
+                                              lambda: batch["advance"].lower(state, theta, until_))
+
+        def run(state, capacity, until, stale):
+            s, idx, overflow, k, fmax, smax, stalled = executable(state, theta, jnp.asarray(until, jnp.int32))
+            fmax, smax, stalled = np.asarray(fmax), np.asarray(smax), np.asarray(stalled)
+            converged = (fmax < ftol) & (smax < ftol)
+            # each member stops at its own convergence; the batch when every member has
+            return driver.Chunk(s, capacity, int(np.max(np.asarray(s.step))), bool(overflow),
+                                bool(np.all(converged | stalled)), rebuilds=int(k),
+                                out=(idx, fmax, smax, converged, stalled))
+
+        return run, seconds
+
+    def widen(state, capacity, report, attempt):
+        return min(int(capacity * 1.5) + 2, n)
+
+    def report(chunk, elapsed):
+        _, fmax, smax, converged, _ = chunk.out
+        worst = np.where(converged, 0.0, np.maximum(fmax, smax))
+        callback(chunk.step, int(np.sum(converged)), float(np.max(worst)), elapsed)
+
+    done = driver.drive(state, capacity, program, widen, chunk=chunk, max_steps=max_steps,
+                        callback=None if callback is None else report)
+    state, capacity, (idx, fmax, smax, converged, stalled) = done.state, done.table, done.last.out
     y = state.x[:, :n * d].reshape(members, n, d)
     q = jnp.mod(y / theta["box"][:, None, :], 1.0)
     basis = jnp.asarray(strain_basis(d, model.box_dof), y.dtype)
@@ -1059,7 +1067,7 @@ def relax_batch(
     energy = jax.jit(jax.vmap(lambda q_, p_, i_: model.with_pairs(table_pairs(i_, n)).energy(q_, p_)))(
         q, relaxed, idx)
     return BatchRelaxed(q, relaxed, np.asarray(state.step), fmax, smax, np.asarray(energy), converged, stalled, idx,
-                        compile_s, reallocations, rebuilds, capacity)
+                        done.compile_s, done.reallocations, done.rebuilds, capacity)
 
 
 def derivative_fn(job, model: CellSystem, observe: Mapping[str, Observable],

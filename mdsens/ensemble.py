@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens import barostat, cache, minimize, observables, relax, sensitivity, systems
+from mdsens import barostat, cache, driver, minimize, observables, relax, sensitivity, systems
 from mdsens.job import Job, _solver, prepare, solving
 from mdsens.system import Params, System
 from mdsens.systems import UsageError
@@ -354,7 +354,6 @@ def relax_batch(
     axis M), ``x0`` is (M, N, d) real space. ``callback(step, converged, worst
     max|F|, elapsed_s)`` between chunks. ``sharding``: a ``jax.sharding``
     for arrays with a leading member axis (None: one device)."""
-    start = time.perf_counter()
     params = {k: jnp.asarray(v) for k, v in params.items()}
     x = jnp.asarray(x0)
     if model.periodic:
@@ -376,42 +375,42 @@ def relax_batch(
         return jax.tree.map(place, stack(tables))
 
     nbrs = placeholder(state.x, capacity, cell_capacity)
-    stale = jnp.asarray(True)
     compiled = batch.executables
-    compile_s = 0.0
-    reallocations = rebuilds = 0
-    done = 0
-    while True:
-        until = jnp.asarray(min(max_steps, done + chunk), jnp.int32)
-        leaves, tree = jax.tree.flatten((state, nbrs, params))
-        key = (tree, tuple(jax.typeof(a) for a in leaves), sharding)
-        if key not in compiled:
-            t = time.perf_counter()
-            compiled[key] = advance.lower(state, nbrs, params, until, stale).compile()
-            compile_s += time.perf_counter() - t
-        out_state, out_nbrs, k, fmax, stalled, energy = compiled[key](state, nbrs, params, until, stale)
-        if bool(np.any(np.asarray(out_nbrs.overflow))):
-            # Redo the chunk from its start on a bigger table.
-            reallocations += 1
-            capacity, cell_capacity = _capacities(table, model, out_state.x, params, grow=1.5)
-            capacity, cell_capacity = max(capacity, nbrs.idx.shape[-1] + 1), max(cell_capacity, nbrs.cells.shape[-1])
-            nbrs = placeholder(state.x, capacity, cell_capacity)
-            stale = jnp.asarray(True)
-            continue
-        state, nbrs, stale = out_state, out_nbrs, jnp.asarray(False)
-        rebuilds += int(k)
-        fmax_np = np.asarray(fmax)
-        steps = np.asarray(state.step)
-        done = int(steps.max())
-        converged = fmax_np < ftol
-        if callback is not None:
-            callback(done, int(np.sum(converged)), float(np.max(np.where(converged, 0.0, fmax_np))),
-                     time.perf_counter() - start - compile_s)
-        if np.all(converged | np.asarray(stalled)) or done >= max_steps:
-            break
+
+    def program(state, nbrs, until, stale):
+        args = (state, nbrs, params, jnp.asarray(until, jnp.int32), jnp.asarray(stale))
+        leaves, tree = jax.tree.flatten(args[:3])
+        executable, seconds = driver.compiled(compiled, (tree, tuple(jax.typeof(a) for a in leaves), sharding),
+                                              lambda: advance.lower(*args))
+
+        def run(state, nbrs, until, stale):
+            out_state, out_nbrs, k, fmax, stalled, energy = executable(
+                state, nbrs, params, jnp.asarray(until, jnp.int32), jnp.asarray(stale))
+            fmax, stalled = np.asarray(fmax), np.asarray(stalled)
+            converged = fmax < ftol
+            # each member stops at its own convergence; the batch when every member has
+            return driver.Chunk(out_state, out_nbrs, int(np.asarray(out_state.step).max()),
+                                bool(np.any(np.asarray(out_nbrs.overflow))), bool(np.all(converged | stalled)),
+                                rebuilds=int(k), out=(fmax, converged, stalled, energy))
+
+        return run, seconds
+
+    def widen(state, nbrs, report, attempt):
+        # sized at the chunk's end, where the table overflowed; at least one entry wider
+        capacity, cell_capacity = _capacities(table, model, report.state.x, params, grow=1.5)
+        capacity, cell_capacity = max(capacity, nbrs.idx.shape[-1] + 1), max(cell_capacity, nbrs.cells.shape[-1])
+        return placeholder(state.x, capacity, cell_capacity)
+
+    def report(chunk, elapsed):
+        fmax, converged = chunk.out[:2]
+        callback(chunk.step, int(np.sum(converged)), float(np.max(np.where(converged, 0.0, fmax))), elapsed)
+
+    done = driver.drive(state, nbrs, program, widen, chunk=chunk, max_steps=max_steps,
+                        callback=None if callback is None else report)
+    state, nbrs, (fmax_np, converged, stalled, energy) = done.state, done.table, done.last.out
     batch.sticky[:] = [max(batch.sticky[0], int(nbrs.idx.shape[-1])), max(batch.sticky[1], int(nbrs.cells.shape[-1]))]
-    return BatchRelaxed(state.x, steps, fmax_np, np.asarray(energy), converged, np.asarray(stalled), nbrs.idx,
-                        compile_s, reallocations, rebuilds, int(nbrs.idx.shape[-1]))
+    return BatchRelaxed(state.x, np.asarray(state.step), fmax_np, np.asarray(energy), converged, stalled, nbrs.idx,
+                        done.compile_s, done.reallocations, done.rebuilds, int(nbrs.idx.shape[-1]))
 
 
 # -- batched derivatives ------------------------------------------------------------------------

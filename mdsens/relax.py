@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens import cache, minimize
+from mdsens import cache, driver, minimize
 from mdsens.system import Params, System
 
 Array = jax.Array
@@ -603,12 +603,12 @@ class _Compiled(NamedTuple):
     executables: dict
 
     def chunk(self, state: Any, nbrs: Any, pairs: PairList, params: Params, until: Array,
-              stale: Array) -> Callable:
-        """The chunk compiled for these shapes (once per table and pair capacity)."""
+              stale: Array) -> tuple[Callable, float]:
+        """The chunk compiled for these shapes (once per table and pair capacity),
+        and the seconds its compile took (0.0 when cached)."""
         key = (nbrs.idx.shape, nbrs.cells.shape, pairs.i.shape, pairs.order is None, state.x.dtype)
-        if key not in self.executables:
-            self.executables[key] = self.advance.lower(state, nbrs, pairs, params, until, stale).compile()
-        return self.executables[key]
+        return driver.compiled(self.executables, key,
+                               lambda: self.advance.lower(state, nbrs, pairs, params, until, stale))
 
 
 #: relaxation programs kept in process, keyed by model and options (least
@@ -802,7 +802,8 @@ _table_in_model_numbering = table_in_model_numbering
 def _descend(system: System, params: Params, x: Array, method: str, ftol: float, max_steps: int, chunk: int,
              callback: Callable[[int, float, float], None] | None, skin: float,
              saving: tuple[Any, float, dict | None] = (None, 60.0, None)) -> Relaxed:
-    """The minimizer in compiled chunks, from real-space ``x`` (or a resumed state)."""
+    """The minimizer in compiled chunks (:func:`mdsens.driver.drive`), from
+    real-space ``x`` (or a resumed state)."""
     checkpoint, checkpoint_every, resume = saving
     start = time.perf_counter()
     table, programs = _programs(system, params, method, ftol, skin)
@@ -823,8 +824,9 @@ def _descend(system: System, params: Params, x: Array, method: str, ftol: float,
     elif resume is None and table.cell_list and system.n >= SORT_THRESHOLD:
         order = spatial_order(table, x)
     x = jnp.asarray(_renumbered(x, order))
-    nbrs, pairs = _placeholders(table, x, order=order)
-    stale = True  # the chunk builds the table and takes the force (bitwise the saved one)
+    # the table is (Neighbors, PairList), empty at first: the chunk builds it
+    # and takes the force (bitwise the saved one)
+    tables = _placeholders(table, x, order=order)
     state = mini.blank(x)
     if resume is not None:
         missing = set(state._fields) - set(resume)
@@ -832,67 +834,61 @@ def _descend(system: System, params: Params, x: Array, method: str, ftol: float,
             raise ValueError(f"checkpoint lacks {', '.join(sorted(missing))} (another minimizer?)")
         state = state._replace(**{k: jnp.asarray(_renumbered(resume[k], order), dtype=getattr(state, k).dtype)
                                   for k in state._fields})
-    last_save = time.perf_counter()
-    until = np.int32(0)
-    step_chunk = programs.chunk(state, nbrs, pairs, params, until, np.bool_(stale))
-    compile_s = time.perf_counter() - start
-    reallocations = rebuilds = 0
-    # A random start has overlapping clusters and needs a wide table; a few
-    # hundred steps later most particles have far fewer neighbors. Large
-    # systems resize the table once there: fewer entries per step pay for
-    # one more compile (N = 16384: capacity 29 → 14).
-    settle = SETTLE_STEPS if system.n >= RESIZE_THRESHOLD and not table.static else 0
-    start = time.perf_counter()
-    while True:
-        until = np.int32(min(int(state.step) + (settle or chunk), max_steps))
-        new_state, new_nbrs, new_pairs, new_rebuilds, fmax, stalled, energy = step_chunk(
-            state, nbrs, pairs, params, until, np.bool_(stale))
-        if overflowed(new_nbrs) and not bool(jnp.all(jnp.isfinite(new_state.x))):
-            state, nbrs = new_state, new_nbrs  # diverged (inf/NaN): no table fits; stop, not converged
-            break
-        if overflowed(new_nbrs):
-            # Redo this chunk from its start on a bigger table, built there.
-            reallocations += 1
-            if reallocations > 20:
-                raise RuntimeError("neighbor table overflowed 20 times; giving up")
-            t = time.perf_counter()
-            (nbrs, pairs), stale = _placeholders(table, state.x, grow=1.5**reallocations, order=order), True
-            step_chunk = programs.chunk(state, nbrs, pairs, params, until, np.bool_(stale))
-            compile_s += time.perf_counter() - t
-            continue
-        state, nbrs, pairs, stale = new_state, new_nbrs, new_pairs, False
-        rebuilds += int(new_rebuilds)
-        steps = int(state.step)
-        if callback is not None:
-            callback(steps, float(fmax), time.perf_counter() - start)
-        done = float(fmax) < ftol or steps >= max_steps or bool(stalled) or not math.isfinite(float(fmax))
-        if checkpoint is not None and not float(fmax) < ftol and (
-                done or time.perf_counter() - last_save >= checkpoint_every):
-            # Periodically, and where the step budget ran out: a run can go on from there.
-            checkpoint({**{k: _renumbered(v, order, inverse=True) for k, v in state._asdict().items()},
-                        "capacity": np.asarray([nbrs.idx.shape[1], nbrs.cells.shape[1], pairs.i.shape[0]]),
-                        **({} if order is None else {"order": order})})
-            last_save = time.perf_counter()
-        if done:
-            break
-        if settle:
-            settle = 0
-            t = time.perf_counter()
-            capacity, cell_capacity = table.capacities(state.x, shrink=True)
-            if capacity < 0.75 * nbrs.idx.shape[1]:
-                pair_capacity = table.pair_capacity(state.x, cell_capacity, shrink=True)
-                nbrs, stale = table.placeholder(state.x, capacity, cell_capacity), True
-                pairs = table.pair_placeholder(pair_capacity, capacity, order)
-                step_chunk = programs.chunk(state, nbrs, pairs, params, until, np.bool_(stale))
+    setup_s = time.perf_counter() - start
+
+    def program(state, tables, until, stale):
+        executable, seconds = programs.chunk(state, *tables, params, np.int32(until), np.bool_(stale))
+
+        def run(state, tables, until, stale):
+            s, nb, pl, rebuilds, fmax, stalled, energy = executable(
+                state, *tables, params, np.int32(until), np.bool_(stale))
+            overflow = overflowed(nb)
+            if overflow:  # inf/NaN positions: no table fits
+                diverged = not bool(jnp.all(jnp.isfinite(s.x)))
             else:
-                table._sticky = (nbrs.idx.shape[1], nbrs.cells.shape[1])
-            compile_s += time.perf_counter() - t
+                diverged = not math.isfinite(float(fmax))
+            return driver.Chunk(s, (nb, pl), int(s.step), overflow, float(fmax) < ftol, bool(stalled), diverged,
+                                rebuilds=int(rebuilds), out=(fmax, energy))
+
+        return run, seconds
+
+    def widen(state, tables, report, attempt):
+        return _placeholders(table, state.x, grow=1.5**attempt, order=order)
+
+    def resize(state, tables):
+        # A random start has overlapping clusters and needs a wide table; a few
+        # hundred steps later most particles have far fewer neighbors. Large
+        # systems resize the table once there: fewer entries per step pay for
+        # one more compile (N = 16384: capacity 29 → 14).
+        nbrs, _ = tables
+        capacity, cell_capacity = table.capacities(state.x, shrink=True)
+        if capacity < 0.75 * nbrs.idx.shape[1]:
+            pair_capacity = table.pair_capacity(state.x, cell_capacity, shrink=True)
+            return table.placeholder(state.x, capacity, cell_capacity), \
+                table.pair_placeholder(pair_capacity, capacity, order)
+        table._sticky = (nbrs.idx.shape[1], nbrs.cells.shape[1])
+        return None
+
+    def report(chunk, elapsed):
+        callback(chunk.step, float(chunk.out[0]), elapsed)
+
+    def save(state, tables):
+        nbrs, pairs = tables
+        checkpoint({**{k: _renumbered(v, order, inverse=True) for k, v in state._asdict().items()},
+                    "capacity": np.asarray([nbrs.idx.shape[1], nbrs.cells.shape[1], pairs.i.shape[0]]),
+                    **({} if order is None else {"order": order})})
+
+    settle = SETTLE_STEPS if system.n >= RESIZE_THRESHOLD and not table.static else 0
+    done = driver.drive(state, tables, program, widen, chunk=chunk, max_steps=max_steps, step=int(state.step),
+                        settle=settle, resize=resize, callback=None if callback is None else report,
+                        checkpoint=None if checkpoint is None else save, checkpoint_every=checkpoint_every)
+    state, (nbrs, _), (fmax, energy) = done.state, done.table, done.last.out
     x = jax.block_until_ready(state.x)
     if order is not None:
         x = jnp.asarray(_renumbered(x, order, inverse=True))
     info = minimize.RelaxInfo(state.step, fmax, energy, fmax < ftol)
-    stats = RelaxStats(int(nbrs.idx.shape[1]), reallocations, rebuilds, table.cell_list)
-    return Relaxed(x, info, compile_s, _table_in_model_numbering(nbrs.idx, order), stats)
+    stats = RelaxStats(int(nbrs.idx.shape[1]), done.reallocations, done.rebuilds, table.cell_list)
+    return Relaxed(x, info, setup_s + done.compile_s, _table_in_model_numbering(nbrs.idx, order), stats)
 
 
 # -- Newton polish -------------------------------------------------------------------------
