@@ -110,39 +110,50 @@ def _cli(args, env=None):
                             text=True)
 
 
-def test_devices_and_processes_agree_with_one(batch, tmp_path):
-    """The same ensemble on 4 simulated CPU devices, and split over 2 processes
-    joined by jax.distributed on 127.0.0.1, equals the one-device result."""
+BASE = ["ensemble", "--set", f"n={N}", "--seeds", "0:3", "--sweep", "phi=0.88,0.93", "--grad", "energy", "-q"]
+
+
+def _agrees(result, path, devices=None):
+    other = ensemble_io.read(path)
+    if devices is not None:
+        assert len(other["meta"]["devices"]) == devices
+    assert other["steps"].tolist() == result.steps.tolist()
+    np.testing.assert_allclose(other["position"], result.position, rtol=0, atol=1e-12)
+    for key in ("energy", "pressure"):
+        np.testing.assert_allclose(other["observables"][key], result.observables[key], rtol=1e-12)
+    for key in ("position", "pressure"):
+        np.testing.assert_allclose(other["sensitivity"]["diameter"][key], result.sensitivity["diameter"][key],
+                                   rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(other["gradient"]["energy"]["diameter"], result.gradient["energy"]["diameter"],
+                               rtol=1e-12)
+
+
+def test_devices_agree_with_one(batch, tmp_path):
+    """The same ensemble on 4 simulated CPU devices equals the one-device result."""
     result, _ = batch
-    base = ["ensemble", "--set", f"n={N}", "--seeds", "0:3", "--sweep", "phi=0.88,0.93", "--grad", "energy", "-q"]
+    proc = _cli(BASE + ["-o", str(tmp_path / "d4.h5")], {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    _agrees(result, tmp_path / "d4.h5", devices=4)
+
+
+@pytest.mark.slow  # two more processes, each compiling the whole ensemble (~40 s of 2 cores)
+def test_processes_agree_with_one(batch, tmp_path):
+    """The same ensemble split over 2 processes joined by jax.distributed on
+    127.0.0.1 equals the one-device result."""
+    result, _ = batch
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     coordinator = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--timeout", "120"]
-    procs = [
-        _cli(base + ["-o", str(tmp_path / "d4.h5")], {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}),
-        _cli(base + ["-o", str(tmp_path / "p2.h5"), *coordinator, "--process-id", "0"]),
-        _cli(base + ["-o", str(tmp_path / "p2.h5"), *coordinator, "--process-id", "1"]),
-    ]
+    procs = [_cli(BASE + ["-o", str(tmp_path / "p2.h5"), *coordinator, "--process-id", str(k)]) for k in range(2)]
     for p in procs:
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-2000:]
     assert not list(tmp_path.glob("p2.h5.part*"))
-    for name in ("d4.h5", "p2.h5"):
-        other = ensemble_io.read(tmp_path / name)
-        if name == "d4.h5":
-            assert len(other["meta"]["devices"]) == 4
-        assert other["steps"].tolist() == result.steps.tolist()
-        np.testing.assert_allclose(other["position"], result.position, rtol=0, atol=1e-12)
-        for key in ("energy", "pressure"):
-            np.testing.assert_allclose(other["observables"][key], result.observables[key], rtol=1e-12)
-        for key in ("position", "pressure"):
-            np.testing.assert_allclose(other["sensitivity"]["diameter"][key], result.sensitivity["diameter"][key],
-                                       rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(other["gradient"]["energy"]["diameter"], result.gradient["energy"]["diameter"],
-                                   rtol=1e-12)
+    _agrees(result, tmp_path / "p2.h5")
 
 
 @pytest.mark.slow  # long (over a minute on 2 cores); `pytest -m slow`

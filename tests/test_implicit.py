@@ -19,6 +19,13 @@ def packing(request):
     return relaxed("bidisperse", seed=1, **CASES[request.param])
 
 
+@pytest.fixture(scope="module", params=[2, pytest.param(3, marks=pytest.mark.slow)], ids=["2d", "3d"])
+def packing_2d(request):
+    """As ``packing``, the 3D case in the slow run only (the default run keeps 3D in the
+    finite-difference test)."""
+    return relaxed("bidisperse", seed=1, **CASES[request.param])
+
+
 def _direction(params, seed):
     """A random tangent on every parameter leaf except the box."""
     keys = jax.random.split(jax.random.PRNGKey(seed), len(params))
@@ -26,8 +33,8 @@ def _direction(params, seed):
             for key, (k, v) in zip(keys, params.items())}
 
 
-def test_jvp_vjp_are_transposes_and_match_dense(packing):
-    system, q, params, rattler = packing
+def test_jvp_vjp_are_transposes_and_match_dense(packing_2d):
+    system, q, params, rattler = packing_2d
     eq = sensitivity.equilibrium(system, ftol=1e-12)
     dense_eq = sensitivity.equilibrium(system, ftol=1e-12, solve=linsolve.dense())
     v = _direction(params, 0)
@@ -79,10 +86,10 @@ def test_reverse_energy_gradient_with_tiny_cotangent(packing):
         np.testing.assert_allclose(grad[k], partial[k], rtol=1e-9, atol=1e-12)
 
 
-def test_second_derivative_through_the_root(packing):
+def test_second_derivative_through_the_root(packing_2d):
     """d²P*/dD₁²: jvp of a jvp through custom_root vs a central difference of
     the first derivative (itself implicit, at re-relaxed states)."""
-    system, q, params, rattler = packing
+    system, q, params, rattler = packing_2d
     eq = sensitivity.equilibrium(system, ftol=1e-12)
     e1 = {k: jnp.zeros_like(v) for k, v in params.items()}
     e1["diameter"] = jnp.array([0.0, 1.0])
