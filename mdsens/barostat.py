@@ -521,9 +521,16 @@ def _programs(system: CellSystem, method: str, ftol: float, skin: float, capacit
     def count_fn(x, theta):
         return jnp.max(jnp.sum(near_fn(x, theta)[0], axis=1))
 
+    def table_energy(q, params, idx):
+        from mdsens.ensemble import table_pairs
+
+        return system.with_pairs(table_pairs(idx, n)).energy(q, params)
+
     energy = jax.jit(lambda q, params, pairs: system.with_pairs(pairs).energy(q, params))
     programs = {"mini": mini, "chunk": jax.jit(chunk), "count": jax.jit(count_fn), "scale": scale, "ran": False,
                 "energy": energy,
+                # relax_batch's, over a leading member axis
+                "count_batch": jax.jit(jax.vmap(count_fn)), "energy_batch": jax.jit(jax.vmap(table_energy)),
                 # the pieces, for the batched loop of relax_batch (vmapped there)
                 "build": build, "valid": valid, "measure": measure, "running": running, "near": near_fn}
     cache[key] = programs
@@ -859,7 +866,7 @@ def relax(
     state, (nbrs, _, _), (fmax, smax), compile_s, rebuilds = \
         done.state, done.table, done.last.out, done.compile_s, done.rebuilds
     energy_fn = _programs(system, method, ftol, skin, 1)["energy"]
-    y = jnp.asarray(_relax._renumbered(state.x[0], order, inverse=True))
+    y = jnp.asarray(_relax.renumbered(state.x[0], order, inverse=True))
     q = jnp.mod(y / theta["box"], 1.0)
     basis = jnp.asarray(strain_basis(d, system.box_dof), y.dtype)
     relaxed = {**theta, "strain": jnp.tensordot(state.x[1] / scale, basis, axes=1)}
@@ -872,7 +879,7 @@ def relax(
     # every such pair is listed).
     from mdsens.relax import pairs_from_table
 
-    listed = pairs_from_table(_relax._table_in_model_numbering(nbrs.idx, order), n)
+    listed = pairs_from_table(_relax.table_in_model_numbering(nbrs.idx, order), n)
     q_np = np.asarray(q)
     dq = q_np[listed[0]] - q_np[listed[1]]
     dr = (dq - np.round(dq)) @ np.asarray(system.cell(relaxed))
@@ -1012,13 +1019,13 @@ def relax_batch(
     n, d = model.n, model.dim
     place = (lambda a: a) if sharding is None else (lambda a: jax.device_put(a, sharding))
     q = jnp.mod(jax.vmap(model.to_solver)(jnp.asarray(x0), params), 1.0)
-    scale = jax.vmap(_programs(model, method, ftol, skin, 1)["scale"])(theta)
+    single = _programs(model, method, ftol, skin, 1)  # the capacity-free pieces, vmapped here
+    scale = jax.vmap(single["scale"])(theta)
     u = jax.vmap(lambda s: coordinates(model, s))(strain)
     members = q.shape[0]
     x = jnp.concatenate([(q * theta["box"][:, None, :]).reshape(members, n * d), u * scale[:, None]], axis=1)
     theta = jax.tree.map(place, theta)
-    count = jax.jit(jax.vmap(_programs(model, method, ftol, skin, 1)["count"]))
-    capacity = min(int(int(jnp.max(count(x, theta))) * 1.25) + 2, n)
+    capacity = min(int(int(jnp.max(single["count_batch"](x, theta))) * 1.25) + 2, n)
     state = jax.tree.map(place, jax.vmap(_programs(model, method, ftol, skin, capacity)["mini"].blank)(place(x)))
     key = (members, None if sharding is None else repr(sharding))
 
@@ -1062,10 +1069,7 @@ def relax_batch(
     if narrow.size:
         raise RuntimeError(f"{narrow.size} relaxed cell(s) (member {int(narrow[0])} first) are narrower than twice "
                            "the interaction range (the minimum image would miss pairs); use more particles")
-    from mdsens.ensemble import table_pairs
-
-    energy = jax.jit(jax.vmap(lambda q_, p_, i_: model.with_pairs(table_pairs(i_, n)).energy(q_, p_)))(
-        q, relaxed, idx)
+    energy = single["energy_batch"](q, relaxed, idx)
     return BatchRelaxed(q, relaxed, np.asarray(state.step), fmax, smax, np.asarray(energy), converged, stalled, idx,
                         done.compile_s, done.reallocations, done.rebuilds, capacity)
 

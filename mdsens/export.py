@@ -269,23 +269,21 @@ def gsd_type_name(species: int) -> str:
     return chr(ord("A") + species) if species < 26 else f"T{species}"
 
 
-def _hoomd_cell(cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _hoomd_cell(cell: np.ndarray) -> np.ndarray:
     """A (d, d) cell (edge vectors as rows, right-handed) in HOOMD's
-    orientation: ``(h, rotation)`` with ``h`` upper triangular, positive
-    diagonal, its COLUMNS the rotated edge vectors (a1 = (Lx, 0, 0),
-    a2 = (xy Ly, Ly, 0), a3 = (xz Lz, yz Lz, Lz)), and ``rotation`` the
-    orthogonal (d, d) matrix that maps a real-space row vector x to
-    ``x @ rotation`` in that frame (``cell @ rotation == h.T``)."""
-    cell = np.asarray(cell, dtype=np.float64)
-    q, r = np.linalg.qr(cell.T)  # cell.T = q r: the columns of r are the edge vectors in the frame q
-    signs = np.where(np.diag(r) < 0, -1.0, 1.0)
-    return signs[:, None] * r, q * signs[None, :]
+    orientation: ``h`` upper triangular with a positive diagonal, its COLUMNS
+    the rotated edge vectors (a1 = (Lx, 0, 0), a2 = (xy Ly, Ly, 0),
+    a3 = (xz Lz, yz Lz, Lz)), with ``cell.T = Q h`` for an orthogonal Q
+    (positions are placed through their fractional coordinates, so Q itself
+    is not needed)."""
+    q, r = np.linalg.qr(np.asarray(cell, dtype=np.float64).T)  # cell.T = q r: r's columns, the edges in frame q
+    return np.where(np.diag(r) < 0, -1.0, 1.0)[:, None] * r
 
 
 def _hoomd_box(cell: np.ndarray) -> tuple[list[float], np.ndarray]:
     """HOOMD's [Lx, Ly, Lz, xy, xz, yz] of a (d, d) cell (each as float32
     rounds it) and the (d, d) upper-triangular matrix they stand for."""
-    h, _ = _hoomd_cell(cell)
+    h = _hoomd_cell(cell)
     d = len(h)
     lx, ly = h[0, 0], h[1, 1]
     lz = h[2, 2] if d == 3 else 0.0

@@ -794,11 +794,6 @@ def table_in_model_numbering(idx: Array, order: np.ndarray | None) -> Array:
     return jnp.asarray(np.sort(renumbered(entries, order, inverse=True), axis=1).astype(idx.dtype))
 
 
-# the names mdsens.barostat has used (kept)
-_renumbered = renumbered
-_table_in_model_numbering = table_in_model_numbering
-
-
 def _descend(system: System, params: Params, x: Array, method: str, ftol: float, max_steps: int, chunk: int,
              callback: Callable[[int, float, float], None] | None, skin: float,
              saving: tuple[Any, float, dict | None] = (None, 60.0, None)) -> Relaxed:
@@ -823,7 +818,7 @@ def _descend(system: System, params: Params, x: Array, method: str, ftol: float,
         order = np.asarray(resume["order"], np.int32)
     elif resume is None and table.cell_list and system.n >= SORT_THRESHOLD:
         order = spatial_order(table, x)
-    x = jnp.asarray(_renumbered(x, order))
+    x = jnp.asarray(renumbered(x, order))
     # the table is (Neighbors, PairList), empty at first: the chunk builds it
     # and takes the force (bitwise the saved one)
     tables = _placeholders(table, x, order=order)
@@ -832,7 +827,7 @@ def _descend(system: System, params: Params, x: Array, method: str, ftol: float,
         missing = set(state._fields) - set(resume)
         if missing:
             raise ValueError(f"checkpoint lacks {', '.join(sorted(missing))} (another minimizer?)")
-        state = state._replace(**{k: jnp.asarray(_renumbered(resume[k], order), dtype=getattr(state, k).dtype)
+        state = state._replace(**{k: jnp.asarray(renumbered(resume[k], order), dtype=getattr(state, k).dtype)
                                   for k in state._fields})
     setup_s = time.perf_counter() - start
 
@@ -874,7 +869,7 @@ def _descend(system: System, params: Params, x: Array, method: str, ftol: float,
 
     def save(state, tables):
         nbrs, pairs = tables
-        checkpoint({**{k: _renumbered(v, order, inverse=True) for k, v in state._asdict().items()},
+        checkpoint({**{k: renumbered(v, order, inverse=True) for k, v in state._asdict().items()},
                     "capacity": np.asarray([nbrs.idx.shape[1], nbrs.cells.shape[1], pairs.i.shape[0]]),
                     **({} if order is None else {"order": order})})
 
@@ -885,10 +880,10 @@ def _descend(system: System, params: Params, x: Array, method: str, ftol: float,
     state, (nbrs, _), (fmax, energy) = done.state, done.table, done.last.out
     x = jax.block_until_ready(state.x)
     if order is not None:
-        x = jnp.asarray(_renumbered(x, order, inverse=True))
+        x = jnp.asarray(renumbered(x, order, inverse=True))
     info = minimize.RelaxInfo(state.step, fmax, energy, fmax < ftol)
     stats = RelaxStats(int(nbrs.idx.shape[1]), done.reallocations, done.rebuilds, table.cell_list)
-    return Relaxed(x, info, setup_s + done.compile_s, _table_in_model_numbering(nbrs.idx, order), stats)
+    return Relaxed(x, info, setup_s + done.compile_s, table_in_model_numbering(nbrs.idx, order), stats)
 
 
 # -- Newton polish -------------------------------------------------------------------------
