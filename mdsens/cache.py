@@ -17,6 +17,7 @@ disk instead of compiling them again. The cache lives in
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -25,6 +26,9 @@ from typing import Any, Callable, Hashable
 #: compiled programs kept in process (least recently used dropped first)
 PROGRAM_LIMIT = 256
 _PROGRAMS: "OrderedDict[Hashable, Callable]" = OrderedDict()
+#: guards _PROGRAMS (not the compiles): ``job`` compiles the derivative programs
+#: in a second thread while the relaxation compiles and runs
+_LOCK = threading.Lock()
 
 
 def program(key: Hashable, make: Callable[[], Callable], *args: Any) -> tuple[Callable, float]:
@@ -37,20 +41,22 @@ def program(key: Hashable, make: Callable[[], Callable], *args: Any) -> tuple[Ca
 
     leaves, tree = jax.tree.flatten(args)
     signature = (key, tree, tuple(jax.typeof(x) for x in leaves), jax.default_backend())
-    try:
-        compiled = _PROGRAMS.get(signature)
-    except TypeError:  # an unhashable key: no caching
-        signature, compiled = None, None
-    if compiled is not None:
-        _PROGRAMS.move_to_end(signature)
-        return compiled, 0.0
+    with _LOCK:
+        try:
+            compiled = _PROGRAMS.get(signature)
+        except TypeError:  # an unhashable key: no caching
+            signature, compiled = None, None
+        if compiled is not None:
+            _PROGRAMS.move_to_end(signature)
+            return compiled, 0.0
     start = time.perf_counter()
     compiled = jax.jit(make()).lower(*args).compile()
     elapsed = time.perf_counter() - start
     if signature is not None:
-        _PROGRAMS[signature] = compiled
-        while len(_PROGRAMS) > PROGRAM_LIMIT:
-            _PROGRAMS.popitem(last=False)
+        with _LOCK:
+            _PROGRAMS[signature] = compiled
+            while len(_PROGRAMS) > PROGRAM_LIMIT:
+                _PROGRAMS.popitem(last=False)
     return compiled, elapsed
 
 

@@ -9,6 +9,8 @@ Python, ``execute(Job(system=my_system))``.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
@@ -19,7 +21,7 @@ import numpy as np
 
 from mdsens import cache, io, linsolve, memory, minimize, names, observables, relax, sensitivity, systems
 from mdsens.minimize import RelaxInfo
-from mdsens.system import System, pad_pairs
+from mdsens.system import Params, System, pad_pairs, pair_bucket
 from mdsens.systems import UsageError
 
 
@@ -73,7 +75,7 @@ class Result:
     def record(self) -> dict[str, Any]:
         """The mapping :func:`mdsens.io.write` takes."""
         return {
-            "positions": np.asarray(self.system.to_real(self.q, self.params)),
+            "positions": self.system.to_real_on_host(self.q, self.params),
             "box": np.asarray(self.params["box"]) if self.system.periodic else None,
             "species": np.asarray(self.system.species),
             "rattler": np.asarray(self.rattler),
@@ -410,6 +412,118 @@ def run_meta(job: Job, system: System, info: RelaxInfo, timings: dict[str, float
     return meta
 
 
+class _Programs:
+    """The programs of a run after its relaxation, as ``(key, make)`` for
+    :func:`run_compiled`: the rattlers and every observable (one program),
+    and each forward and reverse derivative."""
+
+    def __init__(self, observe: dict[str, Callable], options: tuple):
+        self.observe, self.options = observe, options
+
+    def values(self) -> tuple[Hashable, Callable]:
+        observe = self.observe
+
+        def make(s_):
+            return lambda q_, p_: (observables.rattlers(s_, q_, p_), {k: f(s_, q_, p_) for k, f in observe.items()})
+        return ("values", tuple(observe.items()), self.options), make
+
+    def forward(self, name: str, index: Any) -> tuple[Hashable, Callable]:
+        observe, options = self.observe, self.options
+
+        def make(s_):
+            def fn_(q_, p_, r_):
+                solve = sensitivity.solver_for(s_, q_, p_, r_, *options)
+                return sensitivity.forward_fn(s_, name, observe, r_, solve, index)(q_, p_)
+            return fn_
+        return ("forward", name, index, tuple(observe.items()), options), make
+
+    def gradient(self, name: str) -> tuple[Hashable, Callable]:
+        options = self.options
+
+        def make(s_):
+            def fn_(q_, p_, r_):
+                solve = sensitivity.solver_for(s_, q_, p_, r_, *options)
+                return sensitivity.gradient_fn(s_, observables.OBSERVABLES[name], r_, solve)(q_, p_)
+            return fn_
+        return ("gradient", name, options), make
+
+
+def _real_pairs(pairs: jax.Array, n: int) -> int:
+    """How many of the padded ``pairs`` are real (padding is ``(n, n)``, at the end)."""
+    return int(np.sum(np.asarray(pairs)[0] < n))
+
+
+#: the fewest particles for which :class:`_Ahead` compiles in a second thread
+AHEAD_MIN_N = 256
+
+
+class _Ahead:
+    """The programs a run needs after its relaxation, compiled in a second
+    thread while the relaxation compiles and runs: XLA compiles on one core
+    and the relaxation's force runs on one, so on a machine with two the
+    first run's two largest compiles (the relaxation's chunk and the forward
+    derivative) overlap instead of following each other.
+
+    Their shapes are known before the relaxation except the pairs' (the
+    table's pairs at x*): the pairs within reach at the start, counted on the
+    host, set the width (a relaxed packing has fewer: N = 1024, φ = 0.9,
+    3577 at the random start, 3186 at x*); pairs that fit are padded to it,
+    more pairs compile anew after the relaxation (the thread's work is then
+    only wasted). ``MDSENS_COMPILE_AHEAD=0`` switches it off; it is off on one
+    core and below :data:`AHEAD_MIN_N` particles, where the compiles are short."""
+
+    def __init__(self, job: Job, system: System, params: Params, programs: _Programs, wrts: list, width: int | None):
+        self.width = width
+        self._stop = False
+        self._args = (job, system, params, programs, wrts)
+        self._thread = threading.Thread(target=self._compile, name="mdsens-compile-ahead", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def start(cls, job: Job, system: System, params: Params, programs: _Programs, wrts: list) -> "_Ahead | None":
+        if os.environ.get("MDSENS_COMPILE_AHEAD", "1").strip().lower() in ("0", "false", "no"):
+            return None
+        if (os.cpu_count() or 1) < 2 or system.n < AHEAD_MIN_N or job.resume is not None:
+            return None
+        width = None
+        if use_neighbor_list(job, system):
+            table = relax.Table(system, params, job.skin)
+            if table.static:
+                return None
+            width = pair_bucket(table.counts_on_host(np.asarray(system.positions))[1])
+        return cls(job, system, params, programs, wrts, width)
+
+    def _compile(self) -> None:
+        job, system, params, programs, wrts = self._args
+        n = system.n
+        try:
+            pairs = None if self.width is None else jnp.full((2, self.width), n, jnp.int32)
+            q = jnp.zeros(np.shape(system.positions), np.asarray(system.positions).dtype)
+            rattler = jnp.zeros(n, bool)
+            with solving(job):
+                compiled(system, pairs, *programs.values(), q, params)
+                for _, name, index in wrts if not self._stop else ():
+                    if self._stop:
+                        return
+                    compiled(system, pairs, *programs.forward(name, index), q, params, rattler)
+                for name in job.grad:
+                    if self._stop:
+                        return
+                    compiled(system, pairs, *programs.gradient(name), q, params, rattler)
+        except Exception:  # noqa: BLE001 -- the main thread compiles whatever is missing itself
+            return
+
+    def wait(self) -> float:
+        """Wait for the thread; the seconds waited (compile time the run did not overlap)."""
+        start = time.perf_counter()
+        self._thread.join()
+        return time.perf_counter() - start
+
+    def abandon(self) -> None:
+        """No more programs after the one compiling now (the relaxation failed)."""
+        self._stop = True
+
+
 def execute(job: Job, progress: Callable[[int, float, float], None] | None = None) -> Result:
     """Run ``job``: relax, then (if converged) every requested derivative."""
     wall = time.perf_counter()
@@ -421,48 +535,43 @@ def execute(job: Job, progress: Callable[[int, float, float], None] | None = Non
     params = {k: jnp.asarray(v) for k, v in system.params.items()}
     timings = {"compile_s": 0.0, "relax_s": 0.0, "derivative_s": 0.0}
 
+    programs = _Programs(observe, (job.solver, job.rtol, job.preconditioner))
+    ahead = _Ahead.start(job, system, params, programs, wrts)
     start = time.perf_counter()
-    q, info, compile_s, pairs, nl_meta = relax_system(job, system, params, progress)
+    try:
+        q, info, compile_s, pairs, nl_meta = relax_system(job, system, params, progress)
+    except BaseException:
+        if ahead is not None:
+            ahead.abandon()
+        raise
     timings["compile_s"] += compile_s
     timings["relax_s"] = time.perf_counter() - start - compile_s
     # Padded to a bucket of sizes, so that the next run's pair count reuses the programs.
     pairs = None if pairs is None else pad_pairs(pairs, system.n)
-    rattler, c, _ = run_compiled(system, pairs, "rattlers", lambda s_: lambda q_, p_: observables.rattlers(s_, q_, p_),
-                                 q, params)
-    timings["compile_s"] += c
-    options = (job.solver, job.rtol, job.preconditioner)
-
     # The moduli's own solves (inside observables) follow --solver/--rtol/--preconditioner too.
     with solving(job):
-        values = {}
-        for name, obs in observe.items():
-            out, c, _ = run_compiled(system, pairs, (obs, options), lambda s_, f=obs: lambda q_, p_: f(s_, q_, p_),
-                                     q, params)
-            values[name] = np.asarray(out)
-            timings["compile_s"] += c
+        if ahead is not None:
+            if not bool(info.converged):  # no derivatives: the one compiling now is the last
+                ahead.abandon()
+            # the programs compiled meanwhile serve these pairs if they fit their width
+            timings["compile_s"] += ahead.wait()
+            if pairs is not None and ahead.width is not None and pairs.shape[1] <= ahead.width:
+                real = np.asarray(pairs)
+                pairs = pad_pairs(real[:, :_real_pairs(real, system.n)], system.n, ahead.width)
+        (rattler, outs), c, _ = run_compiled(system, pairs, *programs.values(), q, params)
+        timings["compile_s"] += c
+        values = {name: np.asarray(outs[name]) for name in observe}
         values["max_force"] = np.asarray(info.max_force)
 
         forwards: dict[str, sensitivity.Forward] = {}
         gradients: dict[str, tuple[dict[str, jax.Array], linsolve.SolveInfo]] = {}
         if bool(info.converged):
             for text, name, index in wrts:
-                def make_forward(s_, name=name, index=index):
-                    def fn_(q_, p_, r_):
-                        solve = sensitivity.solver_for(s_, q_, p_, r_, *options)
-                        return sensitivity.forward_fn(s_, name, observe, r_, solve, index)(q_, p_)
-                    return fn_
-                forwards[text], c, r = run_compiled(system, pairs, ("forward", name, index, tuple(observe.items()),
-                                                                    options), make_forward, q, params, rattler)
+                forwards[text], c, r = run_compiled(system, pairs, *programs.forward(name, index), q, params, rattler)
                 timings["compile_s"] += c
                 timings["derivative_s"] += r
             for name in job.grad:
-                def make_gradient(s_, name=name):
-                    def fn_(q_, p_, r_):
-                        solve = sensitivity.solver_for(s_, q_, p_, r_, *options)
-                        return sensitivity.gradient_fn(s_, observables.OBSERVABLES[name], r_, solve)(q_, p_)
-                    return fn_
-                gradients[name], c, r = run_compiled(system, pairs, ("gradient", name, options), make_gradient,
-                                                     q, params, rattler)
+                gradients[name], c, r = run_compiled(system, pairs, *programs.gradient(name), q, params, rattler)
                 timings["compile_s"] += c
                 timings["derivative_s"] += r
     timings["total_s"] = time.perf_counter() - wall

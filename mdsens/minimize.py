@@ -118,6 +118,13 @@ def _tree_map(fn: Callable, *trees: Any) -> Any:
     return jax.tree_util.tree_map(fn, *trees)
 
 
+def _zeros(x: Any) -> Any:
+    """Zeros shaped like ``x`` (a pytree), as NumPy constants: a minimizer's
+    blank state costs no compiled program when it is made outside ``jit``
+    (three small ones per new shape otherwise), and is a constant inside."""
+    return _tree_map(lambda a: np.zeros(np.shape(a), a.dtype), x)
+
+
 def _dot(a: Any, b: Any) -> Array:
     """``a·b``: ``jnp.vdot`` on arrays, the sum of the leaves' ``vdot`` on pytrees."""
     if isinstance(a, (jax.Array, np.ndarray)):
@@ -175,10 +182,10 @@ def fire(
     force_of = _force_fn(energy_fn, force_fn)
 
     def blank(x: Array) -> FireState:
-        zero = jnp.zeros((), jax.tree_util.tree_leaves(x)[0].dtype)
-        count = jnp.zeros((), jnp.int32)
-        return FireState(x, _tree_map(jnp.zeros_like, x), _tree_map(jnp.zeros_like, x), zero + dt_start,
-                         zero + alpha_start, count, count, count)
+        dtype = jax.tree_util.tree_leaves(x)[0].dtype
+        count = np.zeros((), np.int32)
+        return FireState(x, _zeros(x), _zeros(x), np.asarray(dt_start, dtype), np.asarray(alpha_start, dtype),
+                         count, count, count)
 
     def init(x: Array, params: Params) -> FireState:
         return blank(x)._replace(force=force_of(x, params))
@@ -226,7 +233,7 @@ def gradient_descent(energy_fn: EnergyFn | None = None, shift_fn: ShiftFn = free
     force_of = _force_fn(energy_fn, force_fn)
 
     def blank(x: Array) -> DescentState:
-        return DescentState(x, _tree_map(jnp.zeros_like, x), jnp.zeros((), jnp.int32))
+        return DescentState(x, _zeros(x), np.zeros((), np.int32))
 
     def init(x: Array, params: Params) -> DescentState:
         return blank(x)._replace(force=force_of(x, params))

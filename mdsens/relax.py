@@ -381,6 +381,44 @@ class Table:
         strides = np.cumprod([1] + list(self.grid[:0:-1]))[::-1].astype(np.int32)
         return c @ jnp.asarray(strides)
 
+    def cells_on_host(self, x: Any) -> np.ndarray:
+        """:meth:`_cell_of` at the table's own box, in NumPy: sizing a table and
+        ordering the particles before a relaxation compiles nothing. The same
+        cells: XLA:CPU divides by the box as a product with its reciprocal,
+        and so does this (``tests/test_neighbor.py`` compares the two)."""
+        grid = np.asarray(self.grid)
+        c = np.clip(np.floor(np.asarray(x) * (1.0 / self.box) * grid).astype(np.int32), 0, grid - 1)
+        strides = np.cumprod([1] + list(self.grid[:0:-1]))[::-1].astype(np.int32)
+        return c @ strides
+
+    def counts_on_host(self, x: Any) -> tuple[int, int]:
+        """(the most neighbors any particle has, the number of pairs) within
+        ``reach`` at ``x`` (minimum image in a periodic box), from a k-d tree
+        on the host: what the compiled :meth:`_both_counts` counts without a
+        deform, without compiling a program of the table's candidates for
+        every new system (~1.5 s at N = 1024). Only sizes capacities: a pair
+        exactly at ``reach`` may count on one side and not the other, and a
+        chunk whose table overflows is redone on a wider one anyway."""
+        from scipy.spatial import cKDTree
+
+        x = np.asarray(x, dtype=float)
+        if self.periodic:
+            x = np.mod(x, self.box)
+            x = np.where(x >= self.box, x - self.box, x)  # mod may round up to the box
+            tree = cKDTree(x, boxsize=self.box)
+        else:
+            tree = cKDTree(x)
+        pairs = tree.query_pairs(self.reach, output_type="ndarray")
+        if len(pairs) == 0:
+            return 0, 0
+        near = np.bincount(pairs.ravel(), minlength=self.n)
+        return int(near.max()), int(len(pairs))
+
+    def _count_pairs(self, x: Any, cell_capacity: int, deform: Array | None) -> tuple[int, int]:
+        if deform is None:
+            return self.counts_on_host(x)
+        return tuple(int(c) for c in self._counts(jnp.asarray(x), cell_capacity, deform))
+
     def _candidates(self, x: Array, cell_capacity: int, box: Array | None = None) -> tuple[Array, Array, Array]:
         """(N, width) candidate neighbors (padded with N), the cells, and
         whether some cell held more than ``cell_capacity`` particles."""
@@ -469,15 +507,14 @@ class Table:
         compiled chunk): a warm restart from a relaxed state, which has fewer
         neighbors than a random start, reuses the compiled loop instead of
         compiling one for a smaller table; ``shrink`` sizes them afresh."""
-        x = jnp.asarray(x)
         if shrink:
             self._sticky = (0, 0)
         if self.static:
             return self.n - 1, 0
         cell_capacity = 0
         if self.grid is not None:
-            cell_capacity = max(self._sticky[1], self.cell_capacity(np.asarray(self._cell_of(x)), grow))
-        count, pairs = (int(c) for c in self._counts(x, cell_capacity, deform))
+            cell_capacity = max(self._sticky[1], self.cell_capacity(self.cells_on_host(x), grow))
+        count, pairs = self._count_pairs(x, cell_capacity, deform)
         self._last_pairs = ((x, cell_capacity, deform), pairs)  # for pair_capacity at the same x
         capacity = max(self._sticky[0], int(math.ceil(count * 1.25 * grow)) + 1)
         if self.grid is None:
@@ -514,8 +551,9 @@ class Table:
         n = self.n
         cells = (0, 0) if self.grid is None else (0, cell_capacity) if self.packed else \
             (int(np.prod(self.grid)), cell_capacity)
-        return Neighbors(jnp.full((n, capacity), n, jnp.int32), x, jnp.full(cells, n, jnp.int32),
-                         jnp.zeros((), bool))
+        # NumPy constants: passed to the compiled chunk, no eager program each
+        return Neighbors(np.full((n, capacity), n, np.int32), x, np.full(cells, n, np.int32),
+                         np.zeros((), bool))
 
     def _near_counts(self, x: Array, cell_capacity: int, box: Array | None = None,
                      deform: Array | None = None) -> Array:
@@ -543,18 +581,18 @@ class Table:
             return self.n * (self.n - 1) // 2
         at, pairs = self._last_pairs
         if at is None or at[0] is not x or at[1] != cell_capacity or at[2] is not deform:
-            pairs = int(self._counts(jnp.asarray(x), cell_capacity, deform)[1])
+            pairs = self._count_pairs(x, cell_capacity, deform)[1]
         capacity = max(self._sticky_pairs, int(math.ceil(pairs * 1.2 * grow)) + 8)
         self._sticky_pairs = min(capacity, self.n * (self.n - 1) // 2)
         return self._sticky_pairs
 
     def pair_placeholder(self, capacity: int, width: int, order: Array | None = None) -> PairList:
         """An empty :class:`PairList` of the given capacities (built in the loop)."""
-        zeros = jnp.zeros(capacity, jnp.int32)
-        gather = jnp.full((self.n, width), 2 * capacity, jnp.int32)
+        zeros = np.zeros(capacity, np.int32)
+        gather = np.full((self.n, width), 2 * capacity, np.int32)
         if order is None:
-            return PairList(zeros, zeros, gather, jnp.zeros((), bool))
-        return PairList(zeros, zeros, gather, jnp.zeros((), bool), jnp.asarray(order, jnp.int32), zeros, zeros)
+            return PairList(zeros, zeros, gather, np.zeros((), bool))
+        return PairList(zeros, zeros, gather, np.zeros((), bool), np.asarray(order, np.int32), zeros, zeros)
 
     def moved(self, x: Array, nbrs: Neighbors, box: Array | None = None) -> Array:
         """Whether the table may miss a pair closer than the cutoff: the two
@@ -727,7 +765,8 @@ def relax(
     params = {k: jnp.asarray(v) for k, v in params.items()}
     x = jnp.asarray(system.positions if x0 is None else x0)
     if system.periodic:
-        x = jnp.mod(x, params["box"])
+        # on the host (NumPy's mod is XLA's: fmod, then + box where the signs differ)
+        x = jnp.asarray(np.mod(np.asarray(x), np.asarray(params["box"])))
     saving = (checkpoint, checkpoint_every, resume)
     if polish is None or polish <= ftol:
         return _descend(system, params, x, method, ftol, max_steps, chunk, callback, skin, saving)
@@ -767,7 +806,7 @@ def spatial_order(table: Table, x: Array) -> np.ndarray:
     pair's gathers over the whole position array; at N = 131072 (2D) one
     force costs 46 ms in cell order against 78 ms in random order, a build
     128 against 184 and a pair list 124 against 227 (``bench/cpu/order_probe.py``)."""
-    return np.argsort(np.asarray(table._cell_of(jnp.asarray(x))), kind="stable").astype(np.int32)
+    return np.argsort(table.cells_on_host(x), kind="stable").astype(np.int32)
 
 
 def renumbered(a: np.ndarray, order: np.ndarray | None, inverse: bool = False) -> np.ndarray:
@@ -881,7 +920,7 @@ def _descend(system: System, params: Params, x: Array, method: str, ftol: float,
     x = jax.block_until_ready(state.x)
     if order is not None:
         x = jnp.asarray(renumbered(x, order, inverse=True))
-    info = minimize.RelaxInfo(state.step, fmax, energy, fmax < ftol)
+    info = minimize.RelaxInfo(state.step, fmax, energy, np.asarray(float(fmax) < ftol))
     stats = RelaxStats(int(nbrs.idx.shape[1]), done.reallocations, done.rebuilds, table.cell_list)
     return Relaxed(x, info, setup_s + done.compile_s, table_in_model_numbering(nbrs.idx, order), stats)
 
@@ -912,6 +951,13 @@ def _table_hessian(system: System, x: Array, idx: Array, params: Params) -> Arra
 #: CG tolerance of a Newton step (relative to |F|): each step gains ~3 digits.
 NEWTON_RTOL = 1e-3
 NEWTON_MAX_STEPS = 12
+#: A Newton step that leaves max|F| above this fraction of its start ends the
+#: polish (the minimizer finishes): near a minimum a step gains digits; one
+#: that gains less is on a non-convex stretch, where the Hessian has a
+#: negative eigenvalue (measured: N = 1024 at max|F| = 1e-4, λ_min = −1.6e-4;
+#: N = 16384 at 1e-6, where twelve steps of ~660 CG iterations each took
+#: max|F| only from 1e-6 to 3e-7 before this rule).
+NEWTON_MIN_GAIN = 0.5
 
 
 def _newton_program(system: System) -> Callable:
@@ -971,7 +1017,7 @@ def _newton_program(system: System) -> Callable:
 
         init = (jnp.asarray(1.0, x.dtype), 0, x, f, jnp.zeros((), bool))
         _, _, x1, f1, ok = jax.lax.while_loop(cond, body, init)
-        return jnp.where(ok, x1, x), jnp.where(ok, f1, f), ok, info.iterations
+        return jnp.where(ok, x1, x), jnp.where(ok, f1, f), ok, info.iterations, fmax
 
     return step
 
@@ -998,15 +1044,15 @@ def newton_polish(system: System, params: Params, x: Array, ftol: float, skin: f
     fmax = float("inf")
     f = None
     while steps < max_steps:
-        x_new, f, ok, iterations = compiled(x, nbrs, params)
+        x_new, f, ok, iterations, start_fmax = compiled(x, nbrs, params)
         cg += int(iterations)
         if not bool(ok):
             break
         steps += 1
         x = x_new
         fmax = float(minimize.max_force(f))
-        if fmax < ftol:
-            break
+        if fmax < ftol or fmax > NEWTON_MIN_GAIN * float(start_fmax):
+            break  # converged, or not in Newton's basin yet: the minimizer takes over
         if bool(table.moved(x, nbrs)):
             nbrs = table.allocate(x)
             if nbrs.idx.shape != capacity:

@@ -90,6 +90,14 @@ class System:
     def to_solver(self, x: Array, params: Params) -> Array:
         return jnp.mod(x / params["box"], 1.0) if self.periodic else x
 
+    def to_real_on_host(self, q: Any, params: Params) -> np.ndarray:
+        """:meth:`to_real` in NumPy, for concrete arrays (the same products; no
+        compiled program per new shape). :meth:`to_solver` has no such twin:
+        XLA:CPU divides by the box as a product with its reciprocal, which
+        NumPy's division does not reproduce bit for bit."""
+        q = np.asarray(q)
+        return q * np.asarray(params["box"]) if self.periodic else q
+
     def volume(self, params: Params) -> Array:
         return jnp.prod(params["box"])
 
@@ -337,6 +345,12 @@ def _cell(cell: Any, depth: int) -> Hashable:
         return ("id", id(cell))
 
 
+def pair_bucket(m: int) -> int:
+    """The width :func:`pad_pairs` pads ``m`` pairs to by default."""
+    step = max(1, 1 << max(0, m.bit_length() - 4))
+    return max(8, -(-m // step) * step)
+
+
 def pad_pairs(pairs: Any, n: int, width: int | None = None) -> Array:
     """(2, M) pairs padded with N (:meth:`System.with_pairs`) to ``width``
     columns, by default the next of 8 steps per octave (at most 12.5 % more):
@@ -344,8 +358,7 @@ def pad_pairs(pairs: Any, n: int, width: int | None = None) -> Array:
     pairs = np.asarray(pairs)
     m = pairs.shape[1]
     if width is None:
-        step = max(1, 1 << max(0, m.bit_length() - 4))
-        width = max(8, -(-m // step) * step)
+        width = pair_bucket(m)
     out = np.full((2, max(width, m)), n, np.int32)
     out[:, :m] = pairs
     return jnp.asarray(out)
