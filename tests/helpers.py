@@ -28,6 +28,25 @@ def relaxed(family: str, seed: int = 0, **config):
     return system, q, params, observables.rattlers(system, q, params)
 
 
+_EQUILIBRIUM_JVP = {}
+
+
+def equilibrium_jvp(system, **options):
+    """``jit((q0, θ, δθ) -> (q*, dq*))`` through ``sensitivity.equilibrium(system, **options)``.
+
+    One jitted function per model and options, with ``q0`` an argument (not a
+    constant of the program): tests that differentiate the same model's
+    equilibrium share one compiled program (in process, and across the run's
+    workers through the shared compilation cache)."""
+    import jax
+
+    key = (system.model, tuple(sorted(options.items())))
+    if key not in _EQUILIBRIUM_JVP:
+        eq = sensitivity.equilibrium(system, **options)
+        _EQUILIBRIUM_JVP[key] = jax.jit(lambda q0, p, v: jax.jvp(lambda p_: eq(q0, p_), (p,), (v,)))
+    return _EQUILIBRIUM_JVP[key]
+
+
 def relative_error(a, b) -> float:
     """max|a − b| / max|b| (absolute when b is zero)."""
     a, b = np.asarray(a), np.asarray(b)

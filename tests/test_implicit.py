@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mdsens import gauge, implicit, linsolve, minimize, observables, sensitivity
-from helpers import relative_error, relaxed
+from helpers import equilibrium_jvp, relative_error, relaxed
 
 # Small packings: 2D and 3D, compressed enough to have no rattlers at these seeds.
 CASES = {2: dict(n=16, dim=2, phi=0.95), 3: dict(n=24, dim=3, phi=0.75)}
@@ -36,13 +36,13 @@ def _direction(params, seed):
 def test_jvp_vjp_are_transposes_and_match_dense(packing_2d):
     system, q, params, rattler = packing_2d
     eq = sensitivity.equilibrium(system, ftol=1e-12)
-    dense_eq = sensitivity.equilibrium(system, ftol=1e-12, solve=linsolve.dense())
     v = _direction(params, 0)
     # A generic cotangent, with a centre-of-mass component: plain CG on the
     # singular Hessian diverges on exactly this (docs/design.md, "Pitfalls we measured").
     w = jax.random.normal(jax.random.PRNGKey(1), q.shape) + 0.3
 
-    _, jv = jax.jit(lambda p, v_: jax.jvp(lambda p_: eq(q, p_), (p,), (v_,)))(params, v)
+    # (the jvp programs are the ones tests/test_seams.py uses: compiled once per run)
+    _, jv = equilibrium_jvp(system, ftol=1e-12)(q, params, v)
     jtw = jax.jit(lambda p, w_: jax.vjp(lambda p_: eq(q, p_), p)[1](w_)[0])(params, w)
     lhs = jnp.vdot(w, jv)
     rhs = sum(jnp.vdot(jtw[k], v[k]) for k in params)
@@ -50,7 +50,7 @@ def test_jvp_vjp_are_transposes_and_match_dense(packing_2d):
     # at rtol 1e-10: agreement to ~1e-9 relative.
     assert float(abs(lhs - rhs)) < 1e-8 * float(abs(lhs))
 
-    _, jv_dense = jax.jit(lambda p, v_: jax.jvp(lambda p_: dense_eq(q, p_), (p,), (v_,)))(params, v)
+    _, jv_dense = equilibrium_jvp(system, ftol=1e-12, solve=linsolve.dense())(q, params, v)
     assert relative_error(jv, jv_dense) < 1e-8
 
     # The gauge: no centre-of-mass motion, rattlers still.
@@ -75,10 +75,11 @@ def test_forward_and_reverse_match_finite_differences(packing):
     assert np.all(np.asarray(fw.residual) < 1e-9)
 
 
-def test_reverse_energy_gradient_with_tiny_cotangent(packing):
+def test_reverse_energy_gradient_with_tiny_cotangent(packing_2d):
     """dE*/dθ through the root: the cotangent ∇E(x*) ~ 1e-13 must not send CG
-    to its cap (a purely relative tolerance would). Envelope theorem: dE*/dθ = ∂θE."""
-    system, q, params, _ = packing
+    to its cap (a purely relative tolerance would). Envelope theorem: dE*/dθ = ∂θE.
+    (The same CG tolerance in any dimension: the 3D case runs with -m slow.)"""
+    system, q, params, _ = packing_2d
     eq = sensitivity.equilibrium(system, ftol=1e-12)
     grad = jax.jit(jax.grad(lambda p: observables.energy(system, eq(q, p), p)))(params)
     partial = jax.grad(lambda p: observables.energy(system, q, p))(params)
@@ -145,8 +146,9 @@ def test_fixed_point_view_equals_root_view():
 
     d = {k: jnp.zeros_like(v) for k, v in params.items()}
     d["diameter"] = jnp.array([1.0, -0.5])
-    a = jax.jvp(lambda p: fixed(q, p), (params,), (d,))[1]
-    b = jax.jvp(lambda p: root(q, p), (params,), (d,))[1]
+    # One compiled program for both views (op by op, each solve's setup was dispatched eagerly).
+    a, b = jax.jit(lambda p, d_: (jax.jvp(lambda p_: fixed(q, p_), (p,), (d_,))[1],
+                                  jax.jvp(lambda p_: root(q, p_), (p,), (d_,))[1]))(params, d)
     assert relative_error(a, b) < 1e-8
 
 

@@ -124,6 +124,7 @@ class Reference:
 
         self.newton = jax.jit(newton)
         self.grad = jax.jit(grad)
+        self._derivatives = {}
 
     def observe(self, z, theta):
         n, dim = self.n, self.dim
@@ -137,6 +138,12 @@ class Reference:
                 "packing_fraction": jnp.sum(each) / volume, "volume": volume}
 
     def derivative(self, name, index, h=1e-5):
+        key = (name, tuple(index), h)
+        if key not in self._derivatives:  # the same difference asked again (another test): computed once
+            self._derivatives[key] = self._derivative(name, index, h)
+        return self._derivatives[key]
+
+    def _derivative(self, name, index, h):
         out = []
         for sign in (1.0, -1.0):
             theta = dict(self.theta)
@@ -182,6 +189,18 @@ def relaxed(dim, box_dof, n):
     return _RELAXED[key]
 
 
+_REFERENCES = {}
+
+
+def reference_for(dim, box_dof, n):
+    """One :class:`Reference` per relaxed state and process: its Newton program is
+    traced once, and a difference that two tests take is computed once."""
+    key = (dim, box_dof, n)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = Reference(*relaxed(dim, box_dof, n))
+    return _REFERENCES[key]
+
+
 OBSERVE = {k: observables.OBSERVABLES[k] for k in ("cell", "energy", "enthalpy", "packing_fraction", "volume")}
 
 
@@ -205,7 +224,7 @@ def test_forward_and_reverse_match_central_differences(dim, box_dof, n):
     """Forward mode in P (positions, cell, φ, E, H, V; in the slow cases also in
     both diameters), reverse mode of φ in every parameter, against differences."""
     system, q, params, rattler = relaxed(dim, box_dof, n)
-    reference = Reference(system, q, params, rattler)
+    reference = reference_for(dim, box_dof, n)
     solve = linsolve.cg(rtol=1e-12)
     names = ["pressure"] if (dim, box_dof, n) == FAST else ["pressure", "diameter"]
     differences = {}
@@ -231,7 +250,7 @@ def test_preconditioned_solves_match_central_differences(kind):
     positions, the exact box-dof block inverted) gives the derivatives of the
     independent reference, forward (in P) and reverse (dφ/dθ)."""
     system, q, params, rattler = relaxed(*FAST)
-    reference = Reference(system, q, params, rattler)
+    reference = reference_for(*FAST)
     fd = reference.derivative("pressure", (), h=_h("pressure"))
 
     def derivatives(q_, p_):
@@ -271,7 +290,7 @@ def test_pytree_derivatives_equal_a_dense_solve():
     barostat.custom_root under jvp (P) and vjp (every θ; the diameter tangent of
     the reference is the one it is checked against)."""
     system, q, params, rattler = relaxed(*FAST)
-    reference = Reference(system, q, params, rattler)
+    reference = reference_for(*FAST)
     m, p, hessian = _dense_reference(reference, rattler)
     theta = reference.theta
     nd = system.n * system.dim
@@ -366,8 +385,12 @@ def test_cell_system_hessian_blocks_and_coordinates():
     to_real; the volume is |det cell|."""
     system, q, params, _ = relaxed(*FAST)
     v = jax.random.normal(jax.random.PRNGKey(0), q.shape)
-    assembled = system.hessian_vp(q, params)(v)
-    reference = jax.jvp(jax.grad(lambda y: system.energy(y, params)), (q,), (v,))[1]
+
+    @jax.jit  # one compiled program, not op by op
+    def products(q_, p_, v_):
+        return system.hessian_vp(q_, p_)(v_), jax.jvp(jax.grad(lambda y: system.energy(y, p_)), (q_,), (v_,))[1]
+
+    assembled, reference = products(q, params, v)
     np.testing.assert_allclose(assembled, reference, rtol=1e-10, atol=1e-12 * float(jnp.max(jnp.abs(reference))))
     np.testing.assert_allclose(system.to_solver(system.to_real(q, params), params), q, atol=1e-13)
     cell = np.asarray(system.cell(params))

@@ -15,21 +15,28 @@ from mdsens import cache, elasticity, implicit, linsolve, observables, sensitivi
 
 @pytest.fixture(scope="module")
 def relaxed():
-    system = systems.get("bidisperse").build(n=16, phi=0.95, seed=2)
-    params = {k: jnp.asarray(v) for k, v in system.params.items()}
-    q, info = sensitivity.relax(system, params)
-    assert bool(info.converged)
-    return system, params, q, observables.rattlers(system, q, params)
+    # The 2D packing of tests/test_implicit.py (the same helpers.relaxed key: relaxed to
+    # 1e-12 and Newton-polished; its programs compiled once per run)
+    import helpers
+
+    system, q, params, rattler = helpers.relaxed("bidisperse", seed=1, n=16, dim=2, phi=0.95)
+    return system, params, q, rattler
+
+
+#: the equilibrium's tolerance in the derivatives below: the one tests/test_implicit.py
+#: differentiates with, so that the compiled jvp programs are shared (helpers.equilibrium_jvp)
+FTOL = 1e-12
 
 
 @pytest.fixture(scope="module")
 def dense_tangent(relaxed):
     """dq*/dσ_large at the relaxed state through equilibrium() with the dense exact solve."""
+    from helpers import equilibrium_jvp
+
     system, params, q, _ = relaxed
     dp = {k: jnp.zeros_like(v) for k, v in params.items()}
     dp["diameter"] = jnp.asarray([0.0, 1.0])
-    eq = sensitivity.equilibrium(system, solve=linsolve.dense())
-    return dp, jax.jit(lambda p, d: jax.jvp(lambda p_: eq(q, p_), (p,), (d,))[1])(params, dp)  # jit: 3× faster
+    return dp, equilibrium_jvp(system, ftol=FTOL, solve=linsolve.dense())(q, params, dp)[1]  # jit: 3× faster
 
 
 def test_equilibrium_is_preconditioned_and_exact(relaxed, dense_tangent):
@@ -37,10 +44,12 @@ def test_equilibrium_is_preconditioned_and_exact(relaxed, dense_tangent):
     derivative equals the dense exact solve's."""
     system, params, q, _ = relaxed
     dp, dense = dense_tangent
+    from helpers import equilibrium_jvp
+
     outs = []
     for kwargs in ({}, {"preconditioner": "jacobi"}):
-        eq = sensitivity.equilibrium(system, **kwargs)
-        outs.append(jax.jvp(lambda p: eq(q, p), (params,), (dp,))[1])
+        # compiled, not op by op (the preconditioner's setup was dispatched eagerly)
+        outs.append(equilibrium_jvp(system, ftol=FTOL, **kwargs)(q, params, dp)[1])
     outs.append(dense)
     np.testing.assert_allclose(outs[0], outs[2], rtol=0, atol=1e-8)
     np.testing.assert_allclose(outs[1], outs[2], rtol=0, atol=1e-8)
@@ -51,16 +60,22 @@ def test_unconverged_relaxation_and_capped_solve_are_nan(relaxed):
     system, params, q, _ = relaxed
     start = jnp.asarray(system.to_solver(jnp.asarray(system.positions), params))
     short = sensitivity.equilibrium(system, max_steps=5)
-    assert bool(jnp.all(jnp.isnan(short(start, params))))
-    # an observable of the failed state and its gradient are NaN too (not a finite energy of garbage)
-    grad = jax.grad(lambda d: observables.energy(system, short(start, {**params, "diameter": d}),
-                                                 {**params, "diameter": d}))(params["diameter"])
-    assert bool(jnp.all(jnp.isnan(grad)))
-    # A CG capped at 2 iterations does not reach 1e-10: the tangent is NaN, not a plausible number.
     capped = sensitivity.equilibrium(system, solve=linsolve.cg(maxiter=2))
     dp = {k: jnp.zeros_like(v) for k, v in params.items()}
     dp["diameter"] = jnp.asarray([1.0, 0.0])
-    assert bool(jnp.all(jnp.isnan(jax.jvp(lambda p: capped(q, p), (params,), (dp,))[1])))
+
+    @jax.jit  # one compiled program, not op by op (the same three computations)
+    def failures(start_, q_, p_, dp_):
+        grad = jax.grad(lambda d: observables.energy(system, short(start_, {**p_, "diameter": d}),
+                                                     {**p_, "diameter": d}))(p_["diameter"])
+        return short(start_, p_), grad, jax.jvp(lambda p: capped(q_, p), (p_,), (dp_,))[1]
+
+    relaxed_short, grad, tangent = failures(start, q, params, dp)
+    assert bool(jnp.all(jnp.isnan(relaxed_short)))
+    # an observable of the failed state and its gradient are NaN too (not a finite energy of garbage)
+    assert bool(jnp.all(jnp.isnan(grad)))
+    # A CG capped at 2 iterations does not reach 1e-10: the tangent is NaN, not a plausible number.
+    assert bool(jnp.all(jnp.isnan(tangent)))
     # (an uncapped CG gives a finite tangent: test_equilibrium_is_preconditioned_and_exact)
 
 

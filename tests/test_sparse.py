@@ -13,11 +13,13 @@ from mdsens.cli import app
 
 from helpers import relaxed
 
-# (the relaxed states are shared with other test files: same helpers.relaxed keys)
+# (the relaxed states are shared with other test files of the default run: the same
+# helpers.relaxed keys as tests/test_implicit.py and tests/test_systems.py, so each is
+# relaxed, and its programs compiled, once per run)
 CASES = {
     "periodic-2d-rattler": ("bidisperse", dict(seed=1, n=32, dim=2, phi=0.86)),
-    "periodic-3d": ("polydisperse", dict(n=32, dim=3, phi=0.7, spread=0.2)),
-    "free-cluster": ("morse_cluster", dict(n=13)),
+    "periodic-3d": ("bidisperse", dict(seed=1, n=24, dim=3, phi=0.75)),
+    "free-cluster": ("morse_cluster", dict(n=13, dim=3)),
 }
 
 

@@ -31,7 +31,11 @@ CASES = {
     "from_file-lj-2d": ("from_file", dict(potential="lj", onset=1.8, cutoff=2.2)),
 }
 
-SLOW = {"polydisperse-3d", "lj_crystal-3d", "from_file-lj-2d"}  # 3D periodic: compile-heavy, run with -m slow
+# 3D periodic: compile-heavy, run with -m slow. The 2D Morse cluster too: its parameters take
+# the same (dimension-generic) code path as the 3D cluster's, checked here in the default run,
+# and its 2D rigid-body gauge is checked in the default run by
+# tests/test_analytic.py::test_free_cluster_gauge_removes_rigid_motions[2-7-3].
+SLOW = {"polydisperse-3d", "lj_crystal-3d", "from_file-lj-2d", "morse_cluster-2d"}
 PARAMS_CASES = [pytest.param(k, marks=pytest.mark.slow) if k in SLOW else k for k in CASES]
 
 
@@ -141,7 +145,7 @@ def test_box_derivatives_against_engine_finite_difference(index):
 
 
 def test_morse_has_no_box_and_free_space_observables_refuse():
-    system, q, params, _, _ = case("morse_cluster-2d")
+    system, q, params, _, _ = case("morse_cluster-3d")
     assert "box" not in params and not system.periodic
     for fn in (observables.pressure, observables.stress, observables.elastic_tensor):
         with pytest.raises(ValueError, match="free space"):
