@@ -516,7 +516,12 @@ class _Ahead:
     def wait(self) -> float:
         """Wait for the thread; the seconds waited (compile time the run did not overlap)."""
         start = time.perf_counter()
-        self._thread.join()
+        try:
+            self._thread.join()
+        except BaseException:  # Ctrl-C while waiting: the program compiling now, then on
+            self._stop = True
+            self._thread.join()
+            raise
         return time.perf_counter() - start
 
     def abandon(self) -> None:
@@ -541,8 +546,12 @@ def execute(job: Job, progress: Callable[[int, float, float], None] | None = Non
     try:
         q, info, compile_s, pairs, nl_meta = relax_system(job, system, params, progress)
     except BaseException:
+        # (Ctrl-C, SIGTERM, an error): the thread finishes the program it is
+        # compiling before the exception goes on — a process that exits while
+        # XLA compiles in another thread aborts (SIGABRT) instead of exiting 130/143
         if ahead is not None:
             ahead.abandon()
+            ahead.wait()
         raise
     timings["compile_s"] += compile_s
     timings["relax_s"] = time.perf_counter() - start - compile_s
