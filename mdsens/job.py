@@ -448,11 +448,6 @@ class _Programs:
         return ("gradient", name, options), make
 
 
-def _real_pairs(pairs: jax.Array, n: int) -> int:
-    """How many of the padded ``pairs`` are real (padding is ``(n, n)``, at the end)."""
-    return int(np.sum(np.asarray(pairs)[0] < n))
-
-
 #: the fewest particles for which :class:`_Ahead` compiles in a second thread
 AHEAD_MIN_N = 256
 
@@ -502,7 +497,7 @@ class _Ahead:
             rattler = jnp.zeros(n, bool)
             with solving(job):
                 compiled(system, pairs, *programs.values(), q, params)
-                for _, name, index in wrts if not self._stop else ():
+                for _, name, index in wrts:
                     if self._stop:
                         return
                     compiled(system, pairs, *programs.forward(name, index), q, params, rattler)
@@ -555,18 +550,16 @@ def execute(job: Job, progress: Callable[[int, float, float], None] | None = Non
         raise
     timings["compile_s"] += compile_s
     timings["relax_s"] = time.perf_counter() - start - compile_s
-    # Padded to a bucket of sizes, so that the next run's pair count reuses the programs.
-    pairs = None if pairs is None else pad_pairs(pairs, system.n)
+    width = None  # padded to a bucket of sizes, so that the next run's pair count reuses the programs
+    if ahead is not None:
+        if not bool(info.converged):  # no derivatives: the one compiling now is the last
+            ahead.abandon()
+        timings["compile_s"] += ahead.wait()
+        if pairs is not None and ahead.width is not None and pairs.shape[1] <= ahead.width:
+            width = ahead.width  # the programs compiled meanwhile serve these pairs
+    pairs = None if pairs is None else pad_pairs(pairs, system.n, width)
     # The moduli's own solves (inside observables) follow --solver/--rtol/--preconditioner too.
     with solving(job):
-        if ahead is not None:
-            if not bool(info.converged):  # no derivatives: the one compiling now is the last
-                ahead.abandon()
-            # the programs compiled meanwhile serve these pairs if they fit their width
-            timings["compile_s"] += ahead.wait()
-            if pairs is not None and ahead.width is not None and pairs.shape[1] <= ahead.width:
-                real = np.asarray(pairs)
-                pairs = pad_pairs(real[:, :_real_pairs(real, system.n)], system.n, ahead.width)
         (rattler, outs), c, _ = run_compiled(system, pairs, *programs.values(), q, params)
         timings["compile_s"] += c
         values = {name: np.asarray(outs[name]) for name in observe}

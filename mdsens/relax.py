@@ -375,21 +375,23 @@ class Table:
         box = self._box(box)
         return dr - box * jnp.round(dr / box)
 
+    def _strides(self) -> np.ndarray:
+        """(d,) int32: a cell's flat index from its grid coordinates (row-major)."""
+        return np.cumprod([1] + list(self.grid[:0:-1]))[::-1].astype(np.int32)
+
     def _cell_of(self, x: Array, box: Array | None = None) -> Array:
         grid = jnp.asarray(self.grid)
         c = jnp.clip(jnp.floor(x / self._box(box) * grid).astype(jnp.int32), 0, grid - 1)
-        strides = np.cumprod([1] + list(self.grid[:0:-1]))[::-1].astype(np.int32)
-        return c @ jnp.asarray(strides)
+        return c @ jnp.asarray(self._strides())
 
     def cells_on_host(self, x: Any) -> np.ndarray:
         """:meth:`_cell_of` at the table's own box, in NumPy: sizing a table and
         ordering the particles before a relaxation compiles nothing. The same
         cells: XLA:CPU divides by the box as a product with its reciprocal,
-        and so does this (``tests/test_neighbor.py`` compares the two)."""
+        and so does this (``tests/test_first_run.py`` compares the two)."""
         grid = np.asarray(self.grid)
         c = np.clip(np.floor(np.asarray(x) * (1.0 / self.box) * grid).astype(np.int32), 0, grid - 1)
-        strides = np.cumprod([1] + list(self.grid[:0:-1]))[::-1].astype(np.int32)
-        return c @ strides
+        return c @ self._strides()
 
     def counts_on_host(self, x: Any) -> tuple[int, int]:
         """(the most neighbors any particle has, the number of pairs) within
