@@ -142,7 +142,7 @@ def run(
     minimizer: str = typer.Option("fire", help="Minimizer: fire (FIRE 2.0) or gd (gradient descent)."),
     ftol: float = typer.Option(1e-10, help="Converged when the largest per-particle force is below this."),
     max_steps: int = typer.Option(100_000, help="Give up (exit 3, state still written) after this many steps."),
-    solver: str = typer.Option("cg", help="Linear solver for derivatives: cg; sparse (exact: the Hessian assembled from the pair terms and factored on the CPU, once per state; pays in 2D, not in 3D); or dense (exact, small N only). Fixed pressure: cg or dense."),
+    solver: str = typer.Option("auto", help="Linear solver for derivatives: auto (sparse in 2D on the CPU at fixed box from N = 1024, else cg; the file records which); cg (preconditioned conjugate gradients, --rtol); sparse (exact: the Hessian assembled from the pair terms and factored on the CPU, once per state; pays in 2D, not in 3D); or dense (exact, small N only). Fixed pressure: auto, cg or dense."),
     rtol: float = typer.Option(1e-10, help="CG relative residual tolerance."),
     seed: int = typer.Option(0, help="Random seed of the initial positions."),
     output: Path = typer.Option(Path("mdsens.h5"), "-o", "--output", help="HDF5 file to write."),

@@ -1177,7 +1177,8 @@ def solver_for(system: CellSystem, q: Array, params: Params, rattler: Array, met
     """The linear solve of the fixed-pressure derivatives at ``(q*, θ)``, on the
     pair ``z = (q, u)``: CG preconditioned by :func:`preconditioner_for`
     ("twolevel", "jacobi"), plain CG ("none"), or the dense reference ("dense",
-    small N)."""
+    small N); "auto" is CG here (:func:`mdsens.sensitivity.resolve_solver`)."""
+    method = "cg" if method == "auto" else method
     if method == "dense":
         return linsolve.dense()
     if method != "cg":
@@ -1338,8 +1339,8 @@ def execute(job, system: CellSystem, observe: dict, wrts: list, progress=None, w
                              "differentiate the observable cell or volume instead")
     if job.polish is not None or job.checkpoint is not None or job.resume is not None:
         raise UsageError("--polish, --checkpoint and --resume are not available at fixed pressure yet")
-    if job.solver not in ("cg", "dense"):
-        raise UsageError(f"--solver {job.solver!r} is not available at fixed pressure: choose 'cg' or 'dense'")
+    if job.solver not in ("auto", "cg", "dense"):
+        raise UsageError(f"--solver {job.solver!r} is not available at fixed pressure: choose 'auto', 'cg' or 'dense'")
     observe = default_observables(job, system, observe)
     timings = {"compile_s": 0.0, "relax_s": 0.0, "derivative_s": 0.0}
 

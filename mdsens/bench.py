@@ -161,7 +161,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         out["ok"] = bool(q.shape[0] == system.n)
     elif task in ("implicit", "reference"):
         q, rattler, pairs = _load_state(spec)
-        solver = spec.get("solver", "cg") if task == "implicit" else "cg"
+        solver = sensitivity.resolve_solver(spec.get("solver", "auto"), system) if task == "implicit" else "cg"
         job = _job.Job(rtol=spec["rtol"] if task == "implicit" else 1e-13, solver=solver,
                        preconditioner=spec["preconditioner"] if task == "implicit" else "none")
         if task == "reference" and system.n <= 256:
@@ -179,7 +179,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         args = (q, params, jnp.asarray(rattler))
         fn, c = _gradient_fn(system, pairs, solve_of, options, *args)
         (grad, info), _, r = _timed(fn, args, spec["repeats"] if task == "implicit" else 1, cold, c)
-        out.update(reverse_s=r, reverse_compile_s=c, reverse_iterations=int(info.iterations),
+        out.update(solver=job.solver, reverse_s=r, reverse_compile_s=c, reverse_iterations=int(info.iterations),
                    reverse_residual=float(info.residual))
         if cold is not None:
             out["reverse_warm_s"] = _timed(fn, args, spec["repeats"], None, c)[2]
@@ -337,11 +337,13 @@ def run(
     peer: str | None = None,
     relax_only: bool = False,
     polish: float | None = None,
-    solver: str = "cg",
+    solver: str = "auto",
 ) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-able report (``rows``: one per N).
     ``solver`` is the implicit derivatives' linear solve: "cg" (with
-    ``preconditioner``) or "sparse" (:mod:`mdsens.sparse`).
+    ``preconditioner``), "sparse" (:mod:`mdsens.sparse`) or "auto" (what
+    ``mdsens run`` uses, :func:`mdsens.sensitivity.resolve_solver`; each row's
+    ``solver`` says which).
     ``peer="lammps"`` adds the LAMMPS relaxation (``row["peer"]``);
     ``relax_only`` skips the derivative methods (relaxation and peer only);
     ``polish`` hands mdsens's relaxation over to Newton steps at that max|F|."""

@@ -41,7 +41,7 @@ class Job:
     minimizer: str = "fire"
     ftol: float = 1e-10
     max_steps: int = 100_000
-    solver: str = "cg"
+    solver: str = "auto"  # resolved by prepare (sensitivity.resolve_solver): sparse on the CPU in 2D, else cg
     rtol: float = 1e-10
     chunk: int = 2_000
     command: str = ""
@@ -294,10 +294,14 @@ def prepare(job: Job) -> tuple[System, dict[str, Callable], list[tuple[str, str,
         if shape != ():
             raise UsageError(f"--grad {name!r}: reverse mode needs a scalar observable, {name} has shape {shape}")
     _solver(job)
+    # "auto" becomes the solver it means for this system, here, so that every
+    # later step (the programs, the file's linear_solver) sees the one used.
+    job.solver = sensitivity.resolve_solver(job.solver, system)
     # The preflight with the real N, d, box and cutoff, and every tangent asked for.
     elements = sum(1 if index is not None else int(np.size(params[name])) for _, name, index in wrts)
     estimated = memory.job_estimate(system, observe=[*observe, *job.grad], wrt_elements=elements,
-                                    neighbor_list=job.neighbor_list, skin=job.skin, itemsize=itemsize)
+                                    neighbor_list=job.neighbor_list, skin=job.skin, itemsize=itemsize,
+                                    sparse=job.solver == "sparse")
     memory.check(estimated, memory.describe(system.name, job.overrides, system.n, system.dim))
     memory.remember(system, estimated)
     return system, observe, wrts

@@ -112,6 +112,7 @@ def estimate(
     all_pairs: bool = False,
     batched: bool = False,
     itemsize: int = 8,
+    sparse: bool = False,
 ) -> dict[str, int]:
     """Estimated peak memory of one run, in bytes, by item, and ``total``
     (the run's data, without the bare process's :data:`RUNTIME_BYTES`).
@@ -124,7 +125,8 @@ def estimate(
     all_pairs: the derivatives sum over all N(N−1)/2 pairs (N ≤ 64, an
     interaction without cutoff, ``--all-pairs``). batched: the tangents are
     one batched CG (``vmap``, accelerators) rather than one after another.
-    itemsize: 8 in float64, 4 in float32.
+    itemsize: 8 in float64, 4 in float32. sparse: the derivatives factor the
+    Hessian on the host (:mod:`mdsens.sparse`, 2D): :func:`sparse_fill` entries.
 
     Every term is linear in N (quadratic for all pairs) and grows with d; the
     factors are generous (XLA keeps a loop's state and its next value, and
@@ -168,9 +170,21 @@ def estimate(
         # dx*/dθ (N, d) per tangent: stacked on the device (the host shares it on the CPU),
         # squared for the summary, one tangent's jvp in flight
         "outputs": 3 * tangents * nd,
+        # SuperLU's factors (a value and an index per entry, 1.5× for the assembly's and
+        # the solve's copies), and the assembled matrix
+        "sparse_factor": (int(1.5 * 12 * sparse_fill(n * dim)) + 12 * 4 * m * dim * dim) if sparse else 0,
     }
     items["total"] = sum(items.values())
     return items
+
+
+def sparse_fill(size: int) -> int:
+    """Entries of the LU factors of a 2D packing's Hessian with ``size`` rows
+    (N d), as measured (2D bidisperse φ = 0.9, SuperLU with the
+    ``MMD_AT_PLUS_A`` ordering, :mod:`mdsens.sparse`): 65 per row at N = 1024,
+    114 at 16384, 163 at 131072, about 14 more per doubling."""
+    per_row = 65 + 14 * max(0.0, math.log2(max(size, 1)) - 11)
+    return int(per_row * size)
 
 
 def particles(config: Mapping[str, Any]) -> tuple[int, int] | None:
@@ -190,7 +204,8 @@ def particles(config: Mapping[str, Any]) -> tuple[int, int] | None:
 
 def job_estimate(system: Any = None, *, n: int | None = None, dim: int | None = None,
                  observe: Iterable[str] = ("energy", "pressure"), wrt_elements: int = 1,
-                 neighbor_list: bool | None = None, skin: float = 0.3, itemsize: int = 8) -> dict[str, int]:
+                 neighbor_list: bool | None = None, skin: float = 0.3, itemsize: int = 8,
+                 sparse: bool = False) -> dict[str, int]:
     """:func:`estimate` for a run: from a built ``system`` (its N, d, box and
     cutoff size the table), or from ``n`` and ``dim`` alone (before the
     build: typical table widths). ``neighbor_list`` as in
@@ -214,7 +229,7 @@ def job_estimate(system: Any = None, *, n: int | None = None, dim: int | None = 
     if system is not None:
         k, w = table_shape(n, dim, box, cutoff, skin)
     return estimate(n, dim, observables=list(observe), wrt_elements=wrt_elements, neighbors=k,
-                    candidates=w, all_pairs=all_pairs, batched=batched, itemsize=itemsize)
+                    candidates=w, all_pairs=all_pairs, batched=batched, itemsize=itemsize, sparse=sparse)
 
 
 def describe(system: str, overrides: Mapping[str, str], n: int, dim: int) -> str:

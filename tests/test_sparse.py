@@ -219,3 +219,32 @@ def test_bench_with_the_sparse_solver(tmp_path, monkeypatch):
     assert implicit_row["reverse_error"] < 1e-9  # against the dense pseudo-inverse reference
     assert implicit_row["reverse_residual"] < 1e-11 and implicit_row["forward_residual"] < 1e-11
     assert {"forward_warm_s", "reverse_warm_s"} <= set(implicit_row)
+
+
+def test_auto_resolves_to_sparse_only_where_it_pays():
+    """`--solver auto` (the default of `mdsens run`): the sparse solve for a fixed
+    box in 2D on the CPU from SPARSE_MIN_N particles, CG elsewhere; resolved
+    once, by prepare, so the file records the solver used. Builds only (no relaxation)."""
+    from mdsens import barostat, job, systems
+
+    assert jax.default_backend() == "cpu"
+    big = sensitivity.SPARSE_MIN_N
+    bi = systems.get("bidisperse")
+    assert sensitivity.resolve_solver("auto", bi.build(n=big, phi=0.9, seed=0)) == "sparse"
+    assert sensitivity.resolve_solver("auto", bi.build(n=big - 2, phi=0.9, seed=0)) == "cg"
+    assert sensitivity.resolve_solver("auto", bi.build(n=big, dim=3, phi=0.7, seed=0)) == "cg"
+    fixed_p = bi.build(n=big, seed=0, pressure=0.01)
+    assert barostat.is_fixed_pressure(fixed_p)
+    assert sensitivity.resolve_solver("auto", fixed_p) == "cg"
+    for explicit in ("cg", "sparse", "dense"):  # a named solver is kept as it is
+        assert sensitivity.resolve_solver(explicit, bi.build(n=16, phi=0.9, seed=0)) == explicit
+    run = job.Job(overrides={"n": str(big)})
+    assert run.solver == "auto"
+    job.prepare(run)
+    assert run.solver == "sparse"
+    small = job.Job(overrides={"n": "64"})
+    job.prepare(small)
+    assert small.solver == "cg"
+    at_pressure = job.Job(overrides={"n": str(big), "pressure": "0.01"})
+    job.prepare(at_pressure)
+    assert at_pressure.solver == "cg"
