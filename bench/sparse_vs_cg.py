@@ -1,6 +1,6 @@
 """The sparse direct solve against CG + twolevel, interleaved in one process, medians.
 
-    python bench/sparse_vs_cg.py SYSTEM N DIM REPEATS     (OUTDIR: where the JSON goes, default .)
+    python bench/sparse_vs_cg.py SYSTEM N DIM REPEATS [OUTDIR]     (OUTDIR: where the JSON goes, default .)
 
 Per repeat: a warm relaxation (the bench's, compile excluded), then the bench's two
 derivative programs (forward dP/dD_0 and the reverse gradient of P) with CG and with the
@@ -62,4 +62,7 @@ gs, gc = np.asarray(out["sp_rev"][0]["diameter"]), np.asarray(out["cg_rev"][0]["
 med["rev_rel_diff"] = float(np.max(np.abs(gs - gc)) / np.max(np.abs(gc)))
 med["sp_residual"] = [float(out["sp_fwd"].residual), float(out["sp_rev"][1].residual)]
 print(json.dumps({"n": n, "dim": dim, "reps": reps, **med}, indent=1), flush=True)
-json.dump({"n": n, "dim": dim, "reps": reps, "samples": T, **med}, open(f"/tmp/sp/cmp_{name}_{n}_{dim}d.json", "w"), indent=1)
+outdir = sys.argv[5] if len(sys.argv) > 5 else "."
+os.makedirs(outdir, exist_ok=True)
+json.dump({"n": n, "dim": dim, "reps": reps, "samples": T, **med}, open(os.path.join(outdir, f"cmp_{name}_{n}_{dim}d.json"), "w"),
+          indent=1)
