@@ -459,7 +459,8 @@ AHEAD_MIN_N = 256
 class _Ahead:
     """The programs a run needs after its relaxation, compiled in a second
     thread while the relaxation compiles and runs: XLA compiles on one core
-    and the relaxation's force runs on one, so on a machine with two the
+    and, at the sizes where compiling dominates, the relaxation's step runs on
+    one (XLA:CPU splits only large fusions), so on a machine with two the
     first run's two largest compiles (the relaxation's chunk and the forward
     derivative) overlap instead of following each other.
 

@@ -64,6 +64,20 @@ def test_estimate_linear_in_n_and_grows_with_d():
         assert total(n, 2, elastic=True) > total(n, 2)
     # all pairs: quadratic
     assert memory.estimate(2000, 2, all_pairs=True)["total"] > 3 * memory.estimate(1000, 2, all_pairs=True)["total"]
+    # the sparse solve's factors: N log N, counted only when that solve runs
+    assert memory.estimate(1000, 2)["sparse_factor"] == 0
+    f1, f2 = (memory.estimate(n, 2, sparse=True)["sparse_factor"] for n in (16384, 131072))
+    assert 8 < f2 / f1 < 8 * 1.5
+    # at N = 131072 SuperLU's L + U held 4.3e7 entries (docs/design.md): the estimate is not below that
+    assert memory.sparse_fill(2 * 131072) >= 4.2e7
+
+
+def test_prepare_counts_the_factor_when_auto_picks_the_sparse_solve():
+    run, cg = Job(overrides={"n": "4096"}), Job(overrides={"n": "4096"}, solver="cg")
+    system, _, _ = prepare(run)
+    prepare(cg)
+    assert run.solver == "sparse" and cg.solver == "cg"
+    assert memory.recall(system)["sparse_factor"] > 0
 
 
 def test_json_reports_estimate_and_peak(tmp_path):

@@ -499,7 +499,7 @@ def test_one_solver_check_for_every_caller(relaxed, tmp_path):
     from mdsens.systems import UsageError
 
     system, params, q, rattler = relaxed
-    for option, bad, message in (("solver", "lu", "unknown linear solver 'lu': choose 'cg' or 'dense' or 'sparse'"),
+    for option, bad, message in (("solver", "lu", "unknown linear solver 'lu': choose 'auto' or 'cg' or 'dense' or 'sparse'"),
                                   ("preconditioner", "ilu", "unknown preconditioner 'ilu': choose 'none' or 'jacobi' "
                                                             "or 'twolevel'")):
         options = {"solver": "cg", "preconditioner": "twolevel", option: bad}
