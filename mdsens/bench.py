@@ -8,7 +8,9 @@ scratch file, so every method differentiates the same minimum):
   mode for the gradient of the pressure w.r.t. every parameter (all N
   diameters), preconditioned CG (``solver="cg"``) or the sparse direct solve
   (``solver="sparse"``, :mod:`mdsens.sparse`: each timed call factors anew,
-  its cache cleared; ``*_warm_s`` is the same call reusing the factorization);
+  its cache cleared; ``*_warm_s`` is the same call reusing the factorization,
+  ``shared_s`` the forward and the reverse call after one clear, what a run
+  with ``--wrt`` and ``--grad`` pays; "auto" picks as ``mdsens run`` does);
 - ``unrolled``: ``jax.grad`` of P through the same FIRE, unrolled for S steps
   from x₀ (all pairs; skipped with a note when a linear fit of memory vs S,
   measured on short runs, predicts more than the memory budget);
@@ -178,6 +180,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         options = (job.solver, job.rtol, job.preconditioner)
         args = (q, params, jnp.asarray(rattler))
         fn, c = _gradient_fn(system, pairs, solve_of, options, *args)
+        reverse_fn = fn
         (grad, info), _, r = _timed(fn, args, spec["repeats"] if task == "implicit" else 1, cold, c)
         out.update(solver=job.solver, reverse_s=r, reverse_compile_s=c, reverse_iterations=int(info.iterations),
                    reverse_residual=float(info.residual))
@@ -197,6 +200,10 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                        forward_dP_dD0=float(fw.values["pressure"]), forward_residual=float(fw.residual))
             if cold is not None:
                 out["forward_warm_s"] = _timed(fn, args, spec["repeats"], None, c)[2]
+                # what `mdsens run --wrt --grad` pays: the forward and the reverse
+                # derivative at one state, sharing one factorization
+                both = lambda *a: (fn(*a), reverse_fn(*a))  # noqa: E731
+                out["shared_s"] = _timed(both, args, spec["repeats"], cold, 0.0)[2]
     elif task == "fd":
         q, rattler, pairs = _load_state(spec)
         relax = _relax_fn(spec, system, spec["fd_ftol"])
@@ -438,6 +445,8 @@ def run(
             imp = row["implicit"]
             if "error" not in imp:
                 row["derivative_over_relax"] = (imp["forward_s"] + imp["reverse_s"]) / relax["relax_s"]
+                if "shared_s" in imp:  # the sparse solve: one factorization serves both, as in a run
+                    row["derivative_shared_over_relax"] = imp["shared_s"] / relax["relax_s"]
                 if "error" not in fd:
                     row["fd_over_reverse"] = fd["fd_full_gradient_s_extrapolated"] / imp["reverse_s"]
                 un = row["unrolled"]
@@ -470,6 +479,9 @@ def table(report: dict[str, Any]) -> str:
         for c in row.get("unrolled_curve", []):
             lines.append(f"{'':>7} unrolled {c['steps']:>6} steps: {f(c.get('unrolled_s'))} s, "
                          f"peak {f(c.get('rss_mb'), '{:.0f}')} MB{'  ' + c['error'] if c.get('error') else ''}")
+        if row.get("derivative_shared_over_relax") is not None:
+            lines.append(f"{'':>7} sparse solve: forward + reverse sharing one factorization (as a run does): "
+                         f"{f(imp.get('shared_s'))} s, deriv/rel {f(row['derivative_shared_over_relax'])}")
         for note in row.get("notes", []) + [un.get("skipped")] if un.get("skipped") else row.get("notes", []):
             lines.append(f"{'':>7} note: {note}")
         for key in ("relax", "implicit", "reference", "fd", "unrolled"):

@@ -218,7 +218,10 @@ def test_bench_with_the_sparse_solver(tmp_path, monkeypatch):
     assert implicit_row["reverse_iterations"] == 0 and implicit_row["forward_iterations"] == 0
     assert implicit_row["reverse_error"] < 1e-9  # against the dense pseudo-inverse reference
     assert implicit_row["reverse_residual"] < 1e-11 and implicit_row["forward_residual"] < 1e-11
-    assert {"forward_warm_s", "reverse_warm_s"} <= set(implicit_row)
+    assert {"forward_warm_s", "reverse_warm_s", "shared_s"} <= set(implicit_row)
+    assert implicit_row["solver"] == "sparse"
+    # reported beside deriv/relax: the forward and reverse calls after one factorization
+    assert row["derivative_shared_over_relax"] > 0
 
 
 def test_auto_resolves_to_sparse_only_where_it_pays():
