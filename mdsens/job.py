@@ -41,7 +41,7 @@ class Job:
     minimizer: str = "fire"
     ftol: float = 1e-10
     max_steps: int = 100_000
-    solver: str = "auto"  # resolved by prepare (sensitivity.resolve_solver): sparse on the CPU in 2D, else cg
+    solver: str = "auto"  # resolved by prepare (sensitivity.resolve_solver): sparse in 2D on the CPU from N = 1024, else cg
     rtol: float = 1e-10
     chunk: int = 2_000
     command: str = ""
