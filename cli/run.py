@@ -103,6 +103,8 @@ def _human_summary(result) -> str:
 
     s = result.summary()
     t = result.timings
+    # the solver that ran (--solver auto is resolved before the run): CG counts iterations, the others none
+    solver = result.meta.get("linear_solver", "cg") if isinstance(result.meta, dict) else "cg"
     lines = [
         f"{s['system']}: N={s['n']} d={s['dim']}  "
         f"{'converged' if s['converged'] else 'NOT CONVERGED'} in {s['steps']} steps, "
@@ -121,10 +123,11 @@ def _human_summary(result) -> str:
         for name, value in fw.values.items():
             if name != "position":
                 lines.append(f"  {names.derivative(name, key)} = {np.array2string(np.asarray(value), precision=8)}")
-        lines.append(f"  CG iterations {np.asarray(fw.iterations).tolist()}, "
-                     f"residual {np.array2string(np.asarray(fw.residual), precision=2)}")
+        how = f"CG iterations {np.asarray(fw.iterations).tolist()}" if solver == "cg" else f"{solver} solve"
+        lines.append(f"  {how}, residual {np.array2string(np.asarray(fw.residual), precision=2)}")
     for key, (values, info) in result.gradient.items():
-        lines.append(f"grad {key}: ({int(info.iterations)} CG iterations, residual {float(info.residual):.1e})")
+        how = f"{int(info.iterations)} CG iterations" if solver == "cg" else f"{solver} solve"
+        lines.append(f"grad {key}: ({how}, residual {float(info.residual):.1e})")
         for name, value in values.items():
             v = np.asarray(value)
             text = np.array2string(v, precision=6) if v.size <= 6 else f"shape {v.shape}, |·| = {np.linalg.norm(v):.6g}"

@@ -111,15 +111,20 @@ def render(summary: Mapping[str, Any], path: str) -> str:
     if summary["observables"]:
         lines.append("observables:")
         lines += [f"  {k:<12s} = {_fmt(v)}" for k, v in summary["observables"].items()]
+    solver = p.get("linear_solver") or "cg"  # CG counts iterations; the sparse and dense solves have none
+
+    def how(iterations: Any) -> str:
+        return f"CG iterations {iterations}" if solver == "cg" else f"{solver} solve"
+
     for wrt, item in summary["sensitivity"].items():
-        lines.append(f"d/d{wrt}:  (CG iterations {item['iterations']}, residual {_fmt(item['residual'])})")
+        lines.append(f"d/d{wrt}:  ({how(item['iterations'])}, residual {_fmt(item['residual'])})")
         lines.append(f"  |dx*/d{wrt}| = {_fmt(item['position_norm'])}")
         lines += [f"  {names.derivative(k[1:], wrt)} = {_fmt(v)}" for k, v in item.items() if k.startswith("d")]
         for label, rows in item["most_sensitive"].items():
             text = ", ".join(f"#{r['particle']} (s{r['species']}) {r['magnitude']:.4g}" for r in rows)
             lines.append(f"  most sensitive to {label}: {text}")
     for name, item in summary["gradient"].items():
-        lines.append(f"grad {name}: (CG iterations {item['iterations']}, residual {_fmt(item['residual'])})")
+        lines.append(f"grad {name}: ({how(item['iterations'])}, residual {_fmt(item['residual'])})")
         lines += [f"  {names.derivative(name, k)} = {_fmt(v)}" for k, v in item["values"].items()]
     lines.append(f"made by: {p['command'] or '(python API)'}")
     versions = p.get("versions") or {}

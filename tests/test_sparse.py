@@ -251,3 +251,17 @@ def test_auto_resolves_to_sparse_only_where_it_pays():
     at_pressure = job.Job(overrides={"n": str(big), "pressure": "0.01"})
     job.prepare(at_pressure)
     assert at_pressure.solver == "cg"
+
+
+def test_summaries_name_the_solver_that_ran(tmp_path):
+    """The human summaries of `run` and `show` count CG iterations only for CG: a
+    sparse run (what `--solver auto` gives from N = 1024 in 2D) says so instead of
+    reporting "CG iterations [0, 0]"."""
+    out = tmp_path / "sparse.h5"
+    result = CliRunner().invoke(app, ["run", "--set", "n=16", "--set", "phi=0.95", "--seed", "1", "--wrt", "diameter",
+                                      "--grad", "pressure", "--solver", "sparse", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "sparse solve, residual" in result.output and "CG iterations" not in result.output
+    shown = CliRunner().invoke(app, ["show", str(out)])
+    assert shown.exit_code == 0, shown.output
+    assert "(sparse solve, residual" in shown.output and "CG iterations" not in shown.output
