@@ -1178,7 +1178,9 @@ def solver_for(system: CellSystem, q: Array, params: Params, rattler: Array, met
     pair ``z = (q, u)``: CG preconditioned by :func:`preconditioner_for`
     ("twolevel", "jacobi"), plain CG ("none"), or the dense reference ("dense",
     small N); "auto" is CG here (:func:`mdsens.sensitivity.resolve_solver`)."""
-    method = "cg" if method == "auto" else method
+    from mdsens.sensitivity import resolve_solver
+
+    method = resolve_solver(method, system)
     if method == "dense":
         return linsolve.dense()
     if method != "cg":

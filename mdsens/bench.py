@@ -179,13 +179,12 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
         options = (job.solver, job.rtol, job.preconditioner)
         args = (q, params, jnp.asarray(rattler))
-        fn, c = _gradient_fn(system, pairs, solve_of, options, *args)
-        reverse_fn = fn
-        (grad, info), _, r = _timed(fn, args, spec["repeats"] if task == "implicit" else 1, cold, c)
+        reverse_fn, c = _gradient_fn(system, pairs, solve_of, options, *args)
+        (grad, info), _, r = _timed(reverse_fn, args, spec["repeats"] if task == "implicit" else 1, cold, c)
         out.update(solver=job.solver, reverse_s=r, reverse_compile_s=c, reverse_iterations=int(info.iterations),
                    reverse_residual=float(info.residual))
         if cold is not None:
-            out["reverse_warm_s"] = _timed(fn, args, spec["repeats"], None, c)[2]
+            out["reverse_warm_s"] = _timed(reverse_fn, args, spec["repeats"], None, c)[2]
         np.save(spec["result"], np.asarray(grad["diameter"]))
         if task == "implicit":
             def make(s_):
@@ -194,15 +193,15 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                                                 solve_of(s_, q_, p_, r_), (0,))
                     return fw(q_, p_)
                 return f
-            fn, c = _job.compiled(system, pairs, ("bench forward", options), make, *args)
-            fw, _, r = _timed(fn, args, spec["repeats"], cold, c)
+            forward, c = _job.compiled(system, pairs, ("bench forward", options), make, *args)
+            fw, _, r = _timed(forward, args, spec["repeats"], cold, c)
             out.update(forward_s=r, forward_compile_s=c, forward_iterations=int(fw.iterations),
                        forward_dP_dD0=float(fw.values["pressure"]), forward_residual=float(fw.residual))
             if cold is not None:
-                out["forward_warm_s"] = _timed(fn, args, spec["repeats"], None, c)[2]
-                # what `mdsens run --wrt --grad` pays: the forward and the reverse
-                # derivative at one state, sharing one factorization
-                both = lambda *a: (fn(*a), reverse_fn(*a))  # noqa: E731
+                out["forward_warm_s"] = _timed(forward, args, spec["repeats"], None, c)[2]
+
+                def both(*a):  # what `mdsens run --wrt --grad` pays: one factorization for the two
+                    return forward(*a), reverse_fn(*a)
                 out["shared_s"] = _timed(both, args, spec["repeats"], cold, 0.0)[2]
     elif task == "fd":
         q, rattler, pairs = _load_state(spec)
