@@ -45,6 +45,10 @@ def bench(
     n: str = typer.Option("128,1024", "--n", help="Particle numbers, comma-separated, e.g. 128,1024,16384."),
     set_: List[str] = typer.Option([], "--set", help="Build key KEY=VALUE (repeatable), e.g. --set phi=0.9."),
     seed: int = typer.Option(0, help="Random seed."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="A:B: the whole benchmark once per seed A … B−1 "
+                                        "(instead of --seed), then the medians over them: FIRE is chaotic, so "
+                                        "steps, and with --peer the ratio, follow the start. The report holds "
+                                        "each seed's rows under per_seed and the medians under over_seeds."),
     ftol: float = typer.Option(1e-10, help="Relaxation force tolerance."),
     rtol: float = typer.Option(1e-10, help="CG relative tolerance of the implicit derivative."),
     preconditioner: str = typer.Option("twolevel", help="CG preconditioner: twolevel, jacobi or none."),
@@ -110,16 +114,31 @@ def bench(
                 print(f"wrote {output}")
             return
         steps = _ints(unroll_steps, "--unroll-steps")
+        if seeds is not None:
+            from mdsens.ensemble import parse_seeds
+
+            if seed != 0:
+                fail("--seed and --seeds: give one (--seeds A:B runs the benchmark for seeds A … B−1)", EXIT_USAGE)
+            starts = list(parse_seeds(seeds))
+        else:
+            starts = [seed]
         if peer is not None:
-            _check_peer(peer, system, _parse_sets(set_), seed, ns)
+            _check_peer(peer, system, _parse_sets(set_), starts[0], ns)
         if no_cache:
             os.environ["MDSENS_NO_CACHE"] = "1"  # the subprocesses read it
         elif cache.enable(True):
             os.environ.setdefault("MDSENS_CACHE_DIR", str(cache.directory()))
-        report = _bench.run(system, ns, seed, _parse_sets(set_), ftol, rtol, preconditioner, fd_sample, fd_ftol,
-                            h, steps, memory_budget_mb, repeats, timeout=timeout,
-                            log=lambda m: log(m, quiet), peer=peer,
-                              relax_only=relax_only, polish=polish, solver=solver)
+        reports = []
+        for start in starts:
+            if len(starts) > 1:
+                log(f"seed {start}", quiet)
+            reports.append(_bench.run(system, ns, start, _parse_sets(set_), ftol, rtol, preconditioner, fd_sample,
+                                      fd_ftol, h, steps, memory_budget_mb, repeats, timeout=timeout,
+                                      log=lambda m: log(m, quiet), peer=peer,
+                                      relax_only=relax_only, polish=polish, solver=solver))
+        report = reports[0] if seeds is None else {
+            "system": system, "seeds": starts, "peer": peer, "per_seed": reports,
+            "over_seeds": _bench.over_seeds(reports)}
         from mdsens.job import device_name, versions
 
         report["device"] = device_name()
@@ -131,5 +150,11 @@ def bench(
         if as_json:
             print(json.dumps(report))
         else:
-            print(_bench.table(report))
+            for one in reports:
+                if seeds is not None:
+                    print(f"seed {one['seed']}:")
+                print(_bench.table(one))
+            if seeds is not None:
+                print("")
+                print(_bench.seeds_table(report["over_seeds"], peer))
             print(f"wrote {output}")

@@ -491,6 +491,62 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def over_seeds(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per N over several starts (one :func:`run` report per seed): the
+    relaxation's steps and seconds per seed, the peer's where there is one, and the
+    medians. FIRE is chaotic: which code needs fewer steps follows the start, so a
+    ratio of one start says little (2D bidisperse N = 131072, seeds 0–3: 1.15, 0.84,
+    1.01, 1.14)."""
+    out = []
+    for n in [row["n"] for row in reports[0]["rows"]] if reports else []:
+        rows = [(report["seed"], next(r for r in report["rows"] if r["n"] == n)) for report in reports]
+        entry: dict[str, Any] = {"n": n, "seeds": [seed for seed, _ in rows],
+                                 "steps": [row.get("relax", {}).get("steps") for _, row in rows],
+                                 "relax_s": [row.get("relax", {}).get("relax_s") for _, row in rows]}
+        if any("peer" in row for _, row in rows):
+            entry["peer_steps"] = [row.get("peer", {}).get("steps") for _, row in rows]
+            entry["peer_relax_s"] = [row.get("peer", {}).get("relax_s") for _, row in rows]
+            entry["ratios"] = [row.get("relax_over_peer") for _, row in rows]
+        for key in ("steps", "relax_s", "peer_steps", "peer_relax_s", "ratios"):
+            values = [v for v in entry.get(key, []) if v is not None]
+            if key in entry:
+                entry[f"median_{key}"] = float(np.median(values)) if values else None
+        per_step = [t / s for t, s in zip(entry["relax_s"], entry["steps"]) if t is not None and s]
+        entry["median_s_per_step"] = float(np.median(per_step)) if per_step else None
+        if "peer_steps" in entry:
+            peer = [t / s for t, s in zip(entry["peer_relax_s"], entry["peer_steps"]) if t is not None and s]
+            entry["median_peer_s_per_step"] = float(np.median(peer)) if peer else None
+        out.append(entry)
+    return out
+
+
+def seeds_table(summary: list[dict[str, Any]], peer: str | None) -> str:
+    """:func:`over_seeds` as text: per N, each start's steps (and ratio), then the medians."""
+    def f(v, fmt="{:.3g}"):
+        return "-" if v is None else fmt.format(v)
+
+    name = peer or "peer"
+    lines = [f"over {len(summary[0]['seeds']) if summary else 0} starts (seeds "
+             f"{', '.join(map(str, summary[0]['seeds'])) if summary else ''}): medians, and each start"]
+    head = f"{'N':>7} {'mdsens s':>9} {'steps':>7} {'ms/step':>8}"
+    if any("ratios" in e for e in summary):
+        head += f" {name + ' s':>9} {'steps':>7} {'ms/step':>8} {'ratio':>7}  ratio per start"
+    else:
+        head += "  steps per start"
+    lines.append(head)
+    for e in summary:
+        line = (f"{e['n']:>7} {f(e.get('median_relax_s')):>9} {f(e.get('median_steps'), '{:.0f}'):>7} "
+                f"{f(None if e.get('median_s_per_step') is None else 1e3 * e['median_s_per_step']):>8}")
+        if "ratios" in e:
+            line += (f" {f(e.get('median_peer_relax_s')):>9} {f(e.get('median_peer_steps'), '{:.0f}'):>7} "
+                     f"{f(None if e.get('median_peer_s_per_step') is None else 1e3 * e['median_peer_s_per_step']):>8} "
+                     f"{f(e.get('median_ratios')):>7}  " + ", ".join(f(r) for r in e["ratios"]))
+        else:
+            line += "  " + ", ".join(f(s, "{}") for s in e["steps"])
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def peer_table(report: dict[str, Any]) -> str:
     """mdsens's relaxation and the peer's side by side, and the cross-check at x*."""
     def f(v, fmt="{:.3g}"):

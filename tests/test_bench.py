@@ -47,3 +47,55 @@ def test_fd_relaxation_starts_from_the_given_positions():
     assert bool(info2.converged) and int(info2.steps) <= 1, int(info2.steps)
     box = params["box"]
     assert float(jnp.max(jnp.abs(jnp.mod(again - x_star + box / 2, box) - box / 2))) < 1e-8
+
+
+def _report(seed, rows):
+    return {"seed": seed, "rows": [{"n": n, "relax": {"steps": steps, "relax_s": seconds},
+                                    **({} if peer is None else {"peer": {"steps": peer[0], "relax_s": peer[1]},
+                                                                "relax_over_peer": seconds / peer[1]})}
+                                   for n, steps, seconds, peer in rows]}
+
+
+def test_over_seeds_takes_each_start_and_the_medians():
+    from mdsens import bench
+
+    reports = [_report(0, [(64, 100, 1.0, (80, 2.0)), (128, 300, 3.0, (200, 1.0))]),
+               _report(1, [(64, 140, 2.0, (90, 1.0)), (128, 500, 4.0, (400, 8.0))]),
+               _report(2, [(64, 120, 1.2, (70, 1.5)), (128, 400, 2.0, (300, 4.0))])]
+    summary = bench.over_seeds(reports)
+    assert [e["n"] for e in summary] == [64, 128]
+    small, large = summary
+    assert small["seeds"] == [0, 1, 2] and small["steps"] == [100, 140, 120]
+    assert small["ratios"] == [0.5, 2.0, 1.2 / 1.5]
+    assert small["median_ratios"] == pytest.approx(0.8) and small["median_steps"] == 120
+    assert small["median_s_per_step"] == pytest.approx(0.01)  # 1.0/100, 2.0/140, 1.2/120
+    assert large["median_ratios"] == pytest.approx(0.5)  # 3.0, 0.5, 0.5
+    assert large["median_peer_s_per_step"] == pytest.approx(4.0 / 300)  # 1/200, 8/400, 4/300
+    text = bench.seeds_table(summary, "lammps")
+    assert "over 3 starts (seeds 0, 1, 2)" in text and "ratio per start" in text
+    # without a peer: the steps of each start
+    bare = bench.over_seeds([_report(s, [(32, 10 + s, 0.1, None)]) for s in range(2)])
+    assert "ratios" not in bare[0] and bare[0]["steps"] == [10, 11]
+    assert "10, 11" in bench.seeds_table(bare, None)
+
+
+def test_bench_seed_and_seeds_are_one_choice(tmp_path):
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(app, ["bench", "--n", "16", "--seed", "2", "--seeds", "0:2", "-o", str(out)])
+    assert result.exit_code == 2 and "--seed and --seeds" in result.output and not out.exists()
+    result = CliRunner().invoke(app, ["bench", "--n", "16", "--seeds", "3:1", "-o", str(out)])
+    assert result.exit_code == 2 and "empty range" in result.output and not out.exists()
+
+
+@pytest.mark.slow
+def test_bench_over_seeds_cli(tmp_path, monkeypatch):
+    monkeypatch.setenv("MDSENS_NO_CACHE", "1")
+    out = tmp_path / "seeds.json"
+    result = CliRunner().invoke(app, ["bench", "bidisperse", "--n", "16", "--seeds", "0:2", "--relax-only",
+                                      "--repeats", "1", "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert [r["seed"] for r in report["per_seed"]] == [0, 1]
+    (entry,) = report["over_seeds"]
+    assert entry["steps"] == [r["rows"][0]["relax"]["steps"] for r in report["per_seed"]]
+    assert "over 2 starts" in result.output
