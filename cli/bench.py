@@ -73,6 +73,9 @@ def bench(
                                     "derivative methods, e.g. for large N."),
     polish: Optional[float] = typer.Option(None, "--polish", metavar="FTOL", help="Relax with the Newton polish "
                                            "from this max|F| (as mdsens run --polish)."),
+    max_displacement: Optional[float] = typer.Option(None, "--max-displacement", metavar="D", help="Relax with "
+                                                     "FIRE's steps capped at D per coordinate (as mdsens run "
+                                                     "--max-displacement; LAMMPS caps at 0.1)."),
     ensemble: Optional[int] = typer.Option(None, "--ensemble", metavar="M", help="Instead: one `mdsens ensemble` "
                                            "of M members (seeds 0:M) against M sequential `mdsens run` calls, whole "
                                            "commands timed side by side (packings per second, speed-up, peak "
@@ -95,6 +98,8 @@ def bench(
         from mdsens.sensitivity import check_solver
 
         check_solver(solver, preconditioner)  # the one check `run`, `ensemble` and `design` make
+        if max_displacement is not None and not max_displacement > 0:
+            fail(f"--max-displacement must be a positive length, got {max_displacement}", EXIT_USAGE)
         ns = _ints(n, "--n")
         if ensemble is not None:
             from mdsens import bench_ensemble
@@ -135,7 +140,8 @@ def bench(
             reports.append(_bench.run(system, ns, start, _parse_sets(set_), ftol, rtol, preconditioner, fd_sample,
                                       fd_ftol, h, steps, memory_budget_mb, repeats, timeout=timeout,
                                       log=lambda m: log(m, quiet), peer=peer,
-                                      relax_only=relax_only, polish=polish, solver=solver))
+                                      relax_only=relax_only, polish=polish, solver=solver,
+                                      max_displacement=max_displacement))
         report = reports[0] if seeds is None else {
             "system": system, "seeds": starts, "peer": peer, "per_seed": reports,
             "over_seeds": _bench.over_seeds(reports)}

@@ -81,7 +81,7 @@ def _relax_fn(spec, system, ftol):
     from mdsens import job as _job
 
     settings = _job.Job(ftol=ftol, max_steps=spec["max_steps"], neighbor_list=spec.get("neighbor_list"),
-                        polish=spec.get("polish"))
+                        polish=spec.get("polish"), max_displacement=spec.get("max_displacement"))
 
     def relax(x0, params):
         q, info, compile_s, pairs, _ = _job.relax_system(settings, system, params, x0=x0)
@@ -344,6 +344,7 @@ def run(
     relax_only: bool = False,
     polish: float | None = None,
     solver: str = "auto",
+    max_displacement: float | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-able report (``rows``: one per N).
     ``solver`` is the implicit derivatives' linear solve: "cg" (with
@@ -352,18 +353,20 @@ def run(
     ``solver`` says which).
     ``peer="lammps"`` adds the LAMMPS relaxation (``row["peer"]``);
     ``relax_only`` skips the derivative methods (relaxation and peer only);
-    ``polish`` hands mdsens's relaxation over to Newton steps at that max|F|."""
+    ``polish`` hands mdsens's relaxation over to Newton steps at that max|F|;
+    ``max_displacement`` caps FIRE's steps (:func:`mdsens.minimize.fire`)."""
     log = log or (lambda m: None)
     report: dict[str, Any] = {"system": system, "seed": seed, "overrides": dict(overrides or {}),
                               "ftol": ftol, "rtol": rtol, "preconditioner": preconditioner, "h": h,
                               "fd_ftol": fd_ftol, "memory_budget_mb": memory_budget_mb, "repeats": repeats,
                               "peer": peer, "relax_only": relax_only, "polish": polish, "solver": solver,
-                              "rows": []}
+                              "max_displacement": max_displacement, "rows": []}
     with tempfile.TemporaryDirectory(prefix="mdsens-bench-") as tmp:
         for n in ns:
             base = {"system": system, "n": n, "seed": seed, "set": dict(overrides or {}), "ftol": ftol,
                     "max_steps": max_steps, "state": os.path.join(tmp, f"state{n}.npz"), "rtol": rtol,
-                    "preconditioner": preconditioner, "repeats": repeats, "polish": polish, "solver": solver}
+                    "preconditioner": preconditioner, "repeats": repeats, "polish": polish, "solver": solver,
+                    "max_displacement": max_displacement}
             row: dict[str, Any] = {"n": n, "notes": []}
             log(f"N={n}: relax")
             relax = _spawn({**base, "task": "relax"}, timeout)

@@ -39,6 +39,7 @@ class Job:
     observe: list[str] | None = None  # default: energy, and pressure for periodic systems
     grad: list[str] = field(default_factory=list)
     minimizer: str = "fire"
+    max_displacement: float | None = None  # FIRE: no coordinate moves more than this in one step (None: no cap)
     ftol: float = 1e-10
     max_steps: int = 100_000
     solver: str = "auto"  # resolved by prepare (sensitivity.resolve_solver): sparse in 2D on the CPU from N = 1024, else cg
@@ -268,6 +269,11 @@ def prepare(job: Job) -> tuple[System, dict[str, Callable], list[tuple[str, str,
         raise UsageError(f"unknown minimizer {job.minimizer!r}: choose {' or '.join(map(repr, minimize.METHODS))}")
     if not job.ftol > 0:
         raise UsageError(f"--ftol must be positive, got {job.ftol}")
+    if job.max_displacement is not None:
+        if job.minimizer != "fire":
+            raise UsageError(f"--max-displacement caps FIRE's steps; --minimizer {job.minimizer} takes none")
+        if not (job.max_displacement > 0 and np.isfinite(job.max_displacement)):
+            raise UsageError(f"--max-displacement must be a positive length, got {job.max_displacement}")
     if job.polish is not None and (job.checkpoint is not None or job.resume is not None):
         raise UsageError("--checkpoint/--resume and --polish cannot be combined")
     if job.checkpoint is not None and not job.checkpoint_every >= 0:
@@ -326,7 +332,7 @@ def relax_system(
     saver = None if job.checkpoint is None else lambda state: save_checkpoint(job.checkpoint, job, state)
     resume = None if job.resume is None else load_checkpoint(job.resume, job)
     out = relax.relax(system, params, x0, job.minimizer, job.ftol, job.max_steps, job.chunk, progress, job.skin,
-                      job.polish, saver, job.checkpoint_every, resume)
+                      job.polish, saver, job.checkpoint_every, resume, job.max_displacement)
     q = system.to_solver(jax.block_until_ready(out.x), params)
     meta = {"cell_list": out.stats.cell_list, "skin": job.skin, "capacity": out.stats.capacity,
             "reallocations": out.stats.reallocations, "rebuilds": out.stats.rebuilds}
@@ -344,7 +350,7 @@ def relax_system(
 
 
 #: what a checkpoint must share with the run that resumes it
-_CHECKPOINT_KEYS = ("system", "overrides", "seed", "minimizer", "ftol", "skin")
+_CHECKPOINT_KEYS = ("system", "overrides", "seed", "minimizer", "ftol", "skin", "max_displacement")
 
 
 def _checkpoint_settings(job: Job) -> dict[str, Any]:
@@ -412,6 +418,8 @@ def run_meta(job: Job, system: System, info: RelaxInfo, timings: dict[str, float
         "precision": str(jnp.result_type(float)),
         "timings": timings,
     }
+    if job.max_displacement is not None:
+        meta["max_displacement"] = job.max_displacement
     meta.update(extra)
     return meta
 

@@ -139,6 +139,11 @@ def _norm(a: Any) -> Array:
     return jnp.sqrt(sum(jnp.sum(u * u) for u in jax.tree_util.tree_leaves(a)))
 
 
+def _max_abs(a: Any) -> Array:
+    """The largest ``|component|`` over all leaves."""
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(u)) for u in jax.tree_util.tree_leaves(a)]))
+
+
 def max_force(force: Array) -> Array:
     """Largest per-particle force magnitude ``max_i |F_i|``."""
     return jnp.max(jnp.sqrt(jnp.sum(force**2, axis=-1)))
@@ -166,6 +171,7 @@ def fire(
     n_neg_max: int = 2000,
     force_fn: ForceFn | None = None,
     initial_delay: bool = False,
+    max_displacement: float | None = None,
 ) -> Minimizer:
     """FIRE 2.0 (Guénolé et al. 2020, Algorithm 2) with unit masses: semi-implicit
     Euler, mixing after the velocity update, a half step back and zero
@@ -178,7 +184,17 @@ def fire(
     decrease during the first ``n_delay`` steps. Off by default here: with
     ``dt_start = 0.1`` it let a displaced Lennard-Jones crystal (``lj_crystal``,
     2D) blow up to max|F| ~ 1e14 before the time step could shrink; without
-    it the same start relaxes."""
+    it the same start relaxes.
+
+    ``max_displacement`` (LAMMPS's ``dmax``, there 0.1 by default; None here:
+    off): the step's time ``dt`` is shortened, for that step only, so that no
+    coordinate of ``dt·v`` (v after the force kick) exceeds it; the state's
+    ``dt`` is unchanged. 2D bidisperse φ = 0.9, ftol 1e-10, 0.1 against none,
+    steps for seeds 0–3 (2026-11-28): N = 1024 2085/2238/2973/2524 against
+    2490/2988/4886/2462; N = 16384 10894/7561/8929/8459 against
+    6605/7917/8454/17708; N = 131072 (seeds 0, 2, 3) 22546/22067/22455 against
+    22394/29834/29230. It trims the long runs, not the median; it moves FIRE to
+    other minima (the packing's energy differs), so it is an option."""
     force_of = _force_fn(energy_fn, force_fn)
 
     def blank(x: Array) -> FireState:
@@ -206,13 +222,21 @@ def fire(
         # Uphill: step half back along the velocity that overshot, then stop.
         back = shift_fn(x, _tree_map(lambda v_: -0.5 * dt * v_, v), params)
         x = _tree_map(lambda x_, b: jnp.where(downhill, x_, b), x, back)
-        v = _tree_map(lambda v_, f_: jnp.where(downhill, v_, jnp.zeros_like(v_)) + dt * f_, v, f)
+        step_dt = dt
+        if max_displacement is not None:  # this step's dt: no coordinate moves more than max_displacement
+            v = _tree_map(lambda v_: jnp.where(downhill, v_, jnp.zeros_like(v_)), v)
+            fastest = _max_abs(_tree_map(lambda v_, f_: v_ + dt * f_, v, f))
+            step_dt = jnp.where(dt * fastest > max_displacement,
+                                max_displacement / jnp.where(fastest > 0, fastest, 1.0), dt)
+            v = _tree_map(lambda v_, f_: v_ + step_dt * f_, v, f)
+        else:
+            v = _tree_map(lambda v_, f_: jnp.where(downhill, v_, jnp.zeros_like(v_)) + dt * f_, v, f)
         f_norm = _norm(f)
         v_norm = _norm(v)
         f_scale = jnp.where(f_norm > 0, f_norm, 1.0)
         direction = _tree_map(lambda f_: f_ / f_scale, f)
         v = _tree_map(lambda v_, e: (1.0 - alpha) * v_ + alpha * v_norm * e, v, direction)
-        x = shift_fn(x, _tree_map(lambda v_: dt * v_, v), params)
+        x = shift_fn(x, _tree_map(lambda v_: step_dt * v_, v), params)
         return FireState(x, v, f, dt, alpha, n_pos, n_neg, count + 1)
 
     def step_force(state: FireState, params: Params) -> FireState:
@@ -256,12 +280,15 @@ METHODS = ("fire", "gd")
 
 
 def make(method: str, shift_fn: ShiftFn = free_shift, energy_fn: EnergyFn | None = None,
-         force_fn: ForceFn | None = None) -> Minimizer:
+         force_fn: ForceFn | None = None, max_displacement: float | None = None) -> Minimizer:
     """The one place a name becomes a minimizer: ``method`` "fire" (:func:`fire`)
     or "gd" (:func:`gradient_descent`) on ``energy_fn`` or ``force_fn``, moved by
-    ``shift_fn``; any other name is a ValueError."""
+    ``shift_fn``; any other name is a ValueError. ``max_displacement``: FIRE's
+    per-step cap (:func:`fire`); gradient descent refuses one."""
+    if max_displacement is not None and method != "fire":
+        raise ValueError(f"max_displacement is a FIRE option, not {method!r}'s")
     if method == "fire":
-        return fire(energy_fn, shift_fn, force_fn=force_fn)
+        return fire(energy_fn, shift_fn, force_fn=force_fn, max_displacement=max_displacement)
     if method == "gd":
         return gradient_descent(energy_fn, shift_fn, force_fn=force_fn)
     raise ValueError(f"unknown minimizer {method!r}: choose {' or '.join(repr(m) for m in METHODS)}")

@@ -622,7 +622,8 @@ def overflowed(nbrs: Neighbors) -> bool:
 # -- the driver --------------------------------------------------------------------------
 
 
-def _minimizer(system: System, table: Table, method: str, pairs: bool = False) -> minimize.Minimizer:
+def _minimizer(system: System, table: Table, method: str, pairs: bool = False,
+               max_displacement: float | None = None) -> minimize.Minimizer:
     """The minimizer on a table (``env = (θ, idx)``) or, with ``pairs``, on its
     :class:`PairList` (``env = (θ, pair_list)``)."""
     force = pair_list_force_fn(system) if pairs else pair_force_fn(system)
@@ -634,7 +635,7 @@ def _minimizer(system: System, table: Table, method: str, pairs: bool = False) -
     def shift_fn(x: Array, dx: Array, env: tuple[Params, Array]) -> Array:
         return shift(x, dx, env[0])
 
-    return minimize.make(method, shift_fn, force_fn=force_fn)
+    return minimize.make(method, shift_fn, force_fn=force_fn, max_displacement=max_displacement)
 
 
 class _Compiled(NamedTuple):
@@ -657,7 +658,8 @@ PROGRAM_LIMIT = 32
 _CACHE: "OrderedDict[Hashable, list[tuple[Table, _Compiled]]]" = OrderedDict()
 
 
-def _programs(system: System, params: Params, method: str, ftol: float, skin: float) -> tuple[Table, _Compiled]:
+def _programs(system: System, params: Params, method: str, ftol: float, skin: float,
+              max_displacement: float | None = None) -> tuple[Table, _Compiled]:
     """The table and the jitted init and chunk functions, cached per model
     (:attr:`System.model`: a new build of the same model, another seed or θ,
     shares them) and box, minimizer, tolerance, skin and specialised constants:
@@ -672,7 +674,8 @@ def _programs(system: System, params: Params, method: str, ftol: float, skin: fl
     # the compiled loop: one program per value (System.specialize).
     constants = {name: float(params[name]) for name in system.specialize
                  if name in params and np.ndim(params[name]) == 0}
-    key = (system.model, method, float(ftol), float(skin), box, tuple(sorted(constants.items())))
+    key = (system.model, method, float(ftol), float(skin), box, tuple(sorted(constants.items())),
+           None if max_displacement is None else float(max_displacement))
     entries = _CACHE.get(key)
     if entries is not None:
         _CACHE.move_to_end(key)
@@ -683,7 +686,7 @@ def _programs(system: System, params: Params, method: str, ftol: float, skin: fl
                 return table, programs
     table = Table(system, params, skin, cutoff * CUTOFF_SLACK if math.isfinite(cutoff) else None)
     model = system.model.template  # what the programs close over: the model, no run's numbers
-    mini = _minimizer(model, table, method, pairs=True)
+    mini = _minimizer(model, table, method, pairs=True, max_displacement=max_displacement)
 
     def advance(state: Any, nbrs: Any, pairs: PairList, params: Params, until: Array, stale: Array):
         """Steps until converged, ``until``, stalled, or the table (or its pair
@@ -748,6 +751,7 @@ def relax(
     checkpoint: Callable[[dict[str, np.ndarray]], None] | None = None,
     checkpoint_every: float = 60.0,
     resume: dict[str, np.ndarray] | None = None,
+    max_displacement: float | None = None,
 ) -> Relaxed:
     """Relax ``system`` at parameters ``params`` from real-space ``x0``
     (default: its initial positions) until ``max_i |F_i| < ftol`` or
@@ -763,7 +767,10 @@ def relax(
     chunk boundary at least every ``checkpoint_every`` seconds; ``resume``
     (such a state) continues from it instead of starting at ``x0``. The
     force is a sum in a fixed order whatever the table's build point, so a
-    resumed run takes exactly the steps of an uninterrupted one."""
+    resumed run takes exactly the steps of an uninterrupted one.
+
+    ``max_displacement``: FIRE's per-step cap on any coordinate's move
+    (:func:`mdsens.minimize.fire`; None, the default: none)."""
     params = {k: jnp.asarray(v) for k, v in params.items()}
     x = jnp.asarray(system.positions if x0 is None else x0)
     if system.periodic:
@@ -771,10 +778,11 @@ def relax(
         x = jnp.asarray(np.mod(np.asarray(x), np.asarray(params["box"])))
     saving = (checkpoint, checkpoint_every, resume)
     if polish is None or polish <= ftol:
-        return _descend(system, params, x, method, ftol, max_steps, chunk, callback, skin, saving)
+        return _descend(system, params, x, method, ftol, max_steps, chunk, callback, skin, saving, max_displacement)
     if checkpoint is not None or resume is not None:
         raise ValueError("checkpoints are not supported with the Newton polish")
-    coarse = _descend(system, params, x, method, polish, max_steps, chunk, callback, skin)
+    coarse = _descend(system, params, x, method, polish, max_steps, chunk, callback, skin,
+                      max_displacement=max_displacement)
     if not bool(coarse.info.converged):
         return coarse
     t = time.perf_counter()
@@ -787,7 +795,8 @@ def relax(
         return Relaxed(x, info._replace(steps=steps), compile_s, newton.idx, stats)
     # A Newton step failed to descend (an indefinite Hessian, a contact
     # change): the minimizer finishes from there.
-    rest = _descend(system, params, x, method, ftol, max_steps - int(steps), chunk, callback, skin)
+    rest = _descend(system, params, x, method, ftol, max_steps - int(steps), chunk, callback, skin,
+                    max_displacement=max_displacement)
     stats = rest.stats._replace(newton_steps=newton.steps, cg_iterations=newton.cg_iterations,
                                 newton_s=stats.newton_s, fallback=True)
     return Relaxed(rest.x, rest.info._replace(steps=rest.info.steps + steps), compile_s + rest.compile_s,
@@ -837,12 +846,13 @@ def table_in_model_numbering(idx: Array, order: np.ndarray | None) -> Array:
 
 def _descend(system: System, params: Params, x: Array, method: str, ftol: float, max_steps: int, chunk: int,
              callback: Callable[[int, float, float], None] | None, skin: float,
-             saving: tuple[Any, float, dict | None] = (None, 60.0, None)) -> Relaxed:
+             saving: tuple[Any, float, dict | None] = (None, 60.0, None),
+             max_displacement: float | None = None) -> Relaxed:
     """The minimizer in compiled chunks (:func:`mdsens.driver.drive`), from
     real-space ``x`` (or a resumed state)."""
     checkpoint, checkpoint_every, resume = saving
     start = time.perf_counter()
-    table, programs = _programs(system, params, method, ftol, skin)
+    table, programs = _programs(system, params, method, ftol, skin, max_displacement)
     mini = programs.minimizer
     if resume is not None:
         x = jnp.asarray(resume["x"])

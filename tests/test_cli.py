@@ -153,3 +153,19 @@ def test_device_gpu_without_a_gpu_is_one_line_exit_2(tmp_path):
     assert lines[0].startswith("error: --device gpu:")
     assert 'pip install -e ".[cuda12]"' in lines[0] or "no GPU is visible" in lines[0]
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_run_max_displacement_is_recorded_and_checked(tmp_path):
+    from mdsens import io
+
+    out = tmp_path / "capped.h5"
+    result = runner.invoke(app, ["run", "--set", "n=16", "--set", "phi=0.95", "--max-displacement", "0.05",
+                                 "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    got = io.read(out)
+    assert got["meta"]["max_displacement"] == 0.05 and got["meta"]["converged"]
+    for args, message in ((["--max-displacement", "0.1", "--minimizer", "gd"], "caps FIRE"),
+                          (["--max-displacement", "0"], "positive length")):
+        bad = tmp_path / "bad.h5"
+        result = runner.invoke(app, ["run", "--set", "n=16", *args, "-o", str(bad)])
+        assert result.exit_code == 2 and message in result.output and not bad.exists()

@@ -63,3 +63,46 @@ def test_fold_is_jnp_mod_bit_for_bit_within_a_box_length():
         got = np.asarray(jax.jit(fold)(jnp.asarray(y), jnp.asarray(box)))
         assert np.array_equal(want.view(np.int64), got.view(np.int64))
         assert np.all((got >= 0) & (got < box))
+
+
+def test_fire_max_displacement_caps_each_kick_and_still_converges():
+    """``max_displacement`` (LAMMPS's dmax): each step's dt is shortened so that no
+    coordinate of dt·v, v after the force kick, exceeds the cap; FIRE's mixing then
+    turns v by at most α (≤ 0.1 of |v|). An overlapping start moves farther than the
+    cap without it."""
+    system = systems.get("bidisperse").build(n=16, dim=2, phi=0.95, seed=1)
+    params = dict(system.params)
+    box = np.asarray(params["box"])
+    cap = 0.02
+
+    def moves(mini, steps=60):
+        state = mini.init(jnp.asarray(system.positions), params)
+        step = jax.jit(lambda s: mini.step(s, params))
+        out = []
+        for _ in range(steps):
+            new = step(state)
+            d = np.asarray(new.x) - np.asarray(state.x)
+            d -= box * np.round(d / box)
+            # the kick's bound, independently: |v_i| ≤ (1 − α)|v_i| + α|v| after mixing
+            out.append((np.max(np.abs(d)), float(state.alpha)))
+            state = new
+        return out, state
+
+    force = lambda x, p: -jax.grad(system.energy_real)(x, p)
+    free, _ = moves(minimize.fire(force_fn=force, shift_fn=minimize.periodic_shift))
+    capped, state = moves(minimize.fire(force_fn=force, shift_fn=minimize.periodic_shift, max_displacement=cap))
+    assert max(m for m, _ in free) > 2 * cap  # the test can fail: uncapped steps are longer
+    n_coords = system.n * system.dim
+    for m, alpha in capped:
+        assert m <= cap * ((1 - alpha) + alpha * np.sqrt(n_coords)) * (1 + 1e-12)
+    assert float(state.dt) > cap  # the state's dt is FIRE's own, only the step is shortened
+    # the whole relaxation on the table converges with the cap, to a force-balanced state
+    out = relax.relax(system, params, jnp.asarray(system.positions), ftol=1e-10, max_steps=50_000,
+                      max_displacement=0.1)
+    assert bool(out.info.converged)
+    f = -jax.grad(system.energy_real)(out.x, params)
+    assert float(jnp.max(jnp.linalg.norm(f, axis=1))) < 1e-9
+    import pytest
+
+    with pytest.raises(ValueError, match="FIRE option"):
+        minimize.make("gd", max_displacement=0.1, force_fn=force)
