@@ -192,9 +192,11 @@ def fire(
     ``dt`` is unchanged. 2D bidisperse φ = 0.9, ftol 1e-10, 0.1 against none,
     steps for seeds 0–3 (2026-11-28): N = 1024 2085/2238/2973/2524 against
     2490/2988/4886/2462; N = 16384 10894/7561/8929/8459 against
-    6605/7917/8454/17708; N = 131072 (seeds 0, 2, 3) 22546/22067/22455 against
-    22394/29834/29230. It trims the long runs, not the median; it moves FIRE to
-    other minima (the packing's energy differs), so it is an option."""
+    6605/7917/8454/17708; N = 131072 22546/26336/22067/22455 against
+    22394/23802/29834/29230. It removes the long runs, but not every start
+    takes fewer steps (the medians fell at N = 1024 and 131072, rose at 128 and
+    16384), and it moves FIRE to other minima (the packing's energy differs),
+    so it is an option."""
     force_of = _force_fn(energy_fn, force_fn)
 
     def blank(x: Array) -> FireState:
