@@ -45,8 +45,8 @@ def bench(
     n: str = typer.Option("128,1024", "--n", help="Particle numbers, comma-separated, e.g. 128,1024,16384."),
     set_: List[str] = typer.Option([], "--set", help="Build key KEY=VALUE (repeatable), e.g. --set phi=0.9."),
     seed: int = typer.Option(0, help="Random seed."),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="A:B: the whole benchmark once per seed A … B−1 "
-                                        "(instead of --seed), then the medians over them: FIRE is chaotic, so "
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds A:B (A … B−1, e.g. 0:4): the whole benchmark once "
+                                        "per seed (instead of --seed), then the medians over them; FIRE is chaotic, so "
                                         "steps, and with --peer the ratio, follow the start. The report holds "
                                         "each seed's rows under per_seed and the medians under over_seeds."),
     ftol: float = typer.Option(1e-10, help="Relaxation force tolerance."),
