@@ -98,8 +98,9 @@ def bench(
         from mdsens.sensitivity import check_solver
 
         check_solver(solver, preconditioner)  # the one check `run`, `ensemble` and `design` make
-        if max_displacement is not None and not max_displacement > 0:
-            fail(f"--max-displacement must be a positive length, got {max_displacement}", EXIT_USAGE)
+        from mdsens.job import check_max_displacement
+
+        check_max_displacement(max_displacement)
         ns = _ints(n, "--n")
         if ensemble is not None:
             from mdsens import bench_ensemble

@@ -511,8 +511,8 @@ def over_seeds(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry["peer_relax_s"] = [row.get("peer", {}).get("relax_s") for _, row in rows]
             entry["ratios"] = [row.get("relax_over_peer") for _, row in rows]
         for key in ("steps", "relax_s", "peer_steps", "peer_relax_s", "ratios"):
-            values = [v for v in entry.get(key, []) if v is not None]
             if key in entry:
+                values = [v for v in entry[key] if v is not None]
                 entry[f"median_{key}"] = float(np.median(values)) if values else None
         per_step = [t / s for t, s in zip(entry["relax_s"], entry["steps"]) if t is not None and s]
         entry["median_s_per_step"] = float(np.median(per_step)) if per_step else None

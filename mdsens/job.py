@@ -269,11 +269,7 @@ def prepare(job: Job) -> tuple[System, dict[str, Callable], list[tuple[str, str,
         raise UsageError(f"unknown minimizer {job.minimizer!r}: choose {' or '.join(map(repr, minimize.METHODS))}")
     if not job.ftol > 0:
         raise UsageError(f"--ftol must be positive, got {job.ftol}")
-    if job.max_displacement is not None:
-        if job.minimizer != "fire":
-            raise UsageError(f"--max-displacement caps FIRE's steps; --minimizer {job.minimizer} takes none")
-        if not (job.max_displacement > 0 and np.isfinite(job.max_displacement)):
-            raise UsageError(f"--max-displacement must be a positive length, got {job.max_displacement}")
+    check_max_displacement(job.max_displacement, job.minimizer)
     if job.polish is not None and (job.checkpoint is not None or job.resume is not None):
         raise UsageError("--checkpoint/--resume and --polish cannot be combined")
     if job.checkpoint is not None and not job.checkpoint_every >= 0:
@@ -311,6 +307,17 @@ def prepare(job: Job) -> tuple[System, dict[str, Callable], list[tuple[str, str,
     memory.check(estimated, memory.describe(system.name, job.overrides, system.n, system.dim))
     memory.remember(system, estimated)
     return system, observe, wrts
+
+
+def check_max_displacement(value: float | None, minimizer: str = "fire") -> None:
+    """``--max-displacement``: None, or a positive finite length, and FIRE's only
+    (UsageError otherwise); :func:`prepare` and ``mdsens bench`` check here."""
+    if value is None:
+        return
+    if minimizer != "fire":
+        raise UsageError(f"--max-displacement caps FIRE's steps; --minimizer {minimizer} takes none")
+    if not (value > 0 and np.isfinite(value)):
+        raise UsageError(f"--max-displacement must be a positive length, got {value}")
 
 
 def relax_system(

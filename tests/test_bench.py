@@ -99,3 +99,12 @@ def test_bench_over_seeds_cli(tmp_path, monkeypatch):
     (entry,) = report["over_seeds"]
     assert entry["steps"] == [r["rows"][0]["relax"]["steps"] for r in report["per_seed"]]
     assert "over 2 starts" in result.output
+
+
+def test_bench_max_displacement_must_be_a_positive_length(tmp_path):
+    out = tmp_path / "b.json"
+    for bad in ("0", "-0.1", "inf"):
+        result = CliRunner().invoke(app, ["bench", "--n", "16", "--relax-only", "--max-displacement", bad,
+                                          "-o", str(out)])
+        assert result.exit_code == 2, result.output
+        assert "--max-displacement must be a positive length" in result.output and not out.exists()

@@ -4,6 +4,7 @@ chunked driver on a neighbor table reaches the same minimum."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mdsens import minimize, relax, sensitivity, systems
 
@@ -102,7 +103,5 @@ def test_fire_max_displacement_caps_each_kick_and_still_converges():
     assert bool(out.info.converged)
     f = -jax.grad(system.energy_real)(out.x, params)
     assert float(jnp.max(jnp.linalg.norm(f, axis=1))) < 1e-9
-    import pytest
-
     with pytest.raises(ValueError, match="FIRE option"):
         minimize.make("gd", max_displacement=0.1, force_fn=force)
