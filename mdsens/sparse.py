@@ -20,13 +20,16 @@ bordered system ``A z + T μ = Q b``, ``Tᵀ z = 0``. A is singular (the shifts,
 rotations of a free cluster, when no rattler touches a held particle) or nearly so, and
 the bordered system has dense rows, so neither is factored. Instead a few coordinates E
 (one per gauge mode, the pivots of a QR of Tᵀ with column pivoting, so that ``Eᵀ T`` is well conditioned) are
-grounded: ``S = A + s E Eᵀ`` is sparse and non-singular, SuperLU factors it with a
-symmetric ordering (no pivoting: S is positive definite at a stable minimum), and the
-grounding is undone exactly through the r + m unknowns (μ, ν = Eᵀ z):
+grounded: ``S = A + s E Eᵀ`` is sparse and non-singular, CHOLMOD's supernodal Cholesky
+(shipped by cvxopt) factors it (S is positive definite at a stable minimum; where it is
+not, or cvxopt is missing, SuperLU does, with a symmetric ordering), and the grounding is
+undone exactly through the r + m unknowns (μ, ν = Eᵀ z):
 
     z = S⁻¹Q b − S⁻¹T μ + s S⁻¹E ν,    Tᵀ z = 0,    Eᵀ z = ν,
 
-a dense (r + m)-square system. One factorization and the r + m columns ``S⁻¹[T, E]``
+a dense (r + m)-square system. In the common case no rattler touches a held particle, so
+``A T = 0`` (to round-off): then μ = 0 and ``z = Q S⁻¹ Q b``, one solve per right-hand side
+and no columns ``S⁻¹[T, E]``. One factorization and the r + m columns ``S⁻¹[T, E]``
 serve every right-hand side: a batch under ``vmap`` is one multi-column solve, and the
 last two factorizations are kept (keyed by a hash of the blocks, the pairs, the rattlers
 and the modes), so the ``lax.map`` over tangents of :func:`mdsens.sensitivity.forward_fn`,
@@ -59,7 +62,14 @@ CACHE_SIZE = 2
 _CACHE: "collections.OrderedDict[bytes, _Factor]" = collections.OrderedDict()
 _LOCK = threading.Lock()
 #: what the host did, for tests and the benchmark: factorizations, solve calls
-STATS = {"factorizations": 0, "calls": 0, "hits": 0}
+STATS = {"factorizations": 0, "calls": 0, "hits": 0, "cholmod": 0, "superlu": 0}
+#: the factorization: "auto" (CHOLMOD's supernodal Cholesky when cvxopt is installed and S
+#: is positive definite, SuperLU otherwise), "cholmod" (an error if it cannot) or "superlu"
+BACKEND = "auto"
+_CHOLMOD_LOCK = threading.Lock()
+#: max|A T| ≤ NULL_TOL · max|A|: the gauge modes are A's null space (no rattler touches a
+#: held particle), so the solve needs no grounding correction
+NULL_TOL = 1e-13
 
 
 def clear_cache() -> None:
@@ -148,6 +158,7 @@ def _host_solve(k, i, j, held, modes, b):
 
 def _factor(k, i, j, held, modes) -> "_Factor":
     h = hashlib.blake2b(digest_size=20)
+    h.update(BACKEND.encode())
     for a in (k, i, j, held, modes):
         a = np.ascontiguousarray(a)
         h.update(str((a.shape, a.dtype.str)).encode())
@@ -169,6 +180,46 @@ def _factor(k, i, j, held, modes) -> "_Factor":
     return factor
 
 
+class _Cholesky:
+    """CHOLMOD's factor L Lᵀ = P S Pᵀ (cvxopt), with SuperLU's ``solve`` interface."""
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    def solve(self, b: np.ndarray) -> np.ndarray:
+        from cvxopt import cholmod, matrix
+
+        out = matrix(np.asarray(b, np.float64))  # a copy: CHOLMOD solves in place
+        cholmod.solve(self.factor, out)
+        return np.array(out)
+
+
+def _cholesky(size: int, values: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> "_Cholesky | None":
+    """CHOLMOD's supernodal Cholesky of the symmetric matrix whose lower-triangle entries
+    are ``values`` at ``(rows, cols)`` (duplicates summed), in its own fill-reducing
+    ordering; ``None`` if cvxopt (which ships CHOLMOD) is not installed or the matrix is
+    not positive definite (then the caller falls back to SuperLU)."""
+    try:
+        from cvxopt import cholmod, matrix, spmatrix
+    except ImportError:
+        return None
+    a = spmatrix(matrix(np.ascontiguousarray(values, np.float64)), matrix(np.ascontiguousarray(rows, np.int64)),
+                 matrix(np.ascontiguousarray(cols, np.int64)), (size, size))
+    with _CHOLMOD_LOCK:  # cvxopt's options are one module-level dict: set ours, put the caller's back
+        saved = dict(cholmod.options)
+        cholmod.options.clear()
+        cholmod.options["supernodal"] = 2
+        try:
+            factor = cholmod.symbolic(a, uplo="L")
+            cholmod.numeric(a, factor)
+        except ArithmeticError:  # not positive definite
+            return None
+        finally:
+            cholmod.options.clear()
+            cholmod.options.update(saved)
+    return _Cholesky(factor)
+
+
 def _pins(t: np.ndarray) -> np.ndarray:
     """One coordinate per column of the orthonormal ``t`` (size, r), where ``Eᵀ t`` is best
     conditioned: the row pivots of a Gram–Schmidt over the rows of ``t`` (QR with column
@@ -185,7 +236,7 @@ def _pins(t: np.ndarray) -> np.ndarray:
 
 
 class _Factor:
-    """SuperLU of the grounded held–held block, the grounding's correction, the modes."""
+    """The factorization of the grounded held–held block, the grounding's correction, the modes."""
 
     def __init__(self, k, i, j, held, modes):
         import scipy.linalg
@@ -214,7 +265,8 @@ class _Factor:
         ar = np.arange(d)
         rows = np.broadcast_to(br[:, None, None] * d + ar[None, :, None], blocks.shape).ravel()
         cols = np.broadcast_to(bc[:, None, None] * d + ar[None, None, :], blocks.shape).ravel()
-        a = sp.csc_matrix((blocks.ravel().astype(dtype), (rows, cols)), shape=(size, size))
+        values = blocks.ravel().astype(dtype)
+        a = sp.csc_matrix((values, (rows, cols)), shape=(size, size))
         a.sum_duplicates()
         self.a = a
         # T: an orthonormal basis of the gauge modes on the held coordinates
@@ -231,22 +283,45 @@ class _Factor:
         diag = a.diagonal()
         s = float(np.mean(np.abs(diag))) if diag.size else 1.0
         s = s if s > 0 and np.isfinite(s) else 1.0
-        grounded = a + sp.csc_matrix((np.full(m, s, dtype), (pins, pins)), shape=(size, size))
-        try:
-            lu = spla.splu(grounded.tocsc(), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
-                           options={"SymmetricMode": True})
-        except RuntimeError:
-            try:  # not positive definite (a saddle, a floppy network): partial pivoting
-                lu = spla.splu(grounded.tocsc(), permc_spec="MMD_AT_PLUS_A")
+        lower = rows >= cols
+        lu = None
+        if BACKEND in ("auto", "cholmod"):
+            lu = _cholesky(size, np.concatenate([values[lower], np.full(m, s, dtype)]),
+                           np.concatenate([rows[lower], pins]), np.concatenate([cols[lower], pins]))
+            if lu is None and BACKEND == "cholmod":
+                raise RuntimeError("sparse.BACKEND = 'cholmod' but CHOLMOD (cvxopt) is not installed "
+                                   "or the matrix is not positive definite")
+        if lu is None:
+            grounded = a + sp.csc_matrix((np.full(m, s, dtype), (pins, pins)), shape=(size, size))
+            try:
+                lu = spla.splu(grounded.tocsc(), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                               options={"SymmetricMode": True})
             except RuntimeError:
-                self.failed = True
-                return
+                try:  # not positive definite (a saddle, a floppy network): partial pivoting
+                    lu = spla.splu(grounded.tocsc(), permc_spec="MMD_AT_PLUS_A")
+                except RuntimeError:
+                    self.failed = True
+                    return
+            with _LOCK:
+                STATS["superlu"] += 1
+        else:
+            with _LOCK:
+                STATS["cholmod"] += 1
+        self.lu, self.t, self.pins, self.s, self.r = lu, t.astype(dtype), pins, s, r
+        # The common case: no rattler touches a held particle, so A T = 0 to round-off (a
+        # block row of A sums to zero). Then μ = 0, and S z' = Q b has the solution
+        # z' = z + T c with Eᵀ z' = 0, so z = Q z': one solve, no columns S⁻¹[T, E].
+        at = a @ self.t
+        self.null = r > 0 and float(np.max(np.abs(at), initial=0.0)) <= NULL_TOL * float(np.max(np.abs(a.data), initial=0.0))
+        if self.null:
+            self.small = None
+            return
         e = np.zeros((size, m), dtype)
         e[pins, np.arange(m)] = 1.0
         y = lu.solve(np.concatenate([t.astype(dtype), e], axis=1)) if r + m else np.zeros((size, 0), dtype)
         yt, ye = y[:, :r], y[:, r:]
         small = np.block([[t.T @ yt, -s * (t.T @ ye)], [yt[pins], np.eye(m) - s * ye[pins]]])
-        self.lu, self.t, self.pins, self.s, self.yt, self.ye, self.r = lu, t.astype(dtype), pins, s, yt, ye, r
+        self.yt, self.ye = yt, ye
         try:
             self.small = scipy.linalg.lu_factor(small) if r + m else None
             self.failed = not np.all(np.isfinite(small))
@@ -261,6 +336,8 @@ class _Factor:
         coef = t.T @ bh
         qb = bh - t @ coef
         z0 = self.lu.solve(np.ascontiguousarray(qb))
+        if self.null:
+            return t @ coef + z0 - t @ (t.T @ z0)
         if self.small is not None:
             rhs = np.concatenate([t.T @ z0, z0[self.pins]], axis=0)
             mu_nu = scipy.linalg.lu_solve(self.small, rhs)

@@ -74,9 +74,12 @@ def _compare(system):
     return _COMPARE[system]
 
 
+@pytest.mark.parametrize("backend", ["cholmod", "superlu"])
 @pytest.mark.parametrize("extra_rattler", [False, True], ids=["", "touching-rattler"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_sparse_equals_dense_forward_and_reverse(case, extra_rattler):
+def test_sparse_equals_dense_forward_and_reverse(case, extra_rattler, backend, monkeypatch):
+    monkeypatch.setattr(sparse, "BACKEND", backend)
+    before = dict(sparse.STATS)
     system, q, params, rattler = _setup(case, extra_rattler)
     if case == "periodic-2d-rattler":
         assert bool(jnp.any(rattler)), "the case is meant to hold a rattler"
@@ -93,6 +96,62 @@ def test_sparse_equals_dense_forward_and_reverse(case, extra_rattler):
     _close(x, x_ref)
     for info in (u_info, g_info):
         assert float(info.residual) < 1e-11 and bool(info.converged) and int(info.iterations) == 0
+    # the factorization asked for is the one that ran (the cache is keyed by the backend)
+    assert sparse.STATS[backend] > before[backend]
+
+
+def _random_problem(n, d, rattlers, negative, seed):
+    """Pair blocks on a ring plus random chords (symmetric d × d; positive definite, or one
+    pair's negative definite), a rattler mask and the held translations as modes."""
+    rng = np.random.default_rng(seed)
+    i = np.concatenate([np.arange(n), rng.integers(0, n, n)])
+    j = np.concatenate([(np.arange(n) + 1) % n, rng.integers(0, n, n)])
+    keep = i != j
+    i, j = i[keep], j[keep]
+    g = rng.standard_normal((i.size, d, d))
+    k = g @ np.swapaxes(g, 1, 2) + 0.5 * np.eye(d)
+    if negative:
+        k[0] = -3.0 * k[0]  # one negative pair: a saddle, S not positive definite
+    held = np.ones(n, bool)
+    held[list(rattlers)] = False
+    modes = np.zeros((n, d, d))
+    for a in range(d):
+        modes[held, a, a] = 1.0 / np.sqrt(held.sum())
+    return k, i.astype(np.int32), j.astype(np.int32), held, modes
+
+
+def _dense_m(k, i, j, held, modes):
+    """M = P H P + (I − P), P = D_held − T Tᵀ, assembled densely (the definition)."""
+    n, d = held.size, k.shape[-1]
+    h = np.zeros((n, d, n, d))
+    for b, (p, q) in enumerate(zip(i, j)):
+        h[p, :, p] += k[b]; h[q, :, q] += k[b]; h[p, :, q] -= k[b]; h[q, :, p] -= k[b].T
+    h = h.reshape(n * d, n * d)
+    t = modes.reshape(n * d, -1)
+    proj = np.diag(np.repeat(held, d).astype(float)) - t @ t.T
+    return proj @ h @ proj + np.eye(n * d) - proj
+
+
+@pytest.mark.parametrize("negative", [False, True], ids=["definite", "saddle"])
+@pytest.mark.parametrize("backend", ["auto", "superlu"])
+def test_host_factor_solves_m_exactly(backend, negative, monkeypatch):
+    """The host factorization alone against the dense M of its definition, for random
+    blocks: CHOLMOD where S is positive definite, SuperLU's fallback for a saddle."""
+    monkeypatch.setattr(sparse, "BACKEND", backend)
+    for d, n, rattlers, seed in ((2, 12, (3,), 0), (3, 9, (), 1)):
+        k, i, j, held, modes = _random_problem(n, d, rattlers, negative, seed)
+        m = _dense_m(k, i, j, held, modes)
+        assert (np.linalg.eigvalsh(m).min() < 0) == negative
+        rows = np.random.default_rng(seed + 7).standard_normal((3, n, d))
+        before = dict(sparse.STATS)
+        factor = sparse._Factor(k, i, j, held, modes)
+        x = factor.solve(rows)
+        # the shortcut for A T = 0 is taken exactly when no pair touches a rattler
+        assert factor.null == bool(np.all(held[i] & held[j]))
+        ref = np.linalg.solve(m, rows.reshape(3, -1).T).T.reshape(rows.shape)
+        _close(x, ref, tol=1e-11)
+        used = "cholmod" if backend == "auto" and not negative else "superlu"
+        assert sparse.STATS[used] == before[used] + 1
 
 
 def test_one_factorization_serves_a_vmapped_batch_and_the_next_call():
