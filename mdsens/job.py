@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens import cache, io, linsolve, memory, minimize, names, observables, relax, sensitivity, systems
+from mdsens import cache, io, linsolve, memory, minimize, names, observables, relax, sensitivity, sparse, systems
 from mdsens.minimize import RelaxInfo
 from mdsens.system import Params, System, pad_pairs, pair_bucket
 from mdsens.systems import UsageError
@@ -557,6 +557,8 @@ def execute(job: Job, progress: Callable[[int, float, float], None] | None = Non
 
     programs = _Programs(observe, (job.solver, job.rtol, job.preconditioner))
     ahead = _Ahead.start(job, system, params, programs, wrts)
+    # the sparse solve's host side (SciPy, CHOLMOD) imported beside the relaxation
+    warm = sparse.warm_up_beside() if job.solver == "sparse" and (wrts or job.grad) else None
     start = time.perf_counter()
     try:
         q, info, compile_s, pairs, nl_meta = relax_system(job, system, params, progress)
@@ -578,6 +580,8 @@ def execute(job: Job, progress: Callable[[int, float, float], None] | None = Non
         if pairs is not None and ahead.width is not None and pairs.shape[1] <= ahead.width:
             width = ahead.width  # the programs compiled meanwhile serve these pairs
     pairs = None if pairs is None else pad_pairs(pairs, system.n, width)
+    if warm is not None:
+        warm.join()
     # The moduli's own solves (inside observables) follow --solver/--rtol/--preconditioner too.
     with solving(job):
         (rattler, outs), c, _ = run_compiled(system, pairs, *programs.values(), q, params)

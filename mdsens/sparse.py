@@ -78,6 +78,41 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
+def warm_up() -> None:
+    """Import and run the host side once on a two-particle problem (SciPy's sparse
+    modules, CHOLMOD): a fresh process pays ~0.1 s for it on its first factorization
+    (N = 1024: four times the derivative). :func:`mdsens.job.execute` calls it in a
+    thread beside the relaxation. Touches neither the cache nor :data:`STATS`."""
+    import scipy.linalg  # noqa: F401
+    import scipy.sparse as sp
+    import scipy.sparse.linalg  # noqa: F401
+
+    a = sp.csc_matrix((np.array([2.0, -1.0, -1.0, 2.0]), (np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]))), shape=(2, 2))
+    a.sum_duplicates()
+    a @ np.ones((2, 1))
+    scipy.linalg.lu_factor(np.eye(2))
+    np.linalg.svd(np.eye(2))
+    factor = _cholesky(2, np.array([2.0, -1.0, 2.0]), np.array([0, 1, 1]), np.array([0, 0, 1]))
+    if factor is not None:
+        factor.solve(np.ones((2, 1)))
+
+
+def warm_up_beside() -> threading.Thread:
+    """:func:`warm_up` in a daemon thread, started; join it before timing a derivative."""
+    thread = threading.Thread(target=_quiet(warm_up), name="mdsens-sparse-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+def _quiet(fn: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 -- only a head start: the derivative imports what it needs itself
+            pass
+    return run
+
+
 def null_modes(system: System, q: Array, params: Params, rattler: Array,
                project: Callable[[Array], Array]) -> Array:
     """(N, d, g): the gauge's null space as ``(I − P) g`` of the rigid motions ``g``
@@ -256,17 +291,28 @@ class _Factor:
             return
         # A: the held-held block, without pairs whose block vanishes (beyond the cutoff, padding)
         live = np.any(k != 0, axis=(1, 2))
-        k, ii, jj = k[live], index[i[live]], index[j[live]]
+        k, ii, jj = k[live].astype(dtype), index[i[live]], index[j[live]]
         hi, hj = ii >= 0, jj >= 0
         both = hi & hj
-        blocks = np.concatenate([k[hi], k[hj], -k[both], -np.swapaxes(k[both], 1, 2)])
-        br = np.concatenate([ii[hi], jj[hj], ii[both], jj[both]])
-        bc = np.concatenate([ii[hi], jj[hj], jj[both], ii[both]])
+        # A in d × d blocks, each entry once: a diagonal block sums the blocks of its
+        # particle's pairs (a held end of a pair with a rattler included), by bincount; a
+        # held–held pair puts −k at (max, min) in the strict lower triangle (its transpose
+        # where the pair runs the other way) and the mirror image above.
         ar = np.arange(d)
-        rows = np.broadcast_to(br[:, None, None] * d + ar[None, :, None], blocks.shape).ravel()
-        cols = np.broadcast_to(bc[:, None, None] * d + ar[None, None, :], blocks.shape).ravel()
-        values = blocks.ravel().astype(dtype)
-        a = sp.csc_matrix((values, (rows, cols)), shape=(size, size))
+        ends = np.concatenate([ii[hi], jj[hj]])
+        kd = np.concatenate([k[hi], k[hj]]).reshape(-1, d * d)
+        dvals = np.stack([np.bincount(ends, weights=kd[:, c], minlength=nh) for c in range(d * d)], axis=1).ravel()
+        particle = np.arange(nh)
+        drows = np.broadcast_to(particle[:, None, None] * d + ar[None, :, None], (nh, d, d)).ravel()
+        dcols = np.broadcast_to(particle[:, None, None] * d + ar[None, None, :], (nh, d, d)).ravel()
+        kb, ib, jb = k[both], ii[both], jj[both]
+        ovals = -np.where((ib < jb)[:, None, None], np.swapaxes(kb, 1, 2), kb).ravel()
+        upper, lower_p = np.maximum(ib, jb), np.minimum(ib, jb)
+        orows = np.broadcast_to(upper[:, None, None] * d + ar[None, :, None], kb.shape).ravel()
+        ocols = np.broadcast_to(lower_p[:, None, None] * d + ar[None, None, :], kb.shape).ravel()
+        a = sp.csc_matrix((np.concatenate([dvals, ovals, ovals]),
+                           (np.concatenate([drows, orows, ocols]), np.concatenate([dcols, ocols, orows]))),
+                          shape=(size, size))
         a.sum_duplicates()
         self.a = a
         # T: an orthonormal basis of the gauge modes on the held coordinates
@@ -280,14 +326,16 @@ class _Factor:
         r = t.shape[1]
         pins = _pins(t)
         m = pins.size
-        diag = a.diagonal()
+        diag = dvals.reshape(nh, d, d)[:, ar, ar].ravel()
         s = float(np.mean(np.abs(diag))) if diag.size else 1.0
         s = s if s > 0 and np.isfinite(s) else 1.0
-        lower = rows >= cols
         lu = None
         if BACKEND in ("auto", "cholmod"):
-            lu = _cholesky(size, np.concatenate([values[lower], np.full(m, s, dtype)]),
-                           np.concatenate([rows[lower], pins]), np.concatenate([cols[lower], pins]))
+            grounded = dvals.copy()
+            grounded[(pins // d) * d * d + (pins % d) * (d + 1)] += s  # S = A + s E Eᵀ
+            keep_d = drows >= dcols
+            lu = _cholesky(size, np.concatenate([grounded[keep_d], ovals]),
+                           np.concatenate([drows[keep_d], orows]), np.concatenate([dcols[keep_d], ocols]))
             if lu is None and BACKEND == "cholmod":
                 raise RuntimeError("sparse.BACKEND = 'cholmod' but CHOLMOD (cvxopt) is not installed "
                                    "or the matrix is not positive definite")
@@ -312,7 +360,8 @@ class _Factor:
         # block row of A sums to zero). Then μ = 0, and S z' = Q b has the solution
         # z' = z + T c with Eᵀ z' = 0, so z = Q z': one solve, no columns S⁻¹[T, E].
         at = a @ self.t
-        self.null = r > 0 and float(np.max(np.abs(at), initial=0.0)) <= NULL_TOL * float(np.max(np.abs(a.data), initial=0.0))
+        scale = max(float(np.max(np.abs(dvals), initial=0.0)), float(np.max(np.abs(ovals), initial=0.0)))
+        self.null = r > 0 and float(np.max(np.abs(at), initial=0.0)) <= NULL_TOL * scale
         if self.null:
             self.small = None
             return
