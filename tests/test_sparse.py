@@ -132,12 +132,16 @@ def _dense_m(k, i, j, held, modes):
     return proj @ h @ proj + np.eye(n * d) - proj
 
 
+@pytest.mark.parametrize("refine", ["when-needed", "always"])
 @pytest.mark.parametrize("negative", [False, True], ids=["definite", "saddle"])
 @pytest.mark.parametrize("backend", ["auto", "superlu"])
-def test_host_factor_solves_m_exactly(backend, negative, monkeypatch):
+def test_host_factor_solves_m_exactly(backend, negative, refine, monkeypatch):
     """The host factorization alone against the dense M of its definition, for random
-    blocks: CHOLMOD where S is positive definite, SuperLU's fallback for a saddle."""
+    blocks: CHOLMOD where S is positive definite, SuperLU's fallback for a saddle; with
+    the refinement step only where the first residual asks for it, and always."""
     monkeypatch.setattr(sparse, "BACKEND", backend)
+    if refine == "always":
+        monkeypatch.setattr(sparse, "REFINE_TOL", -1.0)
     for d, n, rattlers, seed in ((2, 12, (3,), 0), (3, 9, (), 1)):
         k, i, j, held, modes = _random_problem(n, d, rattlers, negative, seed)
         m = _dense_m(k, i, j, held, modes)
