@@ -171,7 +171,8 @@ def estimate(
         # squared for the summary, one tangent's jvp in flight
         "outputs": 3 * tangents * nd,
         # SuperLU's factors (a value and an index per entry, 1.5× for the assembly's and
-        # the solve's copies), and the assembled matrix
+        # the solve's copies), and the assembled matrix; CHOLMOD's (the default backend)
+        # keep only L, so for it this is an upper bound
         "sparse_factor": (int(1.5 * 12 * sparse_fill(n * dim)) + 12 * 4 * m * dim * dim) if sparse else 0,
     }
     items["total"] = sum(items.values())

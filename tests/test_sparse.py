@@ -328,3 +328,13 @@ def test_summaries_name_the_solver_that_ran(tmp_path):
     shown = CliRunner().invoke(app, ["show", str(out)])
     assert shown.exit_code == 0, shown.output
     assert "(sparse solve, residual" in shown.output and "CG iterations" not in shown.output
+
+
+def test_warm_up_touches_neither_the_cache_nor_the_counts():
+    """The head start a run gives the host side (a thread beside the relaxation) is not a
+    factorization anyone can see: no cache entry, no count."""
+    sparse.clear_cache()
+    before = dict(sparse.STATS)
+    sparse.warm_up_beside().join()
+    assert sparse.STATS == before
+    assert len(sparse._CACHE) == 0
