@@ -1,10 +1,11 @@
 """The sparse derivative of a run, timed by part: forward (dP/dD_0, one tangent) and reverse (the gradient of P) after one
-cache clear, with SuperLU, the whole factorization, the solves and the host callback timed
+cache clear, with the factorization (SuperLU or CHOLMOD), the whole `_Factor`, the solves and the host callback timed
 inside (2D bidisperse, seed 0; warm programs).
 
-    python bench/sparse_profile.py N [REPEATS]
+    python bench/sparse_profile.py N [REPEATS [BACKEND]]      (BACKEND: auto (default), cholmod or superlu)
 
-(2026-11-28, N = 16384: forward 0.21-0.27 s, SuperLU 0.165 s of it, reverse 0.02 s; relaxation 3.8 s.)
+(2026-11-28, N = 16384, SuperLU: forward 0.21-0.27 s, SuperLU 0.165 s of it, reverse 0.02 s; relaxation 3.8 s.
+Session 11, CHOLMOD: forward 0.10-0.14 s, `_Factor` 0.085-0.12 s of it, reverse 0.015-0.02 s; relaxation 3.9 s.)
 """
 import sys, time, statistics, numpy as np, jax
 jax.config.update("jax_enable_x64", True)
@@ -27,6 +28,12 @@ T = {}
 def splu(*a, **k):
     t0 = time.perf_counter(); r = orig_splu(*a, **k); T.setdefault("splu", []).append(time.perf_counter()-t0); return r
 spla.splu = splu
+if len(sys.argv) > 3:
+    sparse.BACKEND = sys.argv[3]
+orig_chol = sparse._cholesky
+def chol(*a):
+    t0 = time.perf_counter(); r = orig_chol(*a); T.setdefault("cholmod", []).append(time.perf_counter()-t0); return r
+sparse._cholesky = chol
 orig_init = sparse._Factor.__init__
 def init(self, *a):
     t0 = time.perf_counter(); orig_init(self, *a); T.setdefault("factor_total", []).append(time.perf_counter()-t0)
