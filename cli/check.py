@@ -112,7 +112,7 @@ def verify(record: Mapping[str, Any], wrt: str | None = None, h: float = 1e-5, t
 @app.command()
 def check(
     file: Path = typer.Argument(..., help="An mdsens HDF5 file."),
-    wrt: Optional[str] = typer.Option(None, "--wrt", help="Check only NAME or NAME[i] (default: every stored "
+    wrt: Optional[str] = typer.Option(None, "--wrt", help="Check only NAME or NAME\\[i] (default: every stored "
                                                           "derivative)."),
     h: float = typer.Option(1e-5, "--h", help="Finite-difference step."),
     tol: float = typer.Option(1e-4, "--tol", help="Largest accepted relative error max|a−b|/max|b|."),

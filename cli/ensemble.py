@@ -34,7 +34,7 @@ def ensemble(
     seeds: str = typer.Option("0:4", "--seeds", help="Seeds A:B (members A … B−1) of the initial positions (and, for polydisperse, of the diameters)."),
     sweep: List[str] = typer.Option([], "--sweep", help="Build key swept over values, KEY=V1,V2,... (repeatable; members are every combination × every seed), e.g. --sweep phi=0.86,0.88,0.90."),
     set_: List[str] = typer.Option([], "--set", help="Build key shared by every member, KEY=VALUE (repeatable)."),
-    wrt: List[str] = typer.Option([], "--wrt", help="Parameter to differentiate by, NAME or NAME[i] (repeatable; default: the system's first parameter)."),
+    wrt: List[str] = typer.Option([], "--wrt", help="Parameter to differentiate by, NAME or NAME\\[i] (repeatable; default: the system's first parameter)."),
     observe: Optional[List[str]] = typer.Option(None, "--observe", help="Observable to compute and differentiate (repeatable; default energy and, in a box, pressure)."),
     grad: List[str] = typer.Option([], "--grad", help="Scalar observable whose gradient w.r.t. every parameter element is computed in reverse mode (repeatable)."),
     minimizer: str = typer.Option("fire", help="Minimizer: fire (FIRE 2.0) or gd (gradient descent)."),

@@ -15,7 +15,7 @@ def plot(
     file: Path = typer.Argument(..., help="An mdsens HDF5 file."),
     output: Path = typer.Option(Path("mdsens.png"), "-o", "--output", help="Image to write (png, pdf, svg)."),
     wrt: Optional[str] = typer.Option(None, "--wrt", help="Which dx*/dθ to draw: NAME (its first element) or "
-                                                          "NAME[i]; default the first in the file."),
+                                                          "NAME\\[i]; default the first in the file."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing image."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No log line."),
 ) -> None:

@@ -139,7 +139,7 @@ def _human_summary(result) -> str:
 def run(
     system: str = typer.Argument("bidisperse", help="System family (see `mdsens systems`)."),
     set_: List[str] = typer.Option([], "--set", help="Build key, KEY=VALUE (repeatable), e.g. --set n=256 --set phi=0.95."),
-    wrt: List[str] = typer.Option([], "--wrt", help="Parameter to differentiate by, NAME or NAME[i] (repeatable; default: the system's first parameter, diameter for soft spheres)."),
+    wrt: List[str] = typer.Option([], "--wrt", help="Parameter to differentiate by, NAME or NAME\\[i] (repeatable; default: the system's first parameter, diameter for soft spheres)."),
     observe: Optional[List[str]] = typer.Option(None, "--observe", help="Observable to compute and differentiate (repeatable; default energy and, in a box, pressure)."),
     grad: List[str] = typer.Option([], "--grad", help="Scalar observable whose gradient w.r.t. every parameter element is computed in one reverse-mode pass (repeatable)."),
     minimizer: str = typer.Option("fire", help="Minimizer: fire (FIRE 2.0) or gd (gradient descent)."),

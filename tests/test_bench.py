@@ -109,10 +109,3 @@ def test_bench_max_displacement_must_be_a_positive_length(tmp_path):
         assert result.exit_code == 2, result.output
         assert "--max-displacement must be a positive length" in result.output and not out.exists()
 
-
-def test_help_names_the_peers_extra_in_full():
-    """Help text goes through Rich markup: an unescaped ``[peers]`` would vanish from
-    the install hint."""
-    result = CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "300"})
-    assert result.exit_code == 0
-    assert '.[peers]' in result.output

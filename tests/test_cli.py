@@ -169,3 +169,15 @@ def test_run_max_displacement_is_recorded_and_checked(tmp_path):
         bad = tmp_path / "bad.h5"
         result = runner.invoke(app, ["run", "--set", "n=16", *args, "-o", str(bad)])
         assert result.exit_code == 2 and message in result.output and not bad.exists()
+
+
+@pytest.mark.parametrize("command, text", [
+    (["bench"], ".[peers]"), (["run"], "NAME[i]"), (["check"], "NAME[i]"),
+    (["ensemble"], "NAME[i]"), (["plot"], "NAME[i]"),
+])
+def test_help_keeps_its_brackets(command, text):
+    """Help text goes through Rich markup, where an unescaped ``[i]`` or ``[peers]`` is a
+    tag and vanishes: "NAME or NAME[i]" would read "NAME or NAME"."""
+    result = CliRunner().invoke(app, command + ["--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    assert text in result.output
