@@ -456,14 +456,6 @@ class Table:
             source = first[around[rows, which]] + slot - (ends - lengths)[rows, which]
             inside = slot < ends[:, -1:]
             per_cell = jnp.where(inside, order[jnp.clip(source, 0, n - 1)].astype(jnp.int32), n)
-            # Materialised once per cell: left alone, XLA:CPU can fuse the rows (and the
-            # running sums behind them) into the copy below and compute them once per
-            # particle and slot (a build jitted alone, N = 131072: 35 against 13 ms for
-            # the candidates; inside the relaxation's loop, where the build already sits
-            # in a conditional, ~1 %). An optimization_barrier does not stop that fusion, a
-            # conditional does. The predicate is always true and the other branch is the
-            # identity too (entries are ≥ 0).
-            per_cell = jax.lax.cond(jnp.max(counts) >= 0, lambda a: a, lambda a: jnp.where(a < 0, n, a), per_cell)
             return per_cell[cell], jnp.zeros((0, width), jnp.int32), jnp.max(ends[:, -1]) > width
         around = jnp.asarray(self.neighbor_cells)[cell]  # (N, 3^d)
         sorted_cell = cell[order]

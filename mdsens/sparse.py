@@ -102,18 +102,15 @@ def warm_up() -> None:
 
 def warm_up_beside() -> threading.Thread:
     """:func:`warm_up` in a daemon thread, started; join it before timing a derivative."""
-    thread = threading.Thread(target=_quiet(warm_up), name="mdsens-sparse-warm-up", daemon=True)
-    thread.start()
-    return thread
-
-
-def _quiet(fn: Callable[[], None]) -> Callable[[], None]:
     def run() -> None:
         try:
-            fn()
+            warm_up()
         except Exception:  # noqa: BLE001 -- only a head start: the derivative imports what it needs itself
             pass
-    return run
+
+    thread = threading.Thread(target=run, name="mdsens-sparse-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def null_modes(system: System, q: Array, params: Params, rattler: Array,
