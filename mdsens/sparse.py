@@ -301,7 +301,8 @@ class _Factor:
         ar = np.arange(d)
         ends = np.concatenate([ii[hi], jj[hj]])
         kd = np.concatenate([k[hi], k[hj]]).reshape(-1, d * d)
-        dvals = np.stack([np.bincount(ends, weights=kd[:, c], minlength=nh) for c in range(d * d)], axis=1).ravel()
+        dvals = np.stack([np.bincount(ends, weights=kd[:, c], minlength=nh) for c in range(d * d)],
+                         axis=1).astype(dtype).ravel()  # (bincount of no pairs is an int array)
         particle = np.arange(nh)
         drows = np.broadcast_to(particle[:, None, None] * d + ar[None, :, None], (nh, d, d)).ravel()
         dcols = np.broadcast_to(particle[:, None, None] * d + ar[None, None, :], (nh, d, d)).ravel()

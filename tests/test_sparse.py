@@ -158,6 +158,17 @@ def test_host_factor_solves_m_exactly(backend, negative, refine, monkeypatch):
         assert sparse.STATS[used] == before[used] + 1
 
 
+@pytest.mark.parametrize("backend", ["auto", "superlu"])
+def test_host_factor_without_a_live_pair_fails_cleanly(backend, monkeypatch):
+    """Held particles with no live pair block (every block zero: M singular beyond the
+    gauge) give NaN, the solve's "not converged", not an exception from the callback."""
+    monkeypatch.setattr(sparse, "BACKEND", backend)
+    k, i, j, held, modes = _random_problem(8, 2, (), False, 3)
+    factor = sparse._Factor(np.zeros_like(k), i, j, held, modes)
+    assert factor.failed
+    assert np.all(np.isnan(factor.solve(np.ones((1, 8, 2)))))
+
+
 def test_one_factorization_serves_a_vmapped_batch_and_the_next_call():
     system, q, params, rattler = _setup("periodic-2d-rattler")
     root = sensitivity.optimality(system)
