@@ -611,7 +611,11 @@ class Table:
         dx = self._wrap(x - nbrs.reference, box)
         d2 = jnp.sum(dx * dx, axis=-1)
         first = jnp.max(d2)
-        second = jnp.max(jnp.where(jnp.arange(d2.shape[0]) == jnp.argmax(d2), 0.0, d2))
+        # The second largest without an argmax (a two-operand reduce on XLA:CPU:
+        # N = 131072, this test took 671 µs with one against 162 µs): the largest
+        # again where it is attained twice, else the largest below it.
+        ties = jnp.sum(d2 == first, dtype=jnp.int32)
+        second = jnp.where(ties > 1, first, jnp.max(jnp.where(d2 < first, d2, 0.0)))
         return jnp.sqrt(first) + jnp.sqrt(second) > self.skin
 
 

@@ -83,6 +83,35 @@ def test_table_matches_brute_force_with_and_without_cells():
         assert got == want
 
 
+def test_rebuild_test_is_the_sum_of_the_two_largest_displacements():
+    """Table.moved against NumPy's two largest displacements (minimum image): a unique
+    largest, the largest attained twice (the second is then the largest again), one
+    particle moved, none moved; just below and just above the skin."""
+    system = systems.get("bidisperse").build(n=40, dim=2, phi=0.9, seed=3)
+    params = {k: jnp.asarray(v) for k, v in system.params.items()}
+    table = relax.Table(system, params)
+    box = np.asarray(params["box"])
+    x0 = np.mod(np.asarray(system.positions), box)
+    nbrs = table.allocate(jnp.asarray(x0))
+    rng = np.random.default_rng(0)
+    cases = {"unique": rng.uniform(-0.05, 0.05, x0.shape), "tie": np.zeros_like(x0), "one": np.zeros_like(x0),
+             "none": np.zeros_like(x0)}
+    cases["unique"][7] = [0.1, 0.0]
+    cases["unique"][11] = [0.0, -0.08]
+    cases["tie"][[3, 19]] = [[0.0625, 0.0], [0.0, -0.0625]]  # exact in binary: the same |dx|, second = first
+    cases["one"][5] = [0.2, 0.0]
+    for name, dx in cases.items():
+        d = np.sort(np.linalg.norm(dx, axis=1))[::-1]
+        reach = d[0] + d[1]
+        for skin in (reach * (1 - 1e-9), reach * (1 + 1e-9)) if reach > 0 else (table.skin,):
+            table.skin = skin
+            x = np.mod(x0 + dx, box)  # wrapped across the box where a particle leaves it
+            if name == "tie":  # the tie is exact where the test computes it
+                d2 = np.sum(np.asarray(table._wrap(jnp.asarray(x) - nbrs.reference, None)) ** 2, axis=1)
+                assert d2[3] == d2[19] == d2.max()
+            assert bool(table.moved(jnp.asarray(x), nbrs)) == (reach > skin), (name, skin)
+
+
 def _every_family(n_bidisperse=600):
     """(family, system, θ, x) for each interaction family: cells or all pairs,
     periodic or free space, and the static Morse table."""
