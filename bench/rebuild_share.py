@@ -7,7 +7,8 @@ left out of the fit). 2D bidisperse φ = 0.9, seed 0.
 Chunk length does not change the trajectory (the same steps and energy). Session 11,
 2026-11-28: N = 16384 (CHUNK 250): 0.37 ms a step, 7.0 ms a rebuild (168), rebuilds ~30 %
 of 3.9 s; N = 131072 (CHUNK 1000): 3.48 ms a step, 60 ms a rebuild (363, 232 of them in the
-first 3300 steps), rebuilds ~21 % of 104 s.
+first 3300 steps), rebuilds ~21 % of 104 s. Session 12 (rebuild test without argmax, FIRE's power
+without vdot): N = 131072, the same 22394 steps and 363 rebuilds, 2.93 ms a step, 91.6 s.
 """
 import sys, time, numpy as np, jax
 jax.config.update("jax_enable_x64", True)
