@@ -307,9 +307,11 @@ def forward_fn(
     "vmap" (one batched CG; the default on accelerators) or "map" (one CG after
     another inside the same compiled function; the default on CPU, where the
     batched scatter-adds of the Hessian product were measured slower than
-    sequential solves)."""
-    if batch is None:
-        batch = "map" if jax.default_backend() == "cpu" else "vmap"
+    sequential solves; the sparse direct solve, whose host call takes a batch as one
+    multi-column solve, is vmapped on the CPU too)."""
+    if batch is None:  # a solve that takes a batch in one call (the sparse one: one factorization, one
+        # multi-column triangular solve) gets it; CG on the CPU goes tangent by tangent
+        batch = "vmap" if jax.default_backend() != "cpu" or getattr(solve, "batched", False) else "map"
     if batch not in ("map", "vmap"):
         raise ValueError(f"batch must be 'map' or 'vmap', got {batch!r}")
     shape = jnp.shape(system.params[name]) if name in system.params else None

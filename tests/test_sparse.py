@@ -120,13 +120,19 @@ def _random_problem(n, d, rattlers, negative, seed):
     return k, i.astype(np.int32), j.astype(np.int32), held, modes
 
 
-def _dense_m(k, i, j, held, modes):
-    """M = P H P + (I − P), P = D_held − T Tᵀ, assembled densely (the definition)."""
-    n, d = held.size, k.shape[-1]
+def _dense_h(k, i, j, n):
+    """H = Σ_pairs (e_i − e_j)(e_i − e_j)ᵀ ⊗ K_ij, densely, (n d, n d)."""
+    d = k.shape[-1]
     h = np.zeros((n, d, n, d))
     for b, (p, q) in enumerate(zip(i, j)):
         h[p, :, p] += k[b]; h[q, :, q] += k[b]; h[p, :, q] -= k[b]; h[q, :, p] -= k[b].T
-    h = h.reshape(n * d, n * d)
+    return h.reshape(n * d, n * d)
+
+
+def _dense_m(k, i, j, held, modes):
+    """M = P H P + (I − P), P = D_held − T Tᵀ, assembled densely (the definition)."""
+    n, d = held.size, k.shape[-1]
+    h = _dense_h(k, i, j, n)
     t = modes.reshape(n * d, -1)
     proj = np.diag(np.repeat(held, d).astype(float)) - t @ t.T
     return proj @ h @ proj + np.eye(n * d) - proj
@@ -154,8 +160,24 @@ def test_host_factor_solves_m_exactly(backend, negative, refine, monkeypatch):
         assert factor.null == bool(np.all(held[i] & held[j]))
         ref = np.linalg.solve(m, rows.reshape(3, -1).T).T.reshape(rows.shape)
         _close(x, ref, tol=1e-11)
+        # A, the held–held block of H (built from CHOLMOD's S where it factored)
+        coords = np.repeat(held, d)
+        _close(factor.a.toarray(), _dense_h(k, i, j, n)[np.ix_(coords, coords)], tol=1e-13)
         used = "cholmod" if backend == "auto" and not negative else "superlu"
         assert sparse.STATS[used] == before[used] + 1
+
+
+def test_particle_order_is_a_permutation_of_whole_particles():
+    """The ordering handed to CHOLMOD: AMD on the particle graph, each particle's d
+    coordinates consecutive and in order, every coordinate once."""
+    pytest.importorskip("cvxopt")
+    n, d = 12, 3
+    k, i, j, held, modes = _random_problem(n, d, (), False, 2)
+    order = sparse._particle_order(n, np.maximum(i, j), np.minimum(i, j), d)
+    assert sorted(order.tolist()) == list(range(n * d))
+    blocks = order.reshape(n, d)
+    np.testing.assert_array_equal(blocks, blocks[:, :1] + np.arange(d))
+    assert blocks[0, 0] % d == 0
 
 
 @pytest.mark.parametrize("backend", ["auto", "superlu"])
@@ -248,14 +270,16 @@ def test_cli_run_with_the_sparse_solver_matches_dense(tmp_path):
 
     out = tmp_path / "sparse.h5"
     sparse.clear_cache()
-    before = sparse.STATS["factorizations"]
+    before, before_calls = sparse.STATS["factorizations"], sparse.STATS["calls"]
     result = CliRunner().invoke(app, ["run", "--set", "n=16", "--set", "phi=0.95", "--seed", "1", "--wrt", "diameter",
                                       "--grad", "pressure", "--solver", "sparse", "-o", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     got = io.read(out)
     assert got["meta"]["linear_solver"] == "sparse"
-    # two tangents (lax.map) and the reverse solve at one state: one factorization
+    # two tangents and the reverse solve at one state: one factorization
     assert sparse.STATS["factorizations"] - before == 1
+    # the two tangents (vmapped: one multi-column solve) and the reverse solve: two host calls
+    assert sparse.STATS["calls"] - before_calls == 2
     assert float(np.max(got["sensitivity"]["diameter"]["residual"])) < 1e-11
     assert float(np.max(got["gradient"]["pressure"]["residual"])) < 1e-11
     # the same derivatives at the file's state by the dense exact solve
