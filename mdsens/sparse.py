@@ -332,28 +332,40 @@ class _Factor:
         self.failed = False
         if nh == 0:  # every particle a rattler: M is the identity
             return
-        # A: the held-held block, without pairs whose block vanishes (beyond the cutoff, padding)
-        live = np.any(k != 0, axis=(1, 2))
-        k, ii, jj = k[live].astype(dtype), index[i[live]], index[j[live]]
-        hi, hj = ii >= 0, jj >= 0
+        # A's lower triangle in d × d blocks, each entry once, as triplets (vals, rows, cols):
+        # a diagonal block sums the blocks of its particle's pairs (a held end of a pair with
+        # a rattler included), by bincount; a held–held pair puts −k at (max, min), its
+        # transpose where the pair runs the other way. Pairs whose block vanishes (beyond
+        # the cutoff, padding) are left out, and so are rattler ends: all by mask, without
+        # compacting the blocks first.
+        dd = d * d
+        kf = k.reshape(-1, dd)
+        live = kf.any(axis=1)
+        ii, jj = index[i], index[j]
+        hi, hj = live & (ii >= 0), live & (jj >= 0)
         both = hi & hj
-        # A in d × d blocks, each entry once: a diagonal block sums the blocks of its
-        # particle's pairs (a held end of a pair with a rattler included), by bincount; a
-        # held–held pair puts −k at (max, min) in the strict lower triangle (its transpose
-        # where the pair runs the other way) and the mirror image above.
-        ar = np.arange(d)
-        ends = np.concatenate([ii[hi], jj[hj]])
-        kd = np.concatenate([k[hi], k[hj]]).reshape(-1, d * d)
-        dvals = np.stack([np.bincount(ends, weights=kd[:, c], minlength=nh) for c in range(d * d)],
-                         axis=1).astype(dtype).ravel()  # (bincount of no pairs is an int array)
-        particle = np.arange(nh)
-        drows = np.broadcast_to(particle[:, None, None] * d + ar[None, :, None], (nh, d, d)).ravel()
-        dcols = np.broadcast_to(particle[:, None, None] * d + ar[None, None, :], (nh, d, d)).ravel()
-        kb, ib, jb = k[both], ii[both], jj[both]
-        ovals = -np.where((ib < jb)[:, None, None], np.swapaxes(kb, 1, 2), kb).ravel()
+        ends = np.concatenate([np.where(hi, ii, nh), np.where(hj, jj, nh)])  # bin nh: dropped
+        dvals = np.empty((nh, dd), dtype)
+        for c in range(dd):
+            col = np.ascontiguousarray(kf[:, c], dtype)
+            dvals[:, c] = np.bincount(ends, weights=np.concatenate([col, col]), minlength=nh + 1)[:nh]
+        row_of, col_of = np.divmod(np.arange(dd), d)  # block entry c = (row_of[c], col_of[c])
+        low = row_of >= col_of
+        ib, jb = ii[both], jj[both]
+        kb = kf[both].astype(dtype, copy=False)
+        kb = np.where((ib < jb)[:, None], kb[:, col_of * d + row_of], kb)
         upper, lower_p = np.maximum(ib, jb), np.minimum(ib, jb)
-        orows = np.broadcast_to(upper[:, None, None] * d + ar[None, :, None], kb.shape).ravel()
-        ocols = np.broadcast_to(lower_p[:, None, None] * d + ar[None, None, :], kb.shape).ravel()
+        nd = nh * int(low.sum())
+        vals = np.empty(nd + kb.size, dtype)
+        rows = np.empty(nd + kb.size, np.int64)
+        cols = np.empty(nd + kb.size, np.int64)
+        first = np.arange(nh, dtype=np.int64) * d
+        vals[:nd] = dvals[:, low].ravel()
+        rows[:nd] = (first[:, None] + row_of[low]).ravel()
+        cols[:nd] = (first[:, None] + col_of[low]).ravel()
+        np.negative(kb.ravel(), out=vals[nd:])
+        rows[nd:].reshape(-1, dd)[:] = (upper * d)[:, None] + row_of
+        cols[nd:].reshape(-1, dd)[:] = (lower_p * d)[:, None] + col_of
         self._a = None  # A as a SciPy matrix: SuperLU's path builds it, CHOLMOD's never needs it
         # T: an orthonormal basis of the gauge modes on the held coordinates
         # The gauge keeps a mode whose singular value is above sqrt(eps) of the largest; a
@@ -366,24 +378,21 @@ class _Factor:
         r = t.shape[1]
         pins = _pins(t)
         m = pins.size
-        diag = dvals.reshape(nh, d, d)[:, ar, ar].ravel()
+        diag = dvals[:, row_of == col_of].ravel()
         s = float(np.mean(np.abs(diag))) if diag.size else 1.0
         s = s if s > 0 and np.isfinite(s) else 1.0
         lu = None
         if BACKEND in ("auto", "cholmod"):
-            grounded = dvals.copy()
-            grounded[(pins // d) * d * d + (pins % d) * (d + 1)] += s  # S = A + s E Eᵀ
-            keep_d = drows >= dcols
-            lu = _cholesky(size, np.concatenate([grounded[keep_d], ovals]),
-                           np.concatenate([drows[keep_d], orows]), np.concatenate([dcols[keep_d], ocols]),
-                           _particle_order(nh, upper, lower_p, d))
+            grounded = vals.copy()  # S = A + s E Eᵀ: s on the pins' diagonal entries
+            slot = np.cumsum(low) - 1  # a block entry's place among the lower ones
+            grounded[(pins // d) * int(low.sum()) + slot[(pins % d) * (d + 1)]] += s
+            lu = _cholesky(size, grounded, rows, cols, _particle_order(nh, upper, lower_p, d))
             if lu is None and BACKEND == "cholmod":
                 raise RuntimeError("sparse.BACKEND = 'cholmod' but CHOLMOD (cvxopt) is not installed "
                                    "or the matrix is not positive definite")
         if lu is None:
-            a = sp.csc_matrix((np.concatenate([dvals, ovals, ovals]),
-                               (np.concatenate([drows, orows, ocols]), np.concatenate([dcols, ocols, orows]))),
-                              shape=(size, size))
+            lower = sp.csc_matrix((vals, (rows, cols)), shape=(size, size))  # duplicates summed
+            a = (lower + sp.tril(lower, -1).T).tocsc()
             a.sum_duplicates()
             self._a = a
             grounded = a + sp.csc_matrix((np.full(m, s, dtype), (pins, pins)), shape=(size, size))
@@ -406,7 +415,7 @@ class _Factor:
         # block row of A sums to zero). Then μ = 0, and S z' = Q b has the solution
         # z' = z + T c with Eᵀ z' = 0, so z = Q z': one solve, no columns S⁻¹[T, E].
         at = self._apply_a(self.t)
-        scale = max(float(np.max(np.abs(dvals), initial=0.0)), float(np.max(np.abs(ovals), initial=0.0)))
+        scale = max(float(np.max(np.abs(dvals), initial=0.0)), float(np.max(np.abs(vals[nd:]), initial=0.0)))
         self.null = r > 0 and float(np.max(np.abs(at), initial=0.0)) <= NULL_TOL * scale
         if self.null:
             self.small = None
