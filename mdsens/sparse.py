@@ -330,6 +330,7 @@ class _Factor:
         index[np.flatnonzero(self.held)] = np.arange(nh)
         size = nh * d
         self.failed = False
+        self._a = None  # A as a SciPy matrix: SuperLU's path builds it, CHOLMOD's never needs it
         if nh == 0:  # every particle a rattler: M is the identity
             return
         # A's lower triangle in d × d blocks, each entry once, as triplets (vals, rows, cols):
@@ -366,7 +367,6 @@ class _Factor:
         np.negative(kb.ravel(), out=vals[nd:])
         rows[nd:].reshape(-1, dd)[:] = (upper * d)[:, None] + row_of
         cols[nd:].reshape(-1, dd)[:] = (lower_p * d)[:, None] + col_of
-        self._a = None  # A as a SciPy matrix: SuperLU's path builds it, CHOLMOD's never needs it
         # T: an orthonormal basis of the gauge modes on the held coordinates
         # The gauge keeps a mode whose singular value is above sqrt(eps) of the largest; a
         # dropped one comes back as round-off, ~eps: cut between the two, at eps^(3/4).
@@ -444,8 +444,9 @@ class _Factor:
     @property
     def a(self):
         """The held–held block A as a SciPy CSC matrix (built on demand from S where
-        CHOLMOD factored it; for inspection, the solve does not need it)."""
-        if self._a is None:
+        CHOLMOD factored it; for inspection, the solve does not need it); None where
+        every particle is a rattler or no factorization was made."""
+        if self._a is None and getattr(self, "lu", None) is not None and isinstance(self.lu, _Cholesky):
             import scipy.sparse as sp
 
             colptr, rows, vals = (np.asarray(x).ravel() for x in self.lu.s.CCS)
