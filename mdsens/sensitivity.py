@@ -308,10 +308,15 @@ def forward_fn(
     another inside the same compiled function; the default on CPU, where the
     batched scatter-adds of the Hessian product were measured slower than
     sequential solves; the sparse direct solve, whose host call takes a batch as one
-    multi-column solve, is vmapped on the CPU too)."""
-    if batch is None:  # a solve that takes a batch in one call (the sparse one: one factorization, one
-        # multi-column triangular solve) gets it; CG on the CPU goes tangent by tangent
-        batch = "vmap" if jax.default_backend() != "cpu" or getattr(solve, "batched", False) else "map"
+    multi-column solve, maps over vmapped batches of its ``batch_size``)."""
+    # A solve that takes a batch in one call (the sparse one: one factorization, one
+    # multi-column triangular solve) gets the tangents in batches of up to its
+    # ``batch_size`` on the CPU (``lax.map`` over vmapped batches: a per-particle
+    # parameter has N tangents, and vmapping them all holds N copies of every per-pair
+    # array); CG on the CPU goes tangent by tangent.
+    batch_size = getattr(solve, "batch_size", None)
+    if batch is None:
+        batch = "vmap" if jax.default_backend() != "cpu" else "map"
     if batch not in ("map", "vmap"):
         raise ValueError(f"batch must be 'map' or 'vmap', got {batch!r}")
     shape = jnp.shape(system.params[name]) if name in system.params else None
@@ -336,7 +341,8 @@ def forward_fn(
             _, d = jax.jvp(outputs, (q, params), (dq, dparams))
             return d, info
 
-        values, info = jax.lax.map(one, tangents) if batch == "map" else jax.vmap(one)(tangents)
+        values, info = (jax.lax.map(one, tangents, batch_size=batch_size) if batch == "map"
+                        else jax.vmap(one)(tangents))
         values = {key: v.reshape(shape + v.shape[1:]) for key, v in values.items()}
         return Forward(values, info.iterations.reshape(shape), info.residual.reshape(shape))
 

@@ -213,6 +213,29 @@ def test_one_factorization_serves_a_vmapped_batch_and_the_next_call():
     _close(x2, 2.0 * x)
 
 
+def test_many_tangents_go_in_batches_of_the_solves_size(monkeypatch):
+    """A per-particle parameter's N tangents: forward_fn vmaps them in batches of the
+    sparse solve's batch_size (lax.map over the batches and the remainder), one host
+    call per batch, one factorization; the values are the dense solve's."""
+    from mdsens import observables
+
+    system, q, params, rattler = relaxed("polydisperse", n=32, dim=2, phi=0.9, spread=0.2)
+    monkeypatch.setattr(sparse, "BATCH_SIZE", 12)  # 32 tangents: 12 + 12 + 8
+    observe = {"pressure": observables.pressure}
+    solve = sensitivity.solver_for(system, q, params, rattler, "sparse")
+    assert solve.batch_size == 12
+    sparse.clear_cache()
+    before = dict(sparse.STATS)
+    got = jax.jit(sensitivity.forward_fn(system, "diameter", observe, rattler, solve))(q, params)
+    assert sparse.STATS["calls"] - before["calls"] == 3
+    assert sparse.STATS["factorizations"] - before["factorizations"] == 1
+    dense = sensitivity.solver_for(system, q, params, rattler, "dense")
+    want = jax.jit(sensitivity.forward_fn(system, "diameter", observe, rattler, dense))(q, params)
+    for key in ("position", "pressure"):
+        _close(got.values[key], want.values[key])
+    assert got.values["pressure"].shape == (32,)
+
+
 def test_vmap_over_states_factors_each_member():
     """Batched blocks (an ensemble's members): one factorization per member, in one host call."""
     system, q, params, rattler = _setup("periodic-2d-rattler")
