@@ -42,7 +42,7 @@ class Job:
     max_displacement: float | None = None  # FIRE: no coordinate moves more than this in one step (None: no cap)
     ftol: float = 1e-10
     max_steps: int = 100_000
-    solver: str = "auto"  # resolved by prepare (sensitivity.resolve_solver): sparse in 2D on the CPU from N = 1024, else cg
+    solver: str = "auto"  # resolved by prepare (sensitivity.resolve_solver): sparse on the CPU in 2D from N = 1024 or for 8+ solves, else cg
     rtol: float = 1e-10
     chunk: int = 2_000
     command: str = ""
@@ -298,9 +298,9 @@ def prepare(job: Job) -> tuple[System, dict[str, Callable], list[tuple[str, str,
     _solver(job)
     # "auto" becomes the solver it means for this system, here, so that every
     # later step (the programs, the file's linear_solver) sees the one used.
-    job.solver = sensitivity.resolve_solver(job.solver, system)
-    # The preflight with the real N, d, box and cutoff, and every tangent asked for.
     elements = sum(1 if index is not None else int(np.size(params[name])) for _, name, index in wrts)
+    job.solver = sensitivity.resolve_solver(job.solver, system, elements + len(job.grad))
+    # The preflight with the real N, d, box and cutoff, and every tangent asked for.
     estimated = memory.job_estimate(system, observe=[*observe, *job.grad], wrt_elements=elements,
                                     neighbor_list=job.neighbor_list, skin=job.skin, itemsize=itemsize,
                                     sparse=job.solver == "sparse")

@@ -84,24 +84,38 @@ SOLVERS = ("auto", "cg", "dense", "sparse")
 #: N = 4096, 341 against 172 ms; ``mdsens run bidisperse --set n=N --solver S``,
 #: 2-core CPU, 2026-11-28)
 SPARSE_MIN_N = 1024
+#: from this many solves (forward tangents plus reverse gradients: a per-particle
+#: parameter has N tangents) "auto" factors the Hessian once at any N, in 3D up to
+#: SPARSE_MAX_N_3D particles, where a factorization costs ~7 CG solves (N = 8192: 2.0 s
+#: against 0.3 s a tangent; the fill grows fast beyond). Polydisperse ``--wrt diameter``,
+#: all N tangents, sparse against CG: 2D N = 256 0.038 against 0.35 s; 3D N = 512 0.30
+#: against 5.8 s, N = 2048 8.7 against 132 s (session 13, 2-core CPU).
+SPARSE_MIN_SOLVES = 8
+SPARSE_MAX_N_3D = 8192
 
 
-def resolve_solver(method: str, system: System) -> str:
+def resolve_solver(method: str, system: System, solves: int = 2) -> str:
     """The linear solver that ``method`` names for ``system``: itself, or for
     "auto" the one that pays where the run computes — "sparse" (the Hessian
-    factored once, :mod:`mdsens.sparse`) for a fixed box in 2D on the CPU from
-    :data:`SPARSE_MIN_N` particles, "cg" otherwise: fewer particles, 3D (where
-    the factor's fill costs more than CG: N = 1024, 195 against 50 ms), an
-    accelerator (where CG stays on the device), fixed pressure (no sparse
-    solve there). With both measured side by side (README, "Derivatives
-    against the relaxation"), the sparse solve takes a third to a quarter of
-    CG's time from N = 4096 on."""
+    factored once, :mod:`mdsens.sparse`) for a fixed box on the CPU in 2D from
+    :data:`SPARSE_MIN_N` particles, or wherever the run asks for
+    :data:`SPARSE_MIN_SOLVES` or more ``solves`` (tangents and gradients; in 3D up
+    to :data:`SPARSE_MAX_N_3D` particles), since one factorization serves them
+    all; "cg" otherwise: fewer particles and solves, 3D (where the factor's fill
+    costs more than CG's few solves: N = 4096, 0.48 against 0.28 s for two), an
+    accelerator (where CG stays on the device), fixed pressure (no sparse solve
+    there). With both measured side by side (README, "Derivatives against the
+    relaxation"), the sparse solve takes a third to a quarter of CG's time from
+    N = 4096 on in 2D."""
     if method != "auto":
         return method
     from mdsens import barostat
 
-    if (system.dim == 2 and system.n >= SPARSE_MIN_N and jax.default_backend() == "cpu"
-            and not barostat.is_fixed_pressure(system)):
+    if jax.default_backend() != "cpu" or barostat.is_fixed_pressure(system):
+        return "cg"
+    if system.dim == 2 and system.n >= SPARSE_MIN_N:
+        return "sparse"
+    if solves >= SPARSE_MIN_SOLVES and (system.dim == 2 or system.n <= SPARSE_MAX_N_3D):
         return "sparse"
     return "cg"
 

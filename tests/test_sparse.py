@@ -345,10 +345,11 @@ def test_bench_with_the_sparse_solver(tmp_path, monkeypatch):
     assert row["derivative_shared_over_relax"] > 0
 
 
-def test_auto_resolves_to_sparse_only_where_it_pays():
+def test_auto_resolves_to_sparse_only_where_it_pays(monkeypatch):
     """`--solver auto` (the default of `mdsens run`): the sparse solve for a fixed
-    box in 2D on the CPU from SPARSE_MIN_N particles, CG elsewhere; resolved
-    once, by prepare, so the file records the solver used. Builds only (no relaxation)."""
+    box on the CPU in 2D from SPARSE_MIN_N particles or for SPARSE_MIN_SOLVES solves
+    (in 3D up to SPARSE_MAX_N_3D), CG elsewhere; resolved once, by prepare, with the
+    run's tangents counted, so the file records the solver used. Builds only (no relaxation)."""
     from mdsens import barostat, job, systems
 
     assert jax.default_backend() == "cpu"
@@ -357,6 +358,13 @@ def test_auto_resolves_to_sparse_only_where_it_pays():
     assert sensitivity.resolve_solver("auto", bi.build(n=big, phi=0.9, seed=0)) == "sparse"
     assert sensitivity.resolve_solver("auto", bi.build(n=big - 2, phi=0.9, seed=0)) == "cg"
     assert sensitivity.resolve_solver("auto", bi.build(n=big, dim=3, phi=0.7, seed=0)) == "cg"
+    # many solves (a per-particle parameter's tangents): one factorization serves them all
+    many = sensitivity.SPARSE_MIN_SOLVES
+    assert sensitivity.resolve_solver("auto", bi.build(n=64, phi=0.9, seed=0), many) == "sparse"
+    assert sensitivity.resolve_solver("auto", bi.build(n=64, phi=0.9, seed=0), many - 1) == "cg"
+    assert sensitivity.resolve_solver("auto", bi.build(n=big, dim=3, phi=0.7, seed=0), many) == "sparse"
+    monkeypatch.setattr(sensitivity, "SPARSE_MAX_N_3D", big - 1)
+    assert sensitivity.resolve_solver("auto", bi.build(n=big, dim=3, phi=0.7, seed=0), many) == "cg"
     fixed_p = bi.build(n=big, seed=0, pressure=0.01)
     assert barostat.is_fixed_pressure(fixed_p)
     assert sensitivity.resolve_solver("auto", fixed_p) == "cg"
@@ -369,6 +377,12 @@ def test_auto_resolves_to_sparse_only_where_it_pays():
     small = job.Job(overrides={"n": "64"})
     job.prepare(small)
     assert small.solver == "cg"
+    poly = job.Job(system="polydisperse", overrides={"n": "64"})  # --wrt diameter: 64 tangents
+    job.prepare(poly)
+    assert poly.solver == "sparse"
+    one = job.Job(system="polydisperse", overrides={"n": "64"}, wrt=["diameter[3]"])
+    job.prepare(one)
+    assert one.solver == "cg"
     at_pressure = job.Job(overrides={"n": str(big), "pressure": "0.01"})
     job.prepare(at_pressure)
     assert at_pressure.solver == "cg"
