@@ -144,6 +144,12 @@ class CellSystem(System):
     def to_real(self, q: Array, params: Params) -> Array:
         return (q * params["box"]) @ self.deformation(params).T
 
+    def to_real_on_host(self, q: Any, params: Params) -> np.ndarray:
+        """:meth:`to_real` in NumPy, the cell's deformation included (the parent's
+        twin scales by the box only: a fixed-pressure file's positions were written
+        without the deformation before this override)."""
+        return (np.asarray(q) * np.asarray(params["box"])) @ np.asarray(self.deformation(params)).T
+
     def to_solver(self, x: Array, params: Params) -> Array:
         y = x @ jnp.linalg.inv(self.deformation(params)).T
         return jnp.mod(y / params["box"], 1.0)

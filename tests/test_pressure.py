@@ -487,6 +487,24 @@ def test_fixed_box_build_is_unchanged():
         get("bidisperse").build(n=16, box_dof="aniso")
 
 
+@pytest.mark.parametrize("box_dof", ["iso", "aniso", "shear"])
+def test_positions_for_the_file_include_the_cell_deformation(box_dof):
+    """The file's positions (Result.record: to_real_on_host) are the cell's real
+    positions, to_real with the deformation, and to_solver takes them back to q."""
+    system = get("bidisperse").build(n=16, pressure=0.02, box_dof=box_dof)
+    params = {k: jnp.asarray(v) for k, v in system.params.items()}
+    rng = np.random.default_rng(3)
+    strain = 0.1 * rng.standard_normal(np.shape(params["strain"]))
+    if strain.ndim == 2:
+        strain = 0.5 * (strain + strain.T)
+    params["strain"] = jnp.asarray(strain)
+    q = jnp.asarray(rng.random((16, 2)))
+    x = system.to_real_on_host(q, params)
+    np.testing.assert_allclose(x, np.asarray(system.to_real(q, params)), rtol=0, atol=1e-12)
+    back = np.asarray(system.to_solver(jnp.asarray(x), params)) - np.asarray(q)
+    assert np.max(np.abs(back - np.round(back))) < 1e-12
+
+
 @pytest.mark.slow
 def test_run_at_fixed_pressure_writes_the_cell_and_the_ensemble(tmp_path):
     import h5py
