@@ -142,6 +142,10 @@ class Result:
                 "peak_rss_mb": round(memory.peak_rss() / 1e6, 1)}
 
 
+#: the most steps a relaxation can count (its step counter is an int32)
+MAX_STEPS_LIMIT = 2**31 - 1
+
+
 def parse_wrt(text: str, params: dict[str, jax.Array]) -> tuple[str, tuple[int, ...] | None]:
     """``NAME`` or ``NAME[i]`` / ``NAME[i,j]`` → (name, index or None), validated
     against ``params`` (:func:`mdsens.names.resolve`)."""
@@ -269,6 +273,8 @@ def prepare(job: Job) -> tuple[System, dict[str, Callable], list[tuple[str, str,
         raise UsageError(f"unknown minimizer {job.minimizer!r}: choose {' or '.join(map(repr, minimize.METHODS))}")
     if not job.ftol > 0:
         raise UsageError(f"--ftol must be positive, got {job.ftol}")
+    if not 0 <= job.max_steps <= MAX_STEPS_LIMIT:  # the step counter is a 32-bit integer
+        raise UsageError(f"--max-steps must be between 0 and {MAX_STEPS_LIMIT}, got {job.max_steps}")
     check_max_displacement(job.max_displacement, job.minimizer)
     if job.polish is not None and (job.checkpoint is not None or job.resume is not None):
         raise UsageError("--checkpoint/--resume and --polish cannot be combined")

@@ -81,6 +81,8 @@ def test_refuses_to_overwrite(small_run):
     (["--grad", "entropy"], "unknown observable"),
     (["--minimizer", "bfgs"], "unknown minimizer"),
     (["nosuchsystem"], "unknown system"),
+    (["--max-steps", str(2**70)], "--max-steps must be between 0 and"),
+    (["--max-steps", "-1"], "--max-steps must be between 0 and"),
 ])
 def test_usage_errors_are_one_line_exit_2(tmp_path, args, message):
     result = runner.invoke(app, ["run", *args, "-o", str(tmp_path / "x.h5")])
