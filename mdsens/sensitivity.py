@@ -330,7 +330,7 @@ def forward_fn(
     # array); CG on the CPU goes tangent by tangent.
     batch_size = getattr(solve, "batch_size", None)
     if batch is None:
-        batch = "vmap" if jax.default_backend() != "cpu" else "map"
+        batch = "map" if jax.default_backend() == "cpu" else "vmap"
     if batch not in ("map", "vmap"):
         raise ValueError(f"batch must be 'map' or 'vmap', got {batch!r}")
     shape = jnp.shape(system.params[name]) if name in system.params else None

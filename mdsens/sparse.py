@@ -32,7 +32,7 @@ a dense (r + m)-square system. In the common case no rattler touches a held part
 and no columns ``S⁻¹[T, E]``. One factorization and the r + m columns ``S⁻¹[T, E]``
 serve every right-hand side: a batch under ``vmap`` is one multi-column solve, and the
 last two factorizations are kept (keyed by a hash of the blocks, the pairs, the rattlers
-and the modes), so the ``lax.map`` over tangents of :func:`mdsens.sensitivity.forward_fn`,
+and the modes), so the batches of tangents of :func:`mdsens.sensitivity.forward_fn`,
 the reverse solve at the same state, or a second ``--wrt`` factor once. The answer is
 refined by one step against M where its relative residual is above ``REFINE_TOL``.
 
@@ -312,6 +312,17 @@ def _particle_order(nh: int, upper: np.ndarray, lower: np.ndarray, d: int) -> np
     return (p[:, None] * d + np.arange(d)).ravel()
 
 
+def _from_lower(vals: np.ndarray, rows: np.ndarray, cols: np.ndarray, size: int):
+    """The symmetric SciPy CSC matrix whose lower triangle has ``vals`` at
+    ``(rows, cols)`` (duplicates summed), its strict lower part mirrored above."""
+    import scipy.sparse as sp
+
+    lower = sp.csc_matrix((vals, (rows, cols)), shape=(size, size))
+    a = (lower + sp.tril(lower, -1).T).tocsc()
+    a.sum_duplicates()
+    return a
+
+
 def _pins(t: np.ndarray) -> np.ndarray:
     """One coordinate per column of the orthonormal ``t`` (size, r), where ``Eᵀ t`` is best
     conditioned: the row pivots of a Gram–Schmidt over the rows of ``t`` (QR with column
@@ -405,10 +416,7 @@ class _Factor:
                 raise RuntimeError("sparse.BACKEND = 'cholmod' but CHOLMOD (cvxopt) is not installed "
                                    "or the matrix is not positive definite")
         if lu is None:
-            lower = sp.csc_matrix((vals, (rows, cols)), shape=(size, size))  # duplicates summed
-            a = (lower + sp.tril(lower, -1).T).tocsc()
-            a.sum_duplicates()
-            self._a = a
+            self._a = a = _from_lower(vals, rows, cols, size)
             grounded = a + sp.csc_matrix((np.full(m, s, dtype), (pins, pins)), shape=(size, size))
             try:
                 lu = spla.splu(grounded.tocsc(), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
@@ -460,15 +468,14 @@ class _Factor:
         """The held–held block A as a SciPy CSC matrix (built on demand from S where
         CHOLMOD factored it; for inspection, the solve does not need it); None where
         every particle is a rattler or no factorization was made."""
-        if self._a is None and getattr(self, "lu", None) is not None and isinstance(self.lu, _Cholesky):
-            import scipy.sparse as sp
-
+        if self._a is None and isinstance(getattr(self, "lu", None), _Cholesky):
             colptr, rows, vals = (np.asarray(x).ravel() for x in self.lu.s.CCS)
             size = self.nh * self.d
             cols = np.repeat(np.arange(size), np.diff(colptr))
-            lower = sp.csc_matrix((vals, (rows, cols)), shape=(size, size))
-            ground = sp.csc_matrix((np.full(self.pins.size, self.s), (self.pins, self.pins)), shape=(size, size))
-            self._a = (lower + sp.tril(lower, -1).T - ground).tocsc()
+            diag = rows == cols
+            vals = vals.copy()
+            vals[diag & np.isin(rows, self.pins)] -= self.s  # S − s E Eᵀ
+            self._a = _from_lower(vals, rows, cols, size)
         return self._a
 
     def _held_solve(self, bh: np.ndarray) -> np.ndarray:
