@@ -1278,17 +1278,24 @@ def finite_difference(
     observe: Mapping[str, Observable] | None = None,
     ftol: float = 1e-11,
     polish: int = 6,
+    stencil: int = 2,
 ) -> dict[str, np.ndarray]:
     """Central differences at fixed pressure: re-minimise H at ``θ ± h`` from the
     relaxed ``(q, strain)`` (FIRE, then ``polish`` dense Newton steps), difference
     z with minimum image, project into the implicit derivative's gauge; positions
-    in real space with the affine part of the box change. Small N only."""
-    from mdsens import observables
+    in real space with the affine part of the box change. Small N only.
+    ``stencil=4``: also ``θ ± 2h``, the five-point formula
+    (:func:`mdsens.sensitivity.finite_difference`)."""
 
+    from mdsens import observables, sensitivity
+
+    if stencil not in sensitivity.STENCILS:
+        raise ValueError(f"stencil must be one of {sorted(sensitivity.STENCILS)}, got {stencil!r}")
     theta, _ = split({k: jnp.asarray(v) for k, v in params.items()})
     shape = jnp.shape(theta[name])
     if index is None:
-        each = [finite_difference(system, q, params, name, i, h, observe, ftol, polish) for i in np.ndindex(*shape)]
+        each = [finite_difference(system, q, params, name, i, h, observe, ftol, polish, stencil)
+                for i in np.ndindex(*shape)]
         return {key: np.stack([e[key] for e in each]).reshape(shape + each[0][key].shape) for key in each[0]}
     index = tuple(int(i) for i in index)
     observe = {} if observe is None else observe
@@ -1297,27 +1304,31 @@ def finite_difference(
     z = pack(system, q, params)
     project = gauge_for(system, rattler)(z, theta)
     n, d = system.n, system.dim
-    states = []
-    for sign in (+1.0, -1.0):
+    outputs = _outputs(system, observe)
+    dz_sum = jnp.zeros_like(z)
+    dtheta = jnp.zeros_like(theta[name])
+    values = {key: 0.0 for key in observe}
+    for step, weight in sensitivity.STENCILS[stencil]:
         t = dict(theta)
-        t[name] = theta[name].at[index].add(sign * h)
+        t[name] = theta[name].at[index].add(step * h)
         out = relax(system, {**t, "strain": params["strain"]}, q0=q, ftol=ftol, max_steps=200_000)
         qs, ps = out.q, out.params
         if polish:
             qs, ps = newton_polish(system, qs, ps, rattler, polish)
         dz = pack(system, qs, ps) - z
         dz = dz.at[:n * d].add(-jnp.round(dz[:n * d]))
-        states.append((dz, t))
-    (dz_plus, t_plus), (dz_minus, t_minus) = states
-    dz = project((dz_plus - dz_minus) / (2 * h))
+        dz_sum = dz_sum + weight * dz
+        dtheta = dtheta + weight * (t[name] - theta[name])
+        at = outputs(z + dz, t)
+        for key in observe:
+            values[key] = values[key] + weight * at[key]
+    dz = project(dz_sum / h)
     tangent = {k: jnp.zeros_like(v) for k, v in theta.items()}
-    tangent[name] = (t_plus[name] - t_minus[name]) / (2 * h)
-    outputs = _outputs(system, observe)
+    tangent[name] = dtheta / h
     result = {"position": np.asarray(jax.jvp(lambda z_, t_: outputs(z_, t_)["position"], (z, theta),
                                              (dz, tangent))[1])}
-    plus, minus = outputs(z + dz_plus, t_plus), outputs(z + dz_minus, t_minus)
     for key in observe:
-        result[key] = np.asarray((plus[key] - minus[key]) / (2 * h))
+        result[key] = np.asarray(values[key] / h)
     return result
 
 

@@ -133,10 +133,17 @@ def cg(
     return solve
 
 
-def dense() -> Callable[[MatVec, Tree], tuple[Tree, SolveInfo]]:
+#: columns of the dense matrix built together (``vmap``) by :func:`dense`; more go in
+#: sequential batches of this many, so that memory is this many matvecs' temporaries, not
+#: n of them (3D N = 512 with all pairs: n = 1536 matvecs at once took over 20 GB).
+DENSE_BATCH = 64
+
+
+def dense(batch: int = DENSE_BATCH) -> Callable[[MatVec, Tree], tuple[Tree, SolveInfo]]:
     """Exact dense solve: materialize ``M`` column by column, then LU.
 
-    Costs ``size(b)`` matvecs and O(n^3) time: a reference for small systems.
+    Costs ``size(b)`` matvecs, ``batch`` of them at a time, and O(n^3) time: a
+    reference for small systems.
     It is exact only because the engine passes the gauge-fixed, non-singular
     ``M = P H P + (I - P)``; on the raw singular Hessian a dense LU returns a
     solution plus an arbitrary null-space component, or garbage, silently.
@@ -148,7 +155,10 @@ def dense() -> Callable[[MatVec, Tree], tuple[Tree, SolveInfo]]:
     def solve(matvec: MatVec, b: Tree) -> tuple[Tree, SolveInfo]:
         flat, unravel = ravel_pytree(b)
         n = flat.size
-        columns = jax.vmap(lambda e: ravel_pytree(matvec(unravel(e)))[0])(jnp.eye(n, dtype=flat.dtype))
+        def column(k):
+            return ravel_pytree(matvec(unravel(jnp.zeros(n, flat.dtype).at[k].set(1.0))))[0]
+
+        columns = jax.lax.map(column, jnp.arange(n), batch_size=min(n, batch))
         matrix = columns.T
         x = unravel(jnp.linalg.solve(matrix, flat))
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in tree_util.tree_leaves(x)]))

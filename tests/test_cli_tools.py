@@ -132,6 +132,14 @@ def test_check_agrees_with_finite_differences(files):
     # FD with Newton-polished re-relaxations reaches ~1e-7 (docs/design.md, "Pitfalls we measured"); 1e-5 leaves margin.
     assert report["ok"] and report["max_error"] < 1e-5
     assert set(report["elements"]["diameter[1]"]) == {"position", "energy", "pressure"}
+    assert report["stencil"] == 4
+
+
+@pytest.mark.parametrize("option, value, message", [("--stencil", "3", "choose 4"), ("--h", "0", "positive"),
+                                                    ("--h", "nan", "positive")])
+def test_check_refuses_a_bad_stencil_or_step(files, option, value, message):
+    result = invoke("check", files["2d"], option, value)
+    assert result.exit_code == 2 and message in result.stderr and "checking" not in result.stderr
 
 
 def test_check_detects_a_corrupted_derivative(files, tmp_path):
