@@ -1308,7 +1308,7 @@ def finite_difference(
     dz_sum = jnp.zeros_like(z)
     dtheta = jnp.zeros_like(theta[name])
     values = {key: 0.0 for key in observe}
-    for step, weight in sensitivity.STENCILS[stencil]:
+    def state(step: float):
         t = dict(theta)
         t[name] = theta[name].at[index].add(step * h)
         out = relax(system, {**t, "strain": params["strain"]}, q0=q, ftol=ftol, max_steps=200_000)
@@ -1316,12 +1316,15 @@ def finite_difference(
         if polish:
             qs, ps = newton_polish(system, qs, ps, rattler, polish)
         dz = pack(system, qs, ps) - z
-        dz = dz.at[:n * d].add(-jnp.round(dz[:n * d]))
-        dz_sum = dz_sum + weight * dz
-        dtheta = dtheta + weight * (t[name] - theta[name])
-        at = outputs(z + dz, t)
+        return dz.at[:n * d].add(-jnp.round(dz[:n * d])), t
+
+    for step, weight in sensitivity.STENCILS[stencil]:  # differences first (sensitivity.STENCILS)
+        (dz_plus, t_plus), (dz_minus, t_minus) = state(step), state(-step)
+        dz_sum = dz_sum + weight * (dz_plus - dz_minus)
+        dtheta = dtheta + weight * (t_plus[name] - t_minus[name])
+        plus, minus = outputs(z + dz_plus, t_plus), outputs(z + dz_minus, t_minus)
         for key in observe:
-            values[key] = values[key] + weight * at[key]
+            values[key] = values[key] + weight * (plus[key] - minus[key])
     dz = project(dz_sum / h)
     tangent = {k: jnp.zeros_like(v) for k, v in theta.items()}
     tangent[name] = dtheta / h

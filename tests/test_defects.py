@@ -389,3 +389,32 @@ def test_five_point_stencil_is_more_accurate_than_two_point():
     assert errors[4] < errors[2] / 10, errors
     with pytest.raises(ValueError, match="stencil"):
         sensitivity.finite_difference(system, q, params, "diameter", (0,), stencil=3)
+
+
+def test_a_contact_free_rattlers_diameter_differences_to_exactly_zero():
+    """Particle 0 of this packing touches nobody: nothing depends on its diameter. The
+    five-point sum of four equal values was ~1e-15, not 0, and `mdsens check` called
+    that a relative error of 1; the stencils now difference symmetric points first."""
+    system, q, params, rattler = relaxed("polydisperse", seed=6, n=400, dim=2, phi=0.84)
+    listed = system.with_pairs(jnp.asarray(system.interacting_pairs(q, params, 0.0)))
+    contact, i, j = listed.contact_list(q, params)
+    assert bool(rattler[0]) and not bool(jnp.any(contact & ((i == 0) | (j == 0))))
+    observe = {"energy": observables.energy, "pressure": observables.pressure}
+    for stencil in (2, 4):
+        fd = sensitivity.finite_difference(system, q, params, "diameter", (0,), observe=observe, stencil=stencil)
+        assert all(not np.any(fd[key]) for key in ("position", "energy", "pressure")), stencil
+
+
+def test_a_contact_closing_inside_the_stencil_is_reported():
+    """Particle 1 of the same packing is a rattler 3e-8 from touching a neighbour: at
+    θ + h it pushes it, at θ − h it does not, and x*(θ) has a kink that no difference
+    straddling it estimates. `finite_difference` says so, and `mdsens check` leaves
+    the element unjudged instead of calling a correct derivative wrong."""
+    system, q, params, rattler = relaxed("polydisperse", seed=6, n=400, dim=2, phi=0.84)
+    changed = []
+    for index in ((0,), (1,)):
+        sensitivity.finite_difference(system, q, params, "diameter", index, contacts_changed=changed)
+    assert changed == [False, True]
+    changed = []
+    sensitivity.finite_difference(system, q, params, "diameter", (1,), h=1e-9, contacts_changed=changed)
+    assert changed == [False]
