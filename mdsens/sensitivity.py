@@ -92,6 +92,12 @@ SPARSE_MIN_N = 1024
 #: against 5.8 s, N = 2048 8.7 against 132 s (session 13, 2-core CPU).
 SPARSE_MIN_SOLVES = 8
 SPARSE_MAX_N_3D = 8192
+#: in 3D "auto" factors for any number of solves from SPARSE_3D[0] to SPARSE_3D[1]
+#: particles: a run's two diameters, `mdsens run bidisperse --set dim=3 --set n=N
+#: --solver S`, fresh processes, two each (session 14, 2-core CPU): N = 256 9.3–10.4
+#: against 10.7–11.1 ms with CG; 512 17–19 against 22–24 ms; 1024 39 against 54–57 ms;
+#: 2048 115–121 against 121–123 ms; from 4096 CG is faster (0.28 against 0.48 s)
+SPARSE_3D = (512, 2048)
 
 
 def resolve_solver(method: str, system: System, solves: int = 2) -> str:
@@ -101,7 +107,8 @@ def resolve_solver(method: str, system: System, solves: int = 2) -> str:
     :data:`SPARSE_MIN_N` particles, or wherever the run asks for
     :data:`SPARSE_MIN_SOLVES` or more ``solves`` (tangents and gradients; in 3D up
     to :data:`SPARSE_MAX_N_3D` particles), since one factorization serves them
-    all; "cg" otherwise: fewer particles and solves, 3D (where the factor's fill
+    all, and in 3D for :data:`SPARSE_3D` particles whatever the solves;
+    "cg" otherwise: fewer particles and solves, larger 3D (where the factor's fill
     costs more than CG's few solves: N = 4096, 0.48 against 0.28 s for two), an
     accelerator (where CG stays on the device), fixed pressure (no sparse solve
     there). With both measured side by side (README, "Derivatives against the
@@ -114,6 +121,8 @@ def resolve_solver(method: str, system: System, solves: int = 2) -> str:
     if jax.default_backend() != "cpu" or barostat.is_fixed_pressure(system):
         return "cg"
     if system.dim == 2 and system.n >= SPARSE_MIN_N:
+        return "sparse"
+    if system.dim == 3 and SPARSE_3D[0] <= system.n <= SPARSE_3D[1]:
         return "sparse"
     if solves >= SPARSE_MIN_SOLVES and (system.dim == 2 or system.n <= SPARSE_MAX_N_3D):
         return "sparse"

@@ -347,8 +347,8 @@ def test_bench_with_the_sparse_solver(tmp_path, monkeypatch):
 
 def test_auto_resolves_to_sparse_only_where_it_pays(monkeypatch):
     """`--solver auto` (the default of `mdsens run`): the sparse solve for a fixed
-    box on the CPU in 2D from SPARSE_MIN_N particles or for SPARSE_MIN_SOLVES solves
-    (in 3D up to SPARSE_MAX_N_3D), CG elsewhere; resolved once, by prepare, with the
+    box on the CPU in 2D from SPARSE_MIN_N particles, in 3D within SPARSE_3D, or for
+    SPARSE_MIN_SOLVES solves (in 3D up to SPARSE_MAX_N_3D), CG elsewhere; resolved once, by prepare, with the
     run's tangents counted, so the file records the solver used. Builds only (no relaxation)."""
     from mdsens import barostat, job, systems
 
@@ -357,14 +357,18 @@ def test_auto_resolves_to_sparse_only_where_it_pays(monkeypatch):
     bi = systems.get("bidisperse")
     assert sensitivity.resolve_solver("auto", bi.build(n=big, phi=0.9, seed=0)) == "sparse"
     assert sensitivity.resolve_solver("auto", bi.build(n=big - 2, phi=0.9, seed=0)) == "cg"
-    assert sensitivity.resolve_solver("auto", bi.build(n=big, dim=3, phi=0.7, seed=0)) == "cg"
+    low, high = sensitivity.SPARSE_3D  # in 3D the factor's fill pays for two solves only in this range
+    assert sensitivity.resolve_solver("auto", bi.build(n=low, dim=3, phi=0.7, seed=0)) == "sparse"
+    assert sensitivity.resolve_solver("auto", bi.build(n=high, dim=3, phi=0.7, seed=0)) == "sparse"
+    assert sensitivity.resolve_solver("auto", bi.build(n=low - 2, dim=3, phi=0.7, seed=0)) == "cg"
+    assert sensitivity.resolve_solver("auto", bi.build(n=high + 2, dim=3, phi=0.7, seed=0)) == "cg"
     # many solves (a per-particle parameter's tangents): one factorization serves them all
     many = sensitivity.SPARSE_MIN_SOLVES
     assert sensitivity.resolve_solver("auto", bi.build(n=64, phi=0.9, seed=0), many) == "sparse"
     assert sensitivity.resolve_solver("auto", bi.build(n=64, phi=0.9, seed=0), many - 1) == "cg"
-    assert sensitivity.resolve_solver("auto", bi.build(n=big, dim=3, phi=0.7, seed=0), many) == "sparse"
-    monkeypatch.setattr(sensitivity, "SPARSE_MAX_N_3D", big - 1)
-    assert sensitivity.resolve_solver("auto", bi.build(n=big, dim=3, phi=0.7, seed=0), many) == "cg"
+    assert sensitivity.resolve_solver("auto", bi.build(n=high + 2, dim=3, phi=0.7, seed=0), many) == "sparse"
+    monkeypatch.setattr(sensitivity, "SPARSE_MAX_N_3D", high + 1)
+    assert sensitivity.resolve_solver("auto", bi.build(n=high + 2, dim=3, phi=0.7, seed=0), many) == "cg"
     fixed_p = bi.build(n=big, seed=0, pressure=0.01)
     assert barostat.is_fixed_pressure(fixed_p)
     assert sensitivity.resolve_solver("auto", fixed_p) == "cg"
