@@ -1119,26 +1119,36 @@ def newton_polish(system: CellSystem, q: Array, params: Params, rattler: Array, 
                   pairs: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """Gauge-fixed Newton steps on ``∇_z H`` with a dense solve (small N only):
     drives forces and stress to round-off. Returns ``(q, params)``."""
-    listed = system if pairs is None else system.with_pairs(jnp.asarray(pairs))
-    theta, _ = split(params)
-    root_fn = optimality(listed)
-    z = pack(system, q, params)
-    project = gauge_for(system, rattler)(z, theta)
+    from mdsens import cache
 
-    @jax.jit
-    def step(z_):
-        g = root_fn(z_, theta)
+    theta, _ = split({k: jnp.asarray(v) for k, v in params.items()})
+    z = pack(system, jnp.asarray(q), params)
+    pairs = None if pairs is None else jnp.asarray(pairs)
 
-        def matvec(v):
-            pv = project(v)
-            return project(jax.jvp(lambda y: root_fn(y, theta), (z_,), (pv,))[1]) + (v - pv)
+    def make():  # one program per model and step count (the many polishes of a check compile once)
+        template = system.model.template
 
-        delta, _ = linsolve.dense()(matvec, -project(g))
-        return z_ + delta
+        def polish(z0, theta_, rattler_, pairs_):
+            listed = template if pairs_ is None else template.with_pairs(pairs_)
+            root_fn = optimality(listed)
+            project = gauge_for(template, rattler_)(z0, theta_)
 
-    for _ in range(steps):
-        z = step(z)
-    q, params = unpack(system, z, theta)
+            def step(_, z_):
+                g = root_fn(z_, theta_)
+
+                def matvec(v):
+                    pv = project(v)
+                    return project(jax.jvp(lambda y: root_fn(y, theta_), (z_,), (pv,))[1]) + (v - pv)
+
+                delta, _ = linsolve.dense()(matvec, -project(g))
+                return z_ + delta
+
+            return jax.lax.fori_loop(0, steps, step, z0)
+
+        return polish
+
+    fn, _ = cache.program(("barostat.newton_polish", system.model, steps), make, z, theta, jnp.asarray(rattler), pairs)
+    q, params = unpack(system, fn(z, theta, jnp.asarray(rattler), pairs), theta)
     return jnp.mod(q, 1.0), params
 
 
@@ -1304,7 +1314,7 @@ def finite_difference(
     z = pack(system, q, params)
     project = gauge_for(system, rattler)(z, theta)
     n, d = system.n, system.dim
-    outputs = _outputs(system, observe)
+    outputs = jax.jit(_outputs(system, observe))  # eagerly, each op (the cell's expm) compiled alone: 3 s a call
     dz_sum = jnp.zeros_like(z)
     dtheta = jnp.zeros_like(theta[name])
     values = {key: 0.0 for key in observe}
