@@ -42,7 +42,7 @@ class Job:
     max_displacement: float | None = None  # FIRE: no coordinate moves more than this in one step (None: no cap)
     ftol: float = 1e-10
     max_steps: int = 100_000
-    solver: str = "auto"  # resolved by prepare (sensitivity.resolve_solver): sparse on the CPU in 2D from N = 1024, in 3D for N = 512 … 2048, or for 8+ solves, else cg
+    solver: str = "auto"  # resolved by prepare (sensitivity.resolve_solver): sparse on the CPU in 2D from N = 1024, in 3D for N = 512 … 4096, or for 8+ solves, else cg
     rtol: float = 1e-10
     chunk: int = 2_000
     command: str = ""

@@ -96,8 +96,10 @@ SPARSE_MAX_N_3D = 8192
 #: particles: a run's two diameters, `mdsens run bidisperse --set dim=3 --set n=N
 #: --solver S`, fresh processes, two each (session 14, 2-core CPU): N = 256 9.3–10.4
 #: against 10.7–11.1 ms with CG; 512 17–19 against 22–24 ms; 1024 39 against 54–57 ms;
-#: 2048 115–121 against 121–123 ms; from 4096 CG is faster (0.28 against 0.48 s)
-SPARSE_3D = (512, 2048)
+#: with the nested dissection (:data:`mdsens.sparse.NESTED_DISSECTION_MIN_N`) 2048 100
+#: against 116–134 ms and 4096 274–307 against 287–325 ms (memory 650 against 410 MB);
+#: at 8192 CG is faster (0.59 against 0.87–0.95 s)
+SPARSE_3D = (512, 4096)
 
 
 def resolve_solver(method: str, system: System, solves: int = 2) -> str:
@@ -109,7 +111,7 @@ def resolve_solver(method: str, system: System, solves: int = 2) -> str:
     to :data:`SPARSE_MAX_N_3D` particles), since one factorization serves them
     all, and in 3D for :data:`SPARSE_3D` particles whatever the solves;
     "cg" otherwise: fewer particles and solves, larger 3D (where the factor's fill
-    costs more than CG's few solves: N = 4096, 0.48 against 0.28 s for two), an
+    costs more than CG's few solves: N = 8192, 0.9 against 0.6 s for two), an
     accelerator (where CG stays on the device), fixed pressure (no sparse solve
     there). With both measured side by side (README, "Derivatives against the
     relaxation"), the sparse solve takes a third to a quarter of CG's time from

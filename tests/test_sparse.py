@@ -167,12 +167,17 @@ def test_host_factor_solves_m_exactly(backend, negative, refine, monkeypatch):
         assert sparse.STATS[used] == before[used] + 1
 
 
-def test_particle_order_is_a_permutation_of_whole_particles():
-    """The ordering handed to CHOLMOD: AMD on the particle graph, each particle's d
-    coordinates consecutive and in order, every coordinate once."""
+@pytest.mark.parametrize("d", [2, 3])
+def test_particle_order_is_a_permutation_of_whole_particles(d, monkeypatch):
+    """The ordering handed to CHOLMOD: AMD (2D) or METIS's nested dissection (3D) on the
+    particle graph, each particle's d coordinates consecutive and in order, every
+    coordinate once."""
     pytest.importorskip("cvxopt")
-    n, d = 12, 3
+    n = 12
     k, i, j, held, modes = _random_problem(n, d, (), False, 2)
+    if d == 3:  # the nested dissection, where it would run for a large packing
+        pytest.importorskip("pymetis")
+        monkeypatch.setattr(sparse, "NESTED_DISSECTION_MIN_N", 1)
     order = sparse._particle_order(n, np.maximum(i, j), np.minimum(i, j), d)
     assert sorted(order.tolist()) == list(range(n * d))
     blocks = order.reshape(n, d)
