@@ -87,18 +87,13 @@ def verify(record: Mapping[str, Any], wrt: str | None = None, h: float = 1e-5, t
         for label, name, index, at in _elements(key, shape):
             if wanted is not None and not names.matches(wanted, names.Name(name, index)):
                 continue
+            changed: list[bool] = []  # the fixed-box differences say whether the contacts changed
             if barostat.is_fixed_pressure(system):  # re-minimise the enthalpy, the box relaxing too
                 fd = barostat.finite_difference(system, q, params, name, index, h=h, observe=observe,
                                                 stencil=stencil)
             else:
-                changed: list[bool] = []
                 fd = sensitivity.finite_difference(system, q, params, name, index, h=h, observe=observe, ftol=ftol,
                                                    stencil=stencil, contacts_changed=changed)
-                if changed[0]:
-                    reach = "2h" if stencil == 4 else "h"
-                    unchecked[label] = (f"a contact opens or closes within θ ± {reach}: x*(θ) has a kink there and the "
-                                        "differences do not estimate the derivative (try a smaller --h)")
-                    continue
             errors_ = {}
             for quantity, reference in fd.items():
                 stored = np.asarray(values[quantity])[at] if at else np.asarray(values[quantity])
@@ -110,13 +105,22 @@ def verify(record: Mapping[str, Any], wrt: str | None = None, h: float = 1e-5, t
                     scale = max(scale, 1e-8 / h * float(np.max(np.abs(record["observables"][quantity]))))
                 diff = float(np.max(np.abs(stored - reference)))
                 errors_[quantity] = diff / scale if scale > 0 else diff
+            if changed[-1:] == [True] and max(errors_.values(), default=0.0) > tol:
+                # Near jamming some contact is nearly always about to open or close; where the
+                # differences still agree that kink is too small to matter. Where they do not,
+                # it, not the derivative, may be why: the element is reported, not judged.
+                reach = "2h" if stencil == 4 else "h"
+                unchecked[label] = (f"relative error {max(errors_.values()):.1e}, but a contact opens or closes "
+                                    f"within θ ± {reach}: x*(θ) has a kink there that the differences straddle "
+                                    "(try a smaller --h)")
+                continue
             results[label] = errors_
     if not results and not unchecked:
         # e.g. --wrt diameter[1] where only diameter[0] is stored, or diameter[x]: nothing was compared.
         raise KeyError(f"--wrt {wrt!r}: no stored derivative element matches; stored: {', '.join(entries)}")
     worst = max((e for r in results.values() for e in r.values()), default=0.0)
-    # An element whose contacts change inside the stencil is reported, not judged; a
-    # check that could judge nothing is not a pass.
+    # An element that disagrees while its contacts change inside the stencil is reported,
+    # not judged; a check that could judge nothing is not a pass.
     return {"file_ftol": record.get("meta", {}).get("ftol"), "h": h, "stencil": stencil, "tolerance": tol,
             "elements": results, "unchecked": unchecked,
             "max_error": worst, "ok": bool(results) and bool(worst <= tol)}

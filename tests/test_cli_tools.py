@@ -209,14 +209,16 @@ def test_chunking_overhead():
 
 def test_check_leaves_an_element_whose_contacts_change_unjudged(tmp_path):
     """Polydisperse N = 400, φ = 0.84, seed 6: particle 1 is a rattler ~3e-8 from
-    touching a neighbour, so x*(D_1) has a kink inside θ ± 2h. The check says the
-    element could not be checked (exit 1: nothing was judged), not DISAGREE."""
+    touching a neighbour, so x*(D_1) has a kink inside θ ± 2h and the differences are
+    off by 100 %. The check says the element could not be checked (exit 1: nothing was
+    judged), not DISAGREE."""
     path = tmp_path / "kink.h5"
     made = invoke("run", "polydisperse", "--set", "n=400", "--set", "phi=0.84", "--seed", "6",
                   "--wrt", "diameter[1]", "-o", path, "-q")
     assert made.exit_code == 0, made.output
     result = invoke("check", path)
-    assert result.exit_code == 1 and "not checked: a contact opens or closes" in result.stdout
+    assert result.exit_code == 1 and "not checked: relative error" in result.stdout
+    assert "but a contact opens or closes" in result.stdout
     assert "nothing could be checked" in result.stdout and "DISAGREE" not in result.stdout
     report = json.loads(invoke("check", path, "--json", "--h", "1e-9", "--stencil", "2").stdout)
     assert report["ok"] and not report["unchecked"] and list(report["elements"]) == ["diameter[1]"]
