@@ -138,17 +138,22 @@ def _dense_m(k, i, j, held, modes):
     return proj @ h @ proj + np.eye(n * d) - proj
 
 
+@pytest.mark.parametrize("ordering", ["default", "nested-dissection"])
 @pytest.mark.parametrize("refine", ["when-needed", "always"])
 @pytest.mark.parametrize("negative", [False, True], ids=["definite", "saddle"])
 @pytest.mark.parametrize("backend", ["auto", "superlu"])
-def test_host_factor_solves_m_exactly(backend, negative, refine, monkeypatch):
+def test_host_factor_solves_m_exactly(backend, negative, refine, ordering, monkeypatch):
     """The host factorization alone against the dense M of its definition, for random
     blocks: CHOLMOD where S is positive definite, SuperLU's fallback for a saddle; with
-    the refinement step only where the first residual asks for it, and always."""
+    the refinement step only where the first residual asks for it, and always; in 3D
+    also in METIS's nested dissection (what a large 3D packing gets)."""
     monkeypatch.setattr(sparse, "BACKEND", backend)
     if refine == "always":
         monkeypatch.setattr(sparse, "REFINE_TOL", -1.0)
-    for d, n, rattlers, seed in ((2, 12, (3,), 0), (3, 9, (), 1)):
+    if ordering == "nested-dissection":
+        pytest.importorskip("pymetis")
+        monkeypatch.setattr(sparse, "NESTED_DISSECTION_MIN_N", 1)
+    for d, n, rattlers, seed in ((2, 12, (3,), 0), (3, 9, (), 1), (3, 30, (4, 17), 2)):
         k, i, j, held, modes = _random_problem(n, d, rattlers, negative, seed)
         m = _dense_m(k, i, j, held, modes)
         assert (np.linalg.eigvalsh(m).min() < 0) == negative
@@ -178,7 +183,11 @@ def test_particle_order_is_a_permutation_of_whole_particles(d, monkeypatch):
     if d == 3:  # the nested dissection, where it would run for a large packing
         pytest.importorskip("pymetis")
         monkeypatch.setattr(sparse, "NESTED_DISSECTION_MIN_N", 1)
+        nested = sparse._nested_dissection(n, np.maximum(i, j), np.minimum(i, j))
+        assert nested is not None and sorted(nested.tolist()) == list(range(n))
     order = sparse._particle_order(n, np.maximum(i, j), np.minimum(i, j), d)
+    if d == 3:
+        np.testing.assert_array_equal(order.reshape(n, d)[:, 0] // d, nested)
     assert sorted(order.tolist()) == list(range(n * d))
     blocks = order.reshape(n, d)
     np.testing.assert_array_equal(blocks, blocks[:, :1] + np.arange(d))
