@@ -11,6 +11,7 @@ that each linear solve's iterations and residual can be reported), and
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Mapping, NamedTuple
 
 import jax
@@ -100,6 +101,34 @@ SPARSE_MAX_N_3D = 8192
 #: against 116–134 ms and 4096 274–307 against 287–325 ms (memory 650 against 410 MB);
 #: at 8192 CG is faster (0.59 against 0.87–0.95 s)
 SPARSE_3D = (512, 4096)
+#: "auto" factors only where the pair graph is sparse: at most this many pairs per particle
+#: within the cutoff (:func:`neighbors_per_particle`; 2D, 3D). Soft spheres at φ = 0.9 have
+#: ~5 (2D) and ~11 (3D), where the figures above were measured; a Lennard-Jones crystal
+#: (cutoff 2.5σ) ~18 and ~65, where the factor fills and CG is faster (2D N = 1152: 12.7
+#: against 17.6 ms; 3D N = 2048: 0.11 against 0.39 s, session 14); a free Morse cluster
+#: interacts through all pairs (2D N = 1100: CG 0.57 against 1.84 s).
+SPARSE_MAX_NEIGHBORS = {2: 12.0, 3: 24.0}
+
+
+def neighbors_per_particle(system: System) -> float:
+    """The expected number of other particles within the cutoff of one, at the periodic
+    box's mean density (N/V times the volume of a ball of radius cutoff), at most N − 1;
+    N − 1 in free space or without a finite cutoff (every pair may interact). 0 where θ
+    is traced (a solver resolved inside a compiled design step: callers that can resolve
+    first, such as ``job.prepare``, do)."""
+    n = system.n
+    if not system.periodic:
+        return float(n - 1)
+    try:
+        cutoff = float(system.cutoff(system.params))
+        volume = float(system.volume(system.params))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return 0.0
+    if not np.isfinite(cutoff):
+        return float(n - 1)
+    d = system.dim
+    ball = np.pi ** (d / 2) / math.gamma(d / 2 + 1) * cutoff**d
+    return float(min(n - 1, n / volume * ball))
 
 
 def resolve_solver(method: str, system: System, solves: int = 2) -> str:
@@ -109,8 +138,10 @@ def resolve_solver(method: str, system: System, solves: int = 2) -> str:
     :data:`SPARSE_MIN_N` particles, or wherever the run asks for
     :data:`SPARSE_MIN_SOLVES` or more ``solves`` (tangents and gradients; in 3D up
     to :data:`SPARSE_MAX_N_3D` particles), since one factorization serves them
-    all, and in 3D for :data:`SPARSE_3D` particles whatever the solves;
-    "cg" otherwise: fewer particles and solves, larger 3D (where the factor's fill
+    all, and in 3D for :data:`SPARSE_3D` particles whatever the solves — each only
+    where the pair graph is sparse (:data:`SPARSE_MAX_NEIGHBORS`);
+    "cg" otherwise: fewer particles and solves, a dense pair graph (a Lennard-Jones
+    crystal, a free cluster), larger 3D (where the factor's fill
     costs more than CG's few solves: N = 8192, 0.9 against 0.6 s for two), an
     accelerator (where CG stays on the device), fixed pressure (no sparse solve
     there). With both measured side by side (README, "Derivatives against the
@@ -122,6 +153,8 @@ def resolve_solver(method: str, system: System, solves: int = 2) -> str:
 
     if jax.default_backend() != "cpu" or barostat.is_fixed_pressure(system):
         return "cg"
+    if neighbors_per_particle(system) > SPARSE_MAX_NEIGHBORS.get(system.dim, 0.0):
+        return "cg"  # a dense pair graph (long cutoff, all pairs): the factor fills in
     if system.dim == 2 and system.n >= SPARSE_MIN_N:
         return "sparse"
     if system.dim == 3 and SPARSE_3D[0] <= system.n <= SPARSE_3D[1]:

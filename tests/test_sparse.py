@@ -383,6 +383,12 @@ def test_auto_resolves_to_sparse_only_where_it_pays(monkeypatch):
     assert sensitivity.resolve_solver("auto", bi.build(n=high + 2, dim=3, phi=0.7, seed=0), many) == "sparse"
     monkeypatch.setattr(sensitivity, "SPARSE_MAX_N_3D", high + 1)
     assert sensitivity.resolve_solver("auto", bi.build(n=high + 2, dim=3, phi=0.7, seed=0), many) == "cg"
+    # a dense pair graph: CG, however many particles and solves
+    for dense in (systems.get("lj_crystal").build(dim=3, cells=6, seed=0), systems.get("lj_crystal").build(cells=24, seed=0),
+                  systems.get("morse_cluster").build(n=low + 8, seed=0)):
+        assert sensitivity.neighbors_per_particle(dense) > sensitivity.SPARSE_MAX_NEIGHBORS[dense.dim]
+        assert sensitivity.resolve_solver("auto", dense) == "cg"
+        assert sensitivity.resolve_solver("auto", dense, many) == "cg"
     fixed_p = bi.build(n=big, seed=0, pressure=0.01)
     assert barostat.is_fixed_pressure(fixed_p)
     assert sensitivity.resolve_solver("auto", fixed_p) == "cg"
@@ -404,6 +410,21 @@ def test_auto_resolves_to_sparse_only_where_it_pays(monkeypatch):
     at_pressure = job.Job(overrides={"n": str(big), "pressure": "0.01"})
     job.prepare(at_pressure)
     assert at_pressure.solver == "cg"
+
+
+@pytest.mark.parametrize("family, config", [("bidisperse", {"n": 1024}), ("bidisperse", {"n": 1024, "dim": 3}),
+                                            ("polydisperse", {"n": 1024, "dim": 3}), ("lj_crystal", {"dim": 3})])
+def test_neighbors_per_particle_is_the_pair_count_of_the_start(family, config):
+    """`auto`'s estimate of the pair graph's density (N/V times the ball of the cutoff)
+    against the pairs within the cutoff counted at the start: a random start (soft
+    spheres) or a lattice (the crystal, its shells within 2.5σ)."""
+    from mdsens import systems
+
+    system = systems.get(family).build(seed=0, **config)
+    params = {k: jnp.asarray(v) for k, v in system.params.items()}
+    q = system.to_solver(jnp.asarray(system.positions), params)
+    counted = 2 * system.interacting_pairs(q, params).shape[1] / system.n
+    assert abs(sensitivity.neighbors_per_particle(system) / counted - 1) < 0.25, counted
 
 
 def test_summaries_name_the_solver_that_ran(tmp_path):
