@@ -149,7 +149,9 @@ def check(
     with errors():
         if not (np.isfinite(h) and h > 0):
             fail(f"--h {h}: the finite-difference step must be a positive number, e.g. 1e-5", EXIT_USAGE)
-        if stencil not in (2, 4):
+        from mdsens.sensitivity import STENCILS
+
+        if stencil not in STENCILS:
             fail(f"--stencil {stencil}: choose 4 (θ ± h, θ ± 2h) or 2 (θ ± h)", EXIT_USAGE)
         record = io.read(file)
         n, d = np.shape(record["positions"])

@@ -155,6 +155,7 @@ def dense(batch: int = DENSE_BATCH) -> Callable[[MatVec, Tree], tuple[Tree, Solv
     def solve(matvec: MatVec, b: Tree) -> tuple[Tree, SolveInfo]:
         flat, unravel = ravel_pytree(b)
         n = flat.size
+
         def column(k):
             return ravel_pytree(matvec(unravel(jnp.zeros(n, flat.dtype).at[k].set(1.0))))[0]
 

@@ -494,6 +494,32 @@ def gradient(
 POLISH_MARGIN = 0.1
 
 
+def listed_pairs(system: System, q: Array, params: Params) -> Array | None:
+    """The pairs within ``cutoff · (1 + POLISH_MARGIN)`` of each other at ``q``, padded
+    (:func:`mdsens.system.pad_pairs`), for a system summed over all pairs with a finite
+    cutoff; ``None`` otherwise (a pair list already given, or every pair interacting)."""
+    if system.pairs is not None:
+        return None
+    cutoff = float(system.cutoff(params))
+    if not np.isfinite(cutoff):
+        return None
+    return pad_pairs(system.interacting_pairs(q, params, POLISH_MARGIN * cutoff), system.n)
+
+
+def polish_over_listed_pairs(system: System, q: Array, params: Params,
+                             polish: Callable[[Array | None], tuple[Array, Params]]) -> tuple[Array, Params]:
+    """``polish(pairs)`` (returning the polished ``(q, params)``) over :func:`listed_pairs`,
+    redone with ``polish(None)`` (the system's own pairs) where another pair came within
+    the cutoff of the polished state (:func:`missing_pairs`)."""
+    pairs = listed_pairs(system, q, params)
+    if pairs is None:
+        return polish(None)
+    polished, polished_params = polish(pairs)
+    if int(missing_pairs(system.with_pairs(pairs), polished, polished_params)) > 0:
+        return polish(None)
+    return polished, polished_params
+
+
 def newton_polish(system: System, q: Array, params: Params, rattler: Array, steps: int = 4) -> Array:
     """A few gauge-fixed Newton steps with a dense solve: drives ``max|F|`` to
     round-off on a small system (FIRE alone stalls near 1e-13). Small N only.
@@ -501,19 +527,16 @@ def newton_polish(system: System, q: Array, params: Params, rattler: Array, step
     A system without a pair list is polished over the pairs within ``cutoff ·
     (1 + POLISH_MARGIN)`` of each other at ``q`` (the same energy and derivatives
     while no other pair comes within the cutoff, which is checked at the end; where
-    one did, the polish is redone over all pairs). The steps are one program per
-    model, step count and padded pair count (:mod:`mdsens.cache`), so the many
-    polishes of a finite-difference check compile once."""
+    one did, the polish is redone over all pairs; :func:`polish_over_listed_pairs`).
+    The steps are one program per model, step count and padded pair count
+    (:mod:`mdsens.cache`), so the many polishes of a finite-difference check compile once."""
     params = {k: jnp.asarray(v) for k, v in params.items()}
     q, rattler = jnp.asarray(q), jnp.asarray(rattler)
-    cutoff = float(system.cutoff(params)) if system.pairs is None else float("inf")
-    if system.pairs is not None or not np.isfinite(cutoff):
-        return _newton_steps(system, q, params, rattler, steps, system.pairs)
-    pairs = pad_pairs(system.interacting_pairs(q, params, POLISH_MARGIN * cutoff), system.n)
-    polished = _newton_steps(system, q, params, rattler, steps, pairs)
-    if int(missing_pairs(system.with_pairs(pairs), polished, params)) > 0:
-        return _newton_steps(system, q, params, rattler, steps, None)
-    return polished
+
+    def polish(pairs):
+        return _newton_steps(system, q, params, rattler, steps, system.pairs if pairs is None else pairs), params
+
+    return polish_over_listed_pairs(system, q, params, polish)[0]
 
 
 def _newton_steps(system: System, q: Array, params: Params, rattler: Array, steps: int,
@@ -545,6 +568,12 @@ def _newton_steps(system: System, q: Array, params: Params, rattler: Array, step
 
     fn, _ = cache.program(("newton_polish", system.model, steps), make, q, params, rattler, pairs)
     return fn(q, params, rattler, pairs)
+
+
+#: finite-difference stencils: (step in units of h, weight) pairs, the derivative being
+#: Σ weight · (f(θ + step · h) − f(θ − step · h)) / h (differences first, so that an f that
+#: does not move, such as anything of a rattler's diameter, gives exactly 0)
+STENCILS = {2: ((1.0, 0.5),), 4: ((1.0, 2.0 / 3.0), (2.0, -1.0 / 12.0))}
 
 
 def finite_difference(
@@ -599,25 +628,25 @@ def finite_difference(
     dq = jnp.zeros_like(q)
     dtheta = jnp.zeros_like(params[name])
     values = {key: 0.0 for key in observe}
-    cutoff = float(system.cutoff(params)) if system.pairs is None else float("inf")
-    near = (system.with_pairs(pad_pairs(system.interacting_pairs(q, params, POLISH_MARGIN * cutoff), system.n))
-            if np.isfinite(cutoff) else system)
+    pairs = listed_pairs(system, q, params)
+    near = system if pairs is None else system.with_pairs(pairs)
     touching = near.contact_list(q, params)[0]
     changed = False
 
     def state(step: float):
+        """The shift of x* (minimum image) at θ + step·h, θ there, and whether the contacts changed."""
         p = dict(params)
         p[name] = params[name].at[index].add(step * h)
         qs, _ = relax(system, p, q0=q, ftol=ftol, max_steps=200_000)
         if polish:
             qs = newton_polish(system, qs, p, rattler)
-        nonlocal changed
-        changed = changed or bool(jnp.any(near.contact_list(qs, p)[0] != touching))
         shift = qs - q
-        return (shift - jnp.round(shift) if system.periodic else shift), p
+        return (shift - jnp.round(shift) if system.periodic else shift), p, \
+            bool(jnp.any(near.contact_list(qs, p)[0] != touching))
 
     for step, weight in weights:  # weight · (f(θ + step h) − f(θ − step h)): exactly 0 where f does not change
-        (s_plus, p_plus), (s_minus, p_minus) = state(step), state(-step)
+        (s_plus, p_plus, c_plus), (s_minus, p_minus, c_minus) = state(step), state(-step)
+        changed = changed or c_plus or c_minus
         dq = dq + weight * (s_plus - s_minus)
         dtheta = dtheta + weight * (p_plus[name] - p_minus[name])
         for key, fn in observe.items():
@@ -631,9 +660,3 @@ def finite_difference(
     if contacts_changed is not None:
         contacts_changed.append(changed)
     return out
-
-
-#: finite-difference stencils: (step in units of h, weight) pairs, the derivative being
-#: Σ weight · (f(θ + step · h) − f(θ − step · h)) / h (differences first, so that an f that
-#: does not move, such as anything of a rattler's diameter, gives exactly 0)
-STENCILS = {2: ((1.0, 0.5),), 4: ((1.0, 2.0 / 3.0), (2.0, -1.0 / 12.0))}

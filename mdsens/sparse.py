@@ -299,18 +299,15 @@ def _nested_dissection(nh: int, upper: np.ndarray, lower: np.ndarray) -> np.ndar
         import pymetis
     except ImportError:
         return None
-    upper, lower = np.asarray(upper, np.int64), np.asarray(lower, np.int64)
-    keys = np.unique(upper * nh + lower)  # each edge once
-    if keys.size == 0:
+    import scipy.sparse as sp
+
+    if np.size(upper) == 0:
         return np.arange(nh, dtype=np.int64)
-    a, b = np.divmod(keys, nh)
-    ends = np.concatenate([a, b])
-    other = np.concatenate([b, a])
-    by = np.argsort(ends, kind="stable")
-    starts = np.zeros(nh + 1, np.int64)
-    np.cumsum(np.bincount(ends, minlength=nh), out=starts[1:])
+    ends = np.concatenate([upper, lower]).astype(np.int64)
+    other = np.concatenate([lower, upper]).astype(np.int64)
+    graph = sp.csr_matrix((np.ones(ends.size), (ends, other)), shape=(nh, nh))  # each edge once, both ways
     try:
-        perm, _ = pymetis.nested_dissection(adjacency=pymetis.CSRAdjacency(starts, other[by]))
+        perm, _ = pymetis.nested_dissection(adjacency=pymetis.CSRAdjacency(graph.indptr, graph.indices))
     except Exception:  # noqa: BLE001 — an ordering is an optimisation: minimum degree then
         return None
     perm = np.asarray(perm, np.int64)
