@@ -10,7 +10,7 @@ of 3.9 s; N = 131072 (CHUNK 1000): 3.48 ms a step, 60 ms a rebuild (363, 232 of 
 first 3300 steps), rebuilds ~21 % of 104 s. Session 12 (rebuild test without argmax, FIRE's power
 without vdot): N = 131072, the same 22394 steps and 363 rebuilds, 2.93 ms a step, 91.6 s.
 """
-import sys, time, numpy as np, jax
+import os, sys, time, numpy as np, jax
 jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp
 from mdsens import systems, relax as R, driver
@@ -29,7 +29,7 @@ def drive(state, table, program, *a, **k):
     return orig(state, table, prog, *a, **k)
 R.driver.drive = drive
 fam = systems.get("bidisperse")
-system = fam.build_fn(seed=0, **fam.resolve({"n": str(n), "dim": "2"}))
+system = fam.build_fn(seed=0, **fam.resolve({"n": str(n), "dim": os.environ.get("DIM", "2")}))
 params = {k: jnp.asarray(v) for k, v in system.params.items()}
 import os
 md = float(os.environ["MAXDISP"]) if os.environ.get("MAXDISP") else None
