@@ -33,7 +33,8 @@ system = fam.build_fn(seed=0, **fam.resolve({"n": str(n), "dim": os.environ.get(
 params = {k: jnp.asarray(v) for k, v in system.params.items()}
 import os
 md = float(os.environ["MAXDISP"]) if os.environ.get("MAXDISP") else None
-out = R.relax(system, params, jnp.asarray(system.positions), "fire", 1e-10, 400000, chunk, max_displacement=md)
+out = R.relax(system, params, jnp.asarray(system.positions), "fire", 1e-10, 400000, chunk, max_displacement=md,
+              skin=float(os.environ.get("SKIN", R.DEFAULT_SKIN)))
 print("steps", int(out.info.steps), "rebuilds", out.stats.rebuilds, "E %.15g" % float(out.info.energy))
 r = np.array([(s, b, t) for s, b, t, o in rec if not o and s > 0], float)
 # skip the first chunk (compile-time effects / settle) in the fit

@@ -216,14 +216,17 @@ def compact_rows(cand: Array, near: Array, capacity: int, n: int) -> tuple[Array
     ``capacity`` entries, and sorts only those: 3D bidisperse, N = 1024: a 540-wide
     row, 43 kept, 1.2 against 5.6 ms a build; N = 8192: 12.5 against 45 ms."""
     rows, width = cand.shape
-    words = -(-width // 32)
-    pad = words * 32 - width
-    if pad:
-        cand = jnp.concatenate([cand, jnp.full((rows, pad), n, cand.dtype)], axis=1)
-        near = jnp.concatenate([near, jnp.zeros((rows, pad), bool)], axis=1)
+    full, tail = divmod(width, 32)
+    words = full + (tail > 0)
     one = jnp.uint32(1)
-    bits = jnp.sum(near.reshape(rows, words, 32).astype(jnp.uint32) << jnp.arange(32, dtype=jnp.uint32),
-                   axis=-1, dtype=jnp.uint32)  # distinct bits: the sum is their or
+
+    def pack(mask, length):  # distinct bits: their sum is their or
+        return jnp.sum(mask.astype(jnp.uint32) << jnp.arange(length, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+
+    # the last word holds the ``tail`` candidates beyond the full words (no padded copy of the rows)
+    parts = [pack(near[:, :full * 32].reshape(rows, full, 32), 32)] if full else []
+    parts += [pack(near[:, full * 32:], tail)[:, None]] if tail else []
+    bits = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
     count = jax.lax.population_count(bits).astype(jnp.int32)
     ends = jax.lax.associative_scan(jnp.add, count, axis=1)  # near candidates up to each word's end
     total = ends[:, -1]
@@ -351,10 +354,10 @@ class Neighbors(NamedTuple):
 
     idx: (N, K) neighbors of each particle, padded with N.
     reference: (N, d) positions at the last build.
-    cells: (n_cells, C) the padded cell list of the last build (3D; C: cell
-        capacity); (0, W) with packed cells (2D; W: candidates per particle,
-        carried as a shape only); (0, 0) when the table is built from all pairs.
-    overflow: True when the last build did not fit (K, C or W too small).
+    cells: (0, W) on a cell list (W: candidates per particle, the cell
+        capacity, carried as a shape only); (0, 0) when the table is built
+        from all pairs.
+    overflow: True when the last build did not fit (K or W too small).
     """
 
     idx: Array
@@ -401,10 +404,6 @@ class Table:
             if np.all(grid >= 3):
                 self.grid = grid
                 self.neighbor_cells = self._neighbor_cells(grid)
-        #: cells as contiguous ranges of the particles sorted by cell (2D), or
-        #: padded to a common capacity (3D: 27 ranges cost more to index than
-        #: the padding saves).
-        self.packed = self.grid is not None and self.dim <= 2
 
     @property
     def cell_list(self) -> bool:
@@ -481,7 +480,7 @@ class Table:
 
     def _candidates(self, x: Array, cell_capacity: int, box: Array | None = None) -> tuple[Array, Array, Array]:
         """(N, width) candidate neighbors (padded with N), the cells, and
-        whether some cell held more than ``cell_capacity`` particles."""
+        whether some particle had more than ``cell_capacity`` candidates."""
         n = self.n
         if self.grid is None:
             if self.static:
@@ -493,34 +492,27 @@ class Table:
         order = sort_order(cell, n_cells)
         counts = jnp.zeros(n_cells, jnp.int32).at[cell].add(1)
         first = jnp.cumsum(counts) - counts
-        if self.packed:
-            # The particles sorted by cell, each cell a contiguous range: slot s
-            # of a cell's candidate row is the s-th particle of its 3^d cells
-            # taken one after another — no per-cell padding, so about a third
-            # of the padded width (2D, N = 16384: 38 against 90 candidates).
-            # Computed once per cell and copied to its particles (a cell holds
-            # ~2 particles), with the running sums over the 3^d cells unrolled
-            # (XLA:CPU's cumsum is a slow reduce-window).
-            width = cell_capacity
-            around = jnp.asarray(self.neighbor_cells)  # (cells, 3^d)
-            lengths = counts[around]
-            ends = [lengths[:, 0]]
-            for k in range(1, around.shape[1]):
-                ends.append(ends[-1] + lengths[:, k])
-            ends = jnp.stack(ends, axis=1)
-            slot = jnp.arange(width, dtype=jnp.int32)
-            which = jnp.minimum(jnp.sum(ends[:, None, :] <= slot[None, :, None], axis=-1), around.shape[1] - 1)
-            rows = jnp.arange(n_cells)[:, None]
-            source = first[around[rows, which]] + slot - (ends - lengths)[rows, which]
-            inside = slot < ends[:, -1:]
-            per_cell = jnp.where(inside, order[jnp.clip(source, 0, n - 1)].astype(jnp.int32), n)
-            return per_cell[cell], jnp.zeros((0, width), jnp.int32), jnp.max(ends[:, -1]) > width
-        around = jnp.asarray(self.neighbor_cells)[cell]  # (N, 3^d)
-        sorted_cell = cell[order]
-        slot = jnp.arange(n, dtype=jnp.int32) - first[sorted_cell]
-        cells = jnp.full((n_cells, cell_capacity), n, jnp.int32)
-        cells = cells.at[sorted_cell, slot].set(order.astype(jnp.int32), mode="drop")
-        return cells[around].reshape(n, -1), cells, jnp.max(counts) > cell_capacity
+        # The particles sorted by cell, each cell a contiguous range: slot s of a
+        # cell's candidate row is the s-th particle of its 3^d cells taken one
+        # after another — no per-cell padding, so about a third of a padded
+        # cell array's width (2D, N = 16384: 38 against 90 candidates; 3D,
+        # N = 8192: 200 against 594). Computed once per cell and copied to its
+        # particles (a cell holds a few), the ranges' running sums unrolled
+        # (XLA:CPU's cumsum is a slow reduce-window), and each slot's source
+        # selected range after range by elementwise comparisons rather than
+        # gathered by a range index (N = 16384: 2D 4.7 → 1.2 ms, 3D 12 → 3.8 ms).
+        width = cell_capacity
+        around = jnp.asarray(self.neighbor_cells)  # (cells, 3^d)
+        slot = jnp.arange(width, dtype=jnp.int32)[None, :]
+        start = jnp.zeros(n_cells, jnp.int32)  # where range k begins in the row
+        offset = jnp.broadcast_to(first[around[:, 0]][:, None], (n_cells, width))  # source − slot
+        for k in range(1, around.shape[1]):
+            start = start + counts[around[:, k - 1]]
+            # an empty range starts where the next one does, which then wins
+            offset = jnp.where(slot >= start[:, None], (first[around[:, k]] - start)[:, None], offset)
+        total = start + counts[around[:, -1]]
+        per_cell = jnp.where(slot < total[:, None], order[jnp.clip(slot + offset, 0, n - 1)].astype(jnp.int32), n)
+        return per_cell[cell], jnp.zeros((0, width), jnp.int32), jnp.max(total) > width
 
     def _near(self, x: Array, cand: Array, box: Array | None, deform: Array | None) -> Array:
         """(N, width) which candidates lie within reach (after ``deform``)."""
@@ -544,8 +536,8 @@ class Table:
             return Neighbors(cand, x, cells, cell_overflow)
         near = self._near(x, cand, box, deform)
         # Compaction: the near candidates, sorted by index. Rows at least twice
-        # the capacity (3D's 27 padded cells, all pairs) go through
-        # compact_rows; narrower ones (2D's packed cells) are sorted whole,
+        # the capacity (3D's 27 cells, all pairs) go through
+        # compact_rows; narrower ones (2D's 9 cells) are sorted whole,
         # which on XLA:CPU was measured cheaper than top_k, a cumsum-and-scatter
         # or compact_rows there. A row overflows when a near candidate sorts
         # beyond the capacity: read off the sorted rows, since a separate count
@@ -597,16 +589,13 @@ class Table:
 
     def cell_capacity(self, cells: np.ndarray, grow: float = 1.0) -> int:
         """The second capacity of a build from the cell of each particle (any
-        leading batch shape): packed cells (2D) — the most candidates any
-        particle has in its 3^d cells, ×1.2 + 2; padded cells (3D) — the most
-        particles in one cell, ×1.5 + 2; times ``grow``."""
+        leading batch shape): the most candidates any particle has in its 3^d
+        cells, ×1.2 + 2, times ``grow``."""
         cells = np.asarray(cells).reshape(-1, self.n)
         size = int(np.prod(self.grid))
         counts = [np.bincount(c, minlength=size) for c in cells]
-        if self.packed:
-            most = max(int(k[self.neighbor_cells].sum(axis=1).max()) for k in counts)
-            return int(math.ceil(most * 1.2 * grow)) + 2
-        return int(math.ceil(max(int(k.max()) for k in counts) * 1.5 * grow)) + 2
+        most = max(int(k[self.neighbor_cells].sum(axis=1).max()) for k in counts)
+        return int(math.ceil(most * 1.2 * grow)) + 2
 
     def placeholder(self, x: Array, capacity: int, cell_capacity: int) -> Neighbors:
         """An empty table of the given capacities, to be built inside the compiled
@@ -615,8 +604,7 @@ class Table:
         if self.static:
             return self.build(x, self.n - 1, 0)
         n = self.n
-        cells = (0, 0) if self.grid is None else (0, cell_capacity) if self.packed else \
-            (int(np.prod(self.grid)), cell_capacity)
+        cells = (0, 0) if self.grid is None else (0, cell_capacity)
         # NumPy constants: passed to the compiled chunk, no eager program each
         return Neighbors(np.full((n, capacity), n, np.int32), x, np.full(cells, n, np.int32),
                          np.zeros((), bool))
