@@ -222,3 +222,23 @@ def test_check_leaves_an_element_whose_contacts_change_unjudged(tmp_path):
     assert "nothing could be checked" in result.stdout and "DISAGREE" not in result.stdout
     report = json.loads(invoke("check", path, "--json", "--h", "1e-9", "--stencil", "2").stdout)
     assert report["ok"] and not report["unchecked"] and list(report["elements"]) == ["diameter[1]"]
+
+
+def test_check_takes_a_derivative_zero_by_symmetry_as_zero(tmp_path):
+    """A perfect Lennard-Jones crystal (no vacancy) relaxes back onto its lattice for every
+    σ, so ∂x*/∂σ is zero up to round-off, on both sides of the comparison: the check
+    agrees (it read DISAGREE, 190 % between two noises), and still flags a position
+    derivative that is off by 1e-6."""
+    import h5py
+
+    path = tmp_path / "crystal.h5"
+    made = invoke("run", "lj_crystal", "--set", "cells=6", "-o", path, "-q")
+    assert made.exit_code == 0, made.output
+    with h5py.File(path) as f:
+        assert np.max(np.abs(f["sensitivity/sigma/position"][()])) < 1e-9  # the case: a zero by symmetry
+    report = json.loads(invoke("check", path, "--json").stdout)
+    assert report["ok"] and report["elements"]["sigma"]["position"] < 1e-3, report
+    with h5py.File(path, "a") as f:
+        f["sensitivity/sigma/position"][3, 0] += 1e-6
+    result = invoke("check", path)
+    assert result.exit_code == 1 and "DISAGREE" in result.stdout
