@@ -73,7 +73,8 @@ def table_shape(n: int, dim: int, box: Iterable[float] | None, cutoff: float, sk
     build, as :class:`mdsens.relax.Table` will size them (from a random start).
 
     ``W = 3^d × cell capacity`` with a cell list (a periodic box at least
-    three cells of side ``cutoff + skin`` wide, from 512 particles);
+    three cells of side ``cutoff + skin`` wide, from 512 particles): a bound
+    on the packed rows' width (the most particles in 3^d cells, ×1.2 + 2);
     otherwise every particle is a candidate (``W = N``); an infinite cutoff
     gives the static table of all other particles (``K = W = N − 1``)."""
     from mdsens import relax
