@@ -85,27 +85,28 @@ def test_table_matches_brute_force_with_and_without_cells():
 
 def test_compact_rows_is_the_sorted_rows_cut_to_capacity(monkeypatch):
     """compact_rows against the whole-row sort it replaces: rows of widths around a
-    32-candidate word (31, 32, 33, 100), near fractions from none to all, capacities
-    below, at and above the most near candidates of a row (the overflow flag), with
-    the word found by comparison and by bisection."""
+    32-candidate word (31, 33, 100), near fractions from none to all, capacities below
+    and above the most near candidates of a row (the overflow flag), with the word
+    found by comparison and by bisection."""
     rng = np.random.default_rng(7)
-    n = 5000
-    for width in (31, 32, 33, 100):
-        cand = np.stack([rng.permutation(n)[:width] for _ in range(60)]).astype(np.int32)
-        cand[rng.random(cand.shape) < 0.1] = n  # padding among the candidates
-        for fraction in (0.0, 0.05, 0.4, 1.0):
-            near = (rng.random(cand.shape) < fraction) & (cand < n)
-            most = int(near.sum(axis=1).max())
-            want_all = np.sort(np.where(near, cand, n), axis=1)
-            for capacity in sorted({1, max(most - 1, 1), most, most + 3}):
-                want = want_all[:, :capacity] if capacity <= width else \
-                    np.concatenate([want_all, np.full((60, capacity - width), n)], axis=1)
-                for limit in (1 << 20, 0):
-                    monkeypatch.setattr(relax, "COMPACT_COMPARE_LIMIT", limit)
-                    got, overflow = relax.compact_rows(jnp.asarray(cand), jnp.asarray(near), capacity, n)
+    n, rows = 5000, 60
+    for limit in (1 << 20, 0):
+        monkeypatch.setattr(relax, "COMPACT_COMPARE_LIMIT", limit)  # read when traced: one jit per setting
+        compact = jax.jit(lambda c, m, k, n_: relax.compact_rows(c, m, k, n_), static_argnums=(2, 3))  # a fresh trace
+        for width in (31, 33, 100):
+            cand = np.stack([rng.permutation(n)[:width] for _ in range(rows)]).astype(np.int32)
+            cand[rng.random(cand.shape) < 0.1] = n  # padding among the candidates
+            for fraction in (0.0, 0.05, 0.4, 1.0):
+                near = (rng.random(cand.shape) < fraction) & (cand < n)
+                most = int(near.sum(axis=1).max())
+                want_all = np.concatenate([np.sort(np.where(near, cand, n), axis=1),
+                                           np.full((rows, 8), n)], axis=1)
+                for capacity in (1, 6, width // 2, width + 3):
+                    got, overflow = compact(jnp.asarray(cand), jnp.asarray(near), capacity, n)
                     assert bool(overflow) == (most > capacity)
                     if not overflow:  # an overflowing table is rebuilt bigger: its entries are not used
-                        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{width} {fraction} {capacity}")
+                        np.testing.assert_array_equal(np.asarray(got), want_all[:, :capacity],
+                                                      err_msg=f"{limit} {width} {fraction} {capacity}")
 
 
 def test_rebuild_test_is_the_sum_of_the_two_largest_displacements():
