@@ -104,19 +104,18 @@ def verify(record: Mapping[str, Any], wrt: str | None = None, h: float = 1e-5, t
             for quantity, reference in fd.items():
                 stored = np.asarray(values[quantity])[at] if at else np.asarray(values[quantity])
                 scale = float(np.max(np.abs(reference)))
-                if barostat.is_fixed_pressure(system) and quantity in record["observables"]:
-                    # An observable held fixed by the ensemble (the pressure) has a zero
-                    # derivative, which differences resolve only to ~1e-8 |O| / h (the
-                    # round-off of O over the step): compare at that scale, not to noise.
-                    scale = max(scale, 1e-8 / h * float(np.max(np.abs(record["observables"][quantity]))))
-                # A derivative that vanishes (a perfect crystal's positions under σ, by symmetry)
-                # is round-off on both sides: the differences resolve it only to ~eps |O| / h
-                # (each re-relaxed O is exact to round-off), so agreement within that counts
-                # as agreement, not as a relative error between two noises.
+                # The differences resolve a derivative only to ~RESOLUTION eps |O| / h (each
+                # re-relaxed O is exact to round-off): a derivative that vanishes (a perfect
+                # crystal's positions under σ, by symmetry) is round-off on both sides, and
+                # agreement within that counts as agreement, not as a relative error between
+                # two noises. An observable held fixed by the ensemble (the pressure at fixed
+                # pressure) is resolved only to ~1e-8 |O| / h (its round-off over the step).
                 value = record["positions"] if quantity == "position" else record["observables"].get(quantity)
                 if value is not None:
-                    noise = RESOLUTION * np.finfo(np.float64).eps * float(np.max(np.abs(value), initial=0.0)) / h
-                    scale = max(scale, noise / tol)
+                    resolution = RESOLUTION * np.finfo(np.float64).eps / tol
+                    if barostat.is_fixed_pressure(system) and quantity != "position":
+                        resolution = max(resolution, 1e-8)
+                    scale = max(scale, resolution * float(np.max(np.abs(value), initial=0.0)) / h)
                 diff = float(np.max(np.abs(stored - reference)))
                 errors_[quantity] = diff / scale if scale > 0 else diff
             if changed[-1:] == [True] and max(errors_.values(), default=0.0) > tol:
