@@ -227,6 +227,30 @@ def test_one_factorization_serves_a_vmapped_batch_and_the_next_call():
     _close(x2, 2.0 * x)
 
 
+def test_a_checksum_collision_never_returns_another_matrix_s_factor(monkeypatch):
+    """The kept factorizations are found by a checksum and confirmed against the kept
+    inputs: with every checksum made equal, a second matrix is factored anew (and solved
+    right), and the first one's factor is still found when its own inputs come back."""
+    monkeypatch.setattr(sparse.zlib, "crc32", lambda data, value=0: 7)
+    sparse.clear_cache()
+    first = _random_problem(12, 2, (3,), False, 0)
+    second = list(first)
+    second[0] = 2.0 * first[0]  # the same pairs, every block doubled: M⁻¹ halves on the held part
+    rows = np.random.default_rng(3).standard_normal((2, 12, 2))
+    before = dict(sparse.STATS)
+    x1 = sparse._factor(*first).solve(rows)
+    x2 = sparse._factor(*second).solve(rows)
+    assert sparse.STATS["factorizations"] - before["factorizations"] == 2
+    ref = np.linalg.solve(_dense_m(*second), rows.reshape(2, -1).T).T.reshape(rows.shape)
+    _close(x2, ref, tol=1e-11)
+    assert not np.allclose(x1, x2)
+    again = sparse._factor(*(np.array(a, copy=True) for a in first))
+    assert sparse.STATS["factorizations"] - before["factorizations"] == 3  # one slot per checksum: replaced
+    _close(again.solve(rows), x1, tol=1e-13)
+    same = sparse._factor(*first)
+    assert same is again and sparse.STATS["hits"] - before["hits"] == 1
+
+
 def test_many_tangents_go_in_batches_of_the_solves_size(monkeypatch):
     """A per-particle parameter's N tangents: forward_fn vmaps them in batches of the
     sparse solve's batch_size (lax.map over the batches and the remainder), one host
