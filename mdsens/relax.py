@@ -323,7 +323,7 @@ def pair_list_force_fn(system: System) -> Callable[[Array, PairList, Params], Ar
         if system.periodic:
             box = params["box"]
             dr = dr - box * jnp.round(dr / box)
-        r2 = jnp.sum(dr * dr, axis=-1)
+        r2 = minimize.squared_length(dr)
         r = jnp.sqrt(jnp.where(r2 > 0, r2, 1.0))
         i, j = pairs.model_pairs()
         dphi = jax.grad(lambda r_: jnp.sum(system.pair(r_, i, j, params)))(r)
@@ -525,7 +525,7 @@ class Table:
         if deform is not None:
             dr = jnp.sum(dr[..., None, :] * deform, axis=-1)
             reach = self.metric_reach
-        return (cand < n) & (cand != rows) & (jnp.sum(dr * dr, axis=-1) < reach**2)
+        return (cand < n) & (cand != rows) & (minimize.squared_length(dr) < reach**2)
 
     def build(self, x: Array, capacity: int, cell_capacity: int, box: Array | None = None,
               deform: Array | None = None) -> Neighbors:
@@ -663,7 +663,7 @@ class Table:
         if self.static:
             return jnp.zeros((), bool)
         dx = self._wrap(x - nbrs.reference, box)
-        d2 = jnp.sum(dx * dx, axis=-1)
+        d2 = minimize.squared_length(dx)
         first = jnp.max(d2)
         # The second largest without an argmax (a two-operand reduce on XLA:CPU:
         # N = 131072, this test took 671 µs with one against 162 µs): the largest
