@@ -66,6 +66,23 @@ def test_fold_is_jnp_mod_bit_for_bit_within_a_box_length():
         assert np.all((got >= 0) & (got < box))
 
 
+def test_squared_length_is_the_reduce_bit_for_bit():
+    # The relaxation's squared lengths are written out over the components so that XLA
+    # fuses them (minimize.squared_length): the same bits as jnp.sum(v * v, axis=-1),
+    # compiled, in 1, 2 and 3 dimensions, and inside a larger expression. (XLA:CPU contracts
+    # both into fused multiply-adds; the terms summed in another order give other bits.)
+    from mdsens.minimize import squared_length
+
+    rng = np.random.default_rng(1)
+    for d in (1, 2, 3):
+        v = jnp.asarray(rng.standard_normal((4099, 7, d)) * 10.0 ** rng.uniform(-8, 3, (4099, 7, 1)))
+        want = jax.jit(lambda a: jnp.sum(a * a, axis=-1))(v)
+        got = jax.jit(squared_length)(v)
+        assert np.array_equal(np.asarray(want).view(np.int64), np.asarray(got).view(np.int64))
+        near = jax.jit(lambda a: squared_length(a) < 1.0)(v)
+        assert np.array_equal(np.asarray(near), np.asarray(want) < 1.0)
+
+
 def test_fire_max_displacement_caps_each_kick_and_still_converges():
     """``max_displacement`` (LAMMPS's dmax): each step's dt is shortened so that no
     coordinate of dt·v, v after the force kick, exceeds the cap; FIRE's mixing then
