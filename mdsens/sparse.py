@@ -32,8 +32,9 @@ a dense (r + m)-square system. In the common case no rattler touches a held part
 and no columns ``S⁻¹[T, E]``. One factorization and the r + m columns ``S⁻¹[T, E]``
 serve every right-hand side: a batch under ``vmap`` is one multi-column solve, and the
 last two factorizations are kept (found by a checksum of the blocks, the pairs, the
-rattlers and the modes, and confirmed against the kept inputs themselves), so the batches of tangents of :func:`mdsens.sensitivity.forward_fn`,
-the reverse solve at the same state, or a second ``--wrt`` factor once. The answer is
+rattlers and the modes, and confirmed against the kept inputs themselves), so the batches
+of tangents of :func:`mdsens.sensitivity.forward_fn`, the reverse solve at the same state,
+or a second ``--wrt`` factor once. The answer is
 refined by one step against M where its relative residual is above ``REFINE_TOL``.
 
 It is a host (CPU) computation: on an accelerator the callback copies the blocks to the
@@ -57,7 +58,7 @@ from mdsens.system import Params, System
 Array = jax.Array
 
 #: factorizations kept (least recently used dropped first); each holds its LU factors
-#: (N = 16384 in 2D: ~45 MB)
+#: (N = 16384 in 2D: ~45 MB) and a copy of its inputs (2.7 MB there)
 CACHE_SIZE = 2
 _CACHE: "collections.OrderedDict[int, tuple[str, tuple[np.ndarray, ...], _Factor]]" = collections.OrderedDict()
 _LOCK = threading.Lock()
