@@ -60,7 +60,7 @@ def bench(
     fd_ftol: float = typer.Option(1e-12, help="Re-relaxation tolerance of the finite differences."),
     h: float = typer.Option(1e-5, help="Finite-difference step."),
     unroll_steps: str = typer.Option("50,100,200,400", help="Step counts of the unrolled-memory curve."),
-    memory_budget_mb: float = typer.Option(4000.0, help="Skip the full unrolled run when its predicted peak RSS exceeds this."),
+    memory_budget_mb: float = typer.Option(4000.0, help="Skip any unrolled run (a point of the memory curve, or the full run) whose predicted peak RSS exceeds this, in MB: predicted from the points measured, or before any from the N(N−1)/2 pairs (~240 bytes a pair and step)."),
     repeats: int = typer.Option(3, help="Timed repeats of the implicit derivatives (median)."),
     timeout: float = typer.Option(3600.0, help="Seconds allowed to each subprocess."),
     output: Path = typer.Option(Path("bench.json"), "-o", "--output", help="JSON report to write."),

@@ -46,6 +46,18 @@ from typing import Any
 import numpy as np
 
 DEFAULT_UNROLL_STEPS = (50, 100, 200, 400)
+#: what unrolled autodiff through FIRE keeps per step and pair (all N(N−1)/2 pairs), in
+#: bytes: 112–121 MB a step at N = 1024 (2D bidisperse and polydisperse, session 16), so
+#: ~220–230 bytes a pair; a curve point is skipped, not run, where this predicts more than
+#: the memory budget (the first point at N = 1024, 50 steps: 5.8 GB against a 4 GB budget)
+UNROLLED_BYTES_PER_PAIR_STEP = 240
+
+
+def unrolled_prior_mb(n: int, steps: int, baseline_mb: float = 0.0) -> float:
+    """The peak RSS (MB) expected of ``steps`` unrolled FIRE steps on all pairs of ``n``
+    particles, before any is measured: the baseline plus
+    :data:`UNROLLED_BYTES_PER_PAIR_STEP` per pair and step."""
+    return baseline_mb + steps * UNROLLED_BYTES_PER_PAIR_STEP * n * (n - 1) / 2 / 2**20
 
 
 def _rss_mb() -> float:
@@ -412,12 +424,16 @@ def run(
                                               "from N = 2048"}
             else:
                 curve = []
+                floor = float(row.get("baseline", {}).get("rss_mb") or 0.0)
                 for s in sorted(set(min(s, steps_full) for s in unroll_steps)):
                     done = [c for c in curve if c.get("rss_mb")]
-                    if done and done[-1]["rss_mb"] * s / done[-1]["steps"] > memory_budget_mb:
-                        # Unrolled memory grows linearly with steps: stop the curve
-                        # before a point that would exceed the budget (or the machine).
-                        curve.append({"steps": s, "skipped": f"predicted > {memory_budget_mb:.0f} MB"})
+                    # Unrolled memory grows linearly with steps: stop the curve before a
+                    # point that would exceed the budget (or the machine), predicted from
+                    # the last point measured, or for the first one from N² pairs.
+                    expect = (done[-1]["rss_mb"] * s / done[-1]["steps"] if done
+                              else unrolled_prior_mb(n, s, floor))
+                    if expect > memory_budget_mb:
+                        curve.append({"steps": s, "skipped": f"predicted {expect:.0f} MB > {memory_budget_mb:.0f} MB"})
                         break
                     log(f"N={n}: unrolled, {s} steps")
                     r = _spawn({**base, "task": "unrolled", "steps": s}, timeout)
@@ -430,8 +446,8 @@ def run(
                 elif ok:  # one point: memory ∝ steps (the tape holds every step)
                     slope = ok[0]["rss_mb"] / ok[0]["steps"]
                     predicted = slope * steps_full
-                else:
-                    slope, predicted = None, None
+                else:  # nothing measured (the first point alone would not fit): the prior
+                    slope, predicted = None, unrolled_prior_mb(n, steps_full, floor)
                 full: dict[str, Any] = {"steps": steps_full, "mb_per_step": slope, "predicted_rss_mb": predicted}
                 if predicted is not None and predicted > memory_budget_mb:
                     full["skipped"] = (f"predicted peak {predicted:.0f} MB for {steps_full} steps exceeds the "

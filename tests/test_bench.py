@@ -109,3 +109,35 @@ def test_bench_max_displacement_must_be_a_positive_length(tmp_path):
         assert result.exit_code == 2, result.output
         assert "--max-displacement must be a positive length" in result.output and not out.exists()
 
+
+
+def test_unrolled_points_that_would_not_fit_are_never_run(monkeypatch):
+    """Before any unrolled point is measured, its memory is predicted from the N(N−1)/2
+    pairs: at N = 1024 the first 50 steps (~6 GB) exceed a 4 GB budget, so no unrolled
+    child runs at all and the full run is skipped too; at N = 64 the curve and the full
+    run go ahead. (The children are faked: only the orchestration is under test.)"""
+    from mdsens import bench
+
+    spawned = []
+
+    def fake(spec, timeout):
+        task = spec["task"]
+        spawned.append((spec["n"], task, spec.get("steps")))
+        if task == "relax":
+            return {"relax_s": 1.0, "steps": 300, "converged": True, "n_params": 2}
+        if task == "baseline":
+            return {"rss_mb": 200.0}
+        if task == "unrolled":
+            return {"unrolled_s": 0.1, "rss_mb": 200.0 + spec["steps"] * 0.5}
+        return {"error": "not run in this test"}
+
+    monkeypatch.setattr(bench, "_spawn", fake)
+    report = bench.run("bidisperse", ns=(1024, 64), unroll_steps=(50, 100), memory_budget_mb=4000.0)
+    big, small = report["rows"]
+    assert not [s for s in spawned if s[0] == 1024 and s[1] == "unrolled"]
+    assert big["unrolled_curve"] == [{"steps": 50, "skipped": big["unrolled_curve"][0]["skipped"]}]
+    assert "skipped" in big["unrolled"] and big["unrolled"]["predicted_rss_mb"] > 4000.0
+    assert [s[2] for s in spawned if s[0] == 64 and s[1] == "unrolled"] == [50, 100, 300]
+    assert "skipped" not in small["unrolled"]
+    # the prior is the measured rate at N = 1024 (112–121 MB a step) to within a few per cent
+    assert 112 <= bench.unrolled_prior_mb(1024, 1) <= 125
