@@ -31,7 +31,6 @@ R.driver.drive = drive
 fam = systems.get("bidisperse")
 system = fam.build_fn(seed=0, **fam.resolve({"n": str(n), "dim": os.environ.get("DIM", "2")}))
 params = {k: jnp.asarray(v) for k, v in system.params.items()}
-import os
 md = float(os.environ["MAXDISP"]) if os.environ.get("MAXDISP") else None
 out = R.relax(system, params, jnp.asarray(system.positions), "fire", 1e-10, 400000, chunk, max_displacement=md,
               skin=float(os.environ.get("SKIN", R.DEFAULT_SKIN)))

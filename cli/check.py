@@ -19,11 +19,11 @@ import typer
 from mdsens.cli.app import EXIT_ERROR, EXIT_USAGE, app, errors, fail, log
 
 
-
 #: the differences resolve a derivative of O to about RESOLUTION · eps · max|O| / h: below
 #: that, stored and differenced derivatives agree when they differ by less (a zero by
 #: symmetry is round-off on both sides)
 RESOLUTION = 16
+
 
 def rebuild(record: Mapping[str, Any]):
     """The :class:`mdsens.system.System` a file was made from, and its parameters."""

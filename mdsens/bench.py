@@ -449,7 +449,7 @@ def run(
                 else:  # nothing measured (the first point alone would not fit): the prior
                     slope, predicted = None, unrolled_prior_mb(n, steps_full, floor)
                 full: dict[str, Any] = {"steps": steps_full, "mb_per_step": slope, "predicted_rss_mb": predicted}
-                if predicted is not None and predicted > memory_budget_mb:
+                if predicted > memory_budget_mb:
                     full["skipped"] = (f"predicted peak {predicted:.0f} MB for {steps_full} steps exceeds the "
                                        f"budget {memory_budget_mb:.0f} MB")
                 else:

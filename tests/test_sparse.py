@@ -230,7 +230,8 @@ def test_one_factorization_serves_a_vmapped_batch_and_the_next_call():
 def test_a_checksum_collision_never_returns_another_matrix_s_factor(monkeypatch):
     """The kept factorizations are found by a checksum and confirmed against the kept
     inputs: with every checksum made equal, a second matrix is factored anew (and solved
-    right), and the first one's factor is still found when its own inputs come back."""
+    right); the first one's inputs, back again, are factored again (one slot per checksum)
+    and then found."""
     monkeypatch.setattr(sparse.zlib, "crc32", lambda data, value=0: 7)
     sparse.clear_cache()
     first = _random_problem(12, 2, (3,), False, 0)
