@@ -206,7 +206,22 @@ def sort_order(key: Array, bound: int) -> Array:
     return (jnp.sort(packed) % n).astype(jnp.int32)
 
 
-def compact_rows(cand: Array, near: Array, capacity: int, n: int) -> tuple[Array, Array]:
+class _Layout(NamedTuple):
+    """Where each particle sits in the candidate rows of a cell list
+    (:meth:`Table._candidates`): its cell, the cell's grid coordinates, each
+    cell's start of the range of each of its 3^d neighbor cells in its
+    candidate row (cells, 3^d), and the particle's rank within its cell's
+    range. Particle p of cell c' is candidate ``starts[c, r] + rank[p]`` of
+    every particle of cell c, r the place of c' among c's neighbor cells."""
+
+    cell: Array
+    coords: Array
+    starts: Array
+    rank: Array
+
+
+def compact_rows(cand: Array, near: Array, capacity: int, n: int,
+                 sort: bool = True) -> tuple[Array, ...]:
     """Each row's candidates where ``near`` holds, sorted and padded with ``n`` to
     ``capacity`` — ``jnp.sort(jnp.where(near, cand, n), axis=1)[:, :capacity]`` —
     and whether some row has more than ``capacity`` (then the rows hold some
@@ -216,7 +231,13 @@ def compact_rows(cand: Array, near: Array, capacity: int, n: int) -> tuple[Array
     row's ``near`` into 32-bit words, finds the word and then the bit (by
     popcount bisection) of each of the ``capacity`` entries, and sorts only
     those: 3D bidisperse, N = 1024, padded cells: a 540-wide row, 43 kept, 1.2
-    against 5.6 ms a build; N = 8192: 12.5 against 45 ms."""
+    against 5.6 ms a build; N = 8192: 12.5 against 45 ms.
+
+    ``sort=False``: the kept candidates in candidate order instead (padding
+    still last), and also the packed words ``bits`` (N, words) of ``near`` and
+    how many near candidates precede each word, ``below`` (N, words): the
+    table slot of candidate s of row i is ``below[i, s // 32]`` plus the bits
+    of ``bits[i, s // 32]`` under ``s % 32`` (:func:`candidate_slots`)."""
     rows, width = cand.shape
     full, tail = divmod(width, 32)
     words = full + (tail > 0)
@@ -253,26 +274,46 @@ def compact_rows(cand: Array, near: Array, capacity: int, n: int) -> tuple[Array
         bit = jnp.where(jax.lax.population_count(b & ((one << trial) - one)) <= rank, trial, bit)
     kept = jnp.take_along_axis(cand, word * 32 + bit.astype(jnp.int32), axis=1)
     kept = jnp.where(k < total[:, None], kept, n)
+    if not sort:
+        return kept, jnp.any(total > capacity), bits, ends - count
     return jnp.sort(kept, axis=1), jnp.any(total > capacity)
 
 
-def pair_list(idx: Array, n: int, capacity: int, order: Array | None = None) -> PairList:
+def candidate_slots(bits: Array, below: Array, rows: Array, candidate: Array) -> Array:
+    """The table slot of candidate ``candidate`` of row ``rows`` (same shapes) in
+    a table kept in candidate order (:func:`compact_rows` with ``sort=False``):
+    the near candidates before it."""
+    word = jnp.clip(candidate >> 5, 0, bits.shape[1] - 1)
+    under = (jnp.uint32(1) << (candidate & 31).astype(jnp.uint32)) - jnp.uint32(1)
+    return below[rows, word] + jax.lax.population_count(bits[rows, word] & under).astype(jnp.int32)
+
+
+def pair_list(idx: Array, n: int, capacity: int, order: Array | None = None,
+              mirror: Array | None = None) -> PairList:
     """The :class:`PairList` of a table ``idx`` (rows sorted, padded with ``n``;
     jittable): O(N K log K), run at each rebuild only. ``order``: see
-    :class:`PairList`."""
+    :class:`PairList`. ``mirror`` (N, K): for rows in any order (padding
+    last), where each entry's row sits in the row of its neighbor — the
+    mirror entry's slot, which a sorted table finds by bisection."""
     rows = jnp.arange(n, dtype=idx.dtype)[:, None]
     valid = idx < n
     upper = valid & (idx > rows)
     lower = valid & (idx < rows)
     width = idx.shape[1]
-    # A sorted row is its lower entries, then its upper ones, then padding: an
-    # upper entry's rank in the upper part of the table is the upper entries
-    # of the rows before it plus its column less its row's lower count (a
-    # cumsum over N, not over the N K entries: XLA:CPU's cumsum is slow).
-    n_lower = jnp.sum(lower, axis=1, dtype=jnp.int32)
+    # An upper entry's rank in the upper part of the table is the upper entries
+    # of the rows before it (a cumsum over N, not over the N K entries:
+    # XLA:CPU's cumsum is slow) plus those before it in its row: a sorted row
+    # is its lower entries, then its upper ones, then padding, so that is its
+    # column less its row's lower count; in a row in another order, a scan.
     n_upper = jnp.sum(upper, axis=1, dtype=jnp.int32)
     before = jnp.cumsum(n_upper) - n_upper
-    pos = before[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :] - n_lower[:, None]
+    if mirror is None:
+        n_lower = jnp.sum(lower, axis=1, dtype=jnp.int32)
+        rank = jnp.arange(width, dtype=jnp.int32)[None, :] - n_lower[:, None]
+    else:
+        ones = upper.astype(jnp.int32)
+        rank = jax.lax.associative_scan(jnp.add, ones, axis=1) - ones
+    pos = before[:, None] + rank
     count = before[-1] + n_upper[-1]
     slot = jnp.where(upper, pos, capacity)  # beyond the end: dropped
     # One scatter of the entries' flat positions (padding: entry (0, 0)'s own
@@ -287,7 +328,9 @@ def pair_list(idx: Array, n: int, capacity: int, order: Array | None = None) -> 
     # at once for small narrow tables, by bisection on wide or large ones
     # (PAIR_COUNT_LIMIT).
     j = jnp.where(lower, idx, 0)
-    if width <= PAIR_COUNT_WIDTH and idx.size * width <= PAIR_COUNT_LIMIT:
+    if mirror is not None:
+        lo = mirror
+    elif width <= PAIR_COUNT_WIDTH and idx.size * width <= PAIR_COUNT_LIMIT:
         lo = jnp.sum(idx[j] < rows[:, :, None], axis=-1, dtype=jnp.int32)
     else:
         lo = jnp.zeros(idx.shape, jnp.int32)
@@ -480,9 +523,12 @@ class Table:
             return self.counts_on_host(x)
         return tuple(int(c) for c in self._counts(jnp.asarray(x), cell_capacity, deform))
 
-    def _candidates(self, x: Array, cell_capacity: int, box: Array | None = None) -> tuple[Array, Array, Array]:
+    def _candidates(self, x: Array, cell_capacity: int, box: Array | None = None,
+                    layout: bool = False) -> tuple[Array, ...]:
         """(N, width) candidate neighbors (padded with N), the cells, and
-        whether some particle had more than ``cell_capacity`` candidates."""
+        whether some particle had more than ``cell_capacity`` candidates;
+        with ``layout`` (a cell list) also :class:`_Layout`, where each
+        particle sits in the candidate rows."""
         n = self.n
         if self.grid is None:
             if self.static:
@@ -490,7 +536,9 @@ class Table:
             return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (n, n)), jnp.zeros((0, 0), jnp.int32), \
                 jnp.zeros((), bool)
         n_cells = int(np.prod(self.grid))
-        cell = self._cell_of(x, box)
+        grid = jnp.asarray(self.grid)
+        coords = jnp.clip(jnp.floor(x / self._box(box) * grid).astype(jnp.int32), 0, grid - 1)
+        cell = coords @ jnp.asarray(self._strides())  # :meth:`_cell_of`
         order = sort_order(cell, n_cells)
         counts = jnp.zeros(n_cells, jnp.int32).at[cell].add(1)
         first = jnp.cumsum(counts) - counts
@@ -507,14 +555,21 @@ class Table:
         around = jnp.asarray(self.neighbor_cells)  # (cells, 3^d)
         slot = jnp.arange(width, dtype=jnp.int32)[None, :]
         start = jnp.zeros(n_cells, jnp.int32)  # where range k begins in the row
+        starts = [start]
         offset = jnp.broadcast_to(first[around[:, 0]][:, None], (n_cells, width))  # source − slot
         for k in range(1, around.shape[1]):
             start = start + counts[around[:, k - 1]]
+            starts.append(start)
             # an empty range starts where the next one does, which then wins
             offset = jnp.where(slot >= start[:, None], (first[around[:, k]] - start)[:, None], offset)
         total = start + counts[around[:, -1]]
         per_cell = jnp.where(slot < total[:, None], order[jnp.clip(slot + offset, 0, n - 1)].astype(jnp.int32), n)
-        return per_cell[cell], jnp.zeros((0, width), jnp.int32), jnp.max(total) > width
+        out = per_cell[cell], jnp.zeros((0, width), jnp.int32), jnp.max(total) > width
+        if not layout:
+            return out
+        # a particle's place in its cell's range: its place in the sorted order less the cell's first
+        rank = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32), unique_indices=True)
+        return out + (_Layout(cell, coords, jnp.stack(starts, axis=1), rank - first[cell]),)
 
     def _near(self, x: Array, cand: Array, box: Array | None, deform: Array | None) -> Array:
         """(N, width) which candidates lie within reach (after ``deform``)."""
@@ -557,6 +612,38 @@ class Table:
             overflow = jnp.zeros((), bool)
             key = jnp.concatenate([key, jnp.full((n, capacity - width), n, key.dtype)], axis=1)
         return Neighbors(key, x, cells, cell_overflow | overflow)
+
+    def build_pairs(self, x: Array, capacity: int, cell_capacity: int, pair_capacity: int,
+                    order: Array | None = None) -> tuple[Neighbors, PairList]:
+        """The table at ``x`` and its :class:`PairList` (jittable; ``order``: see
+        :class:`PairList`), what the relaxation rebuilds. Where
+        :meth:`build` would compact wide cell-list rows (3D), the rows are kept
+        in candidate order instead of sorted, and each entry's mirror slot is
+        computed from where the cells put the particles (:class:`_Layout`),
+        not found by bisection: the sort and the bisection were ~11 of a
+        rebuild's ~19 ms at 3D N = 16384. A force summed in candidate order
+        depends on the cells at the build, so a resumed relaxation rebuilds
+        where the saved table was built (:func:`relax`'s checkpoints carry it)."""
+        n = self.n
+        if self.grid is None or self.static or cell_capacity < COMPACT_RATIO * capacity:
+            nb = self.build(x, capacity, cell_capacity)
+            pl = pair_list(nb.idx, n, pair_capacity, order)
+            return nb._replace(overflow=nb.overflow | pl.overflow), pl
+        cand, cells, cell_overflow, lay = self._candidates(x, cell_capacity, None, layout=True)
+        idx, overflow, bits, below = compact_rows(cand, self._near(x, cand, None, None), capacity, n, sort=False)
+        # row i's entry j = idx[i, k] (i among j's candidates): i's cell is j's
+        # neighbor cell r, with (coords_i − coords_j + 1) mod grid its offset + 1
+        # in each direction, enumerated as in :meth:`_neighbor_cells`
+        # (j's coordinates from its cell: one gather of the (N, K) entries, not d)
+        j = jnp.minimum(idx, n - 1)
+        cell_j = lay.cell[j]
+        r = jnp.zeros_like(cell_j)
+        for a, (g, stride) in enumerate(zip(self.grid.tolist(), self._strides().tolist())):
+            step = lay.coords[:, None, a] - (cell_j // stride) % g + 1
+            r = 3 * r + jnp.where(step >= g, step - g, jnp.where(step < 0, step + g, step))
+        mirror = candidate_slots(bits, below, j, lay.starts[cell_j, r] + lay.rank[:, None])
+        pl = pair_list(idx, n, pair_capacity, order, mirror)
+        return Neighbors(idx, x, cells, cell_overflow | overflow | pl.overflow), pl
 
     def capacities(self, x: Array, grow: float = 1.0, shrink: bool = False,
                    deform: Array | None = None) -> tuple[int, int]:
@@ -769,21 +856,23 @@ def _programs(system: System, params: Params, method: str, ftol: float, skin: fl
 
             return jax.lax.while_loop(lambda c: go(c[0], c[1]) & ~c[3], body, c)
 
-        def rebuild(s, nb, pl, rebuilds):
-            nb = table.build(s.x, nb.idx.shape[1], nb.cells.shape[1])
-            pl = pair_list(nb.idx, model.n, pl.i.shape[0], pl.order)
-            nb = nb._replace(overflow=nb.overflow | pl.overflow)
+        def rebuild(s, nb, pl, rebuilds, at):
+            nb, pl = table.build_pairs(at, nb.idx.shape[1], nb.cells.shape[1], pl.i.shape[0], pl.order)
             return mini.step_force(s, (params, pl)), nb, pl, rebuilds + 1
 
         def outer(c):
-            s, nb, pl, stale_, rebuilds = c
-            s, nb, pl, rebuilds = jax.lax.cond(stale_, rebuild, lambda *a: a, s, nb, pl, rebuilds)
-            return inner((s, nb, pl, jnp.zeros((), bool), rebuilds))
+            s, nb, pl, stale_, rebuilds, placeholder = c
+            # a placeholder is built where it says (a resumed run: where the saved
+            # table was built, so that the rows come out in the same order), a
+            # table that moved too far where the particles are now
+            at = jnp.where(placeholder, nb.reference, s.x)
+            s, nb, pl, rebuilds = jax.lax.cond(stale_, rebuild, lambda *a: a[:4], s, nb, pl, rebuilds, at)
+            return inner((s, nb, pl, jnp.zeros((), bool), rebuilds)) + (jnp.zeros((), bool),)
 
-        first = (state, nbrs, pairs, stale | table.moved(state.x, nbrs), jnp.zeros((), jnp.int32))
+        first = (state, nbrs, pairs, stale | table.moved(state.x, nbrs), jnp.zeros((), jnp.int32), stale)
         # A stale table is rebuilt (and the force taken) even when the loop would
         # stop at once: a converged start must not report a blank force.
-        s, nb, pl, _, rebuilds = jax.lax.while_loop(lambda c: go(c[0], c[1]) | c[3], outer, first)
+        s, nb, pl, _, rebuilds, _ = jax.lax.while_loop(lambda c: go(c[0], c[1]) | c[3], outer, first)
         return (s, nb, pl, rebuilds, minimize.max_force(s.force), mini.stalled(s),
                 table_energy(model, s.x, nb.idx, params, pl.order))
 
@@ -892,11 +981,12 @@ def renumbered(a: np.ndarray, order: np.ndarray | None, inverse: bool = False) -
 
 
 def table_in_model_numbering(idx: Array, order: np.ndarray | None) -> Array:
-    """A table built on renumbered particles, with rows and entries in the
-    model's numbering (rows sorted, padded with N)."""
-    if order is None:
-        return idx
+    """A table built on renumbered particles (or rows in candidate order,
+    :meth:`Table.build_pairs`), with rows and entries in the model's
+    numbering (rows sorted, padded with N)."""
     idx = np.asarray(idx)
+    if order is None:
+        return jnp.asarray(np.sort(idx, axis=1))
     n = order.shape[0]
     entries = np.where(idx < n, order[np.minimum(idx, n - 1)], n)
     return jnp.asarray(np.sort(renumbered(entries, order, inverse=True), axis=1).astype(idx.dtype))
@@ -931,6 +1021,9 @@ def _descend(system: System, params: Params, x: Array, method: str, ftol: float,
     # the table is (Neighbors, PairList), empty at first: the chunk builds it
     # and takes the force (bitwise the saved one)
     tables = _placeholders(table, x, order=order)
+    if resume is not None and "reference" in resume:  # rebuilt where the saved table was built
+        tables = (tables[0]._replace(reference=jnp.asarray(renumbered(resume["reference"], order), x.dtype)),
+                  tables[1])
     state = mini.blank(x)
     if resume is not None:
         missing = set(state._fields) - set(resume)
@@ -980,6 +1073,7 @@ def _descend(system: System, params: Params, x: Array, method: str, ftol: float,
         nbrs, pairs = tables
         checkpoint({**{k: renumbered(v, order, inverse=True) for k, v in state._asdict().items()},
                     "capacity": np.asarray([nbrs.idx.shape[1], nbrs.cells.shape[1], pairs.i.shape[0]]),
+                    "reference": renumbered(np.asarray(nbrs.reference), order, inverse=True),
                     **({} if order is None else {"order": order})})
 
     settle = SETTLE_STEPS if system.n >= RESIZE_THRESHOLD and not table.static else 0

@@ -184,6 +184,82 @@ def test_pair_list_forces_are_the_energy_gradient_and_the_table_forces():
         assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(bisected, pairs)), family
 
 
+def _gather_targets(pairs, idx, n):
+    """For each table entry, the pair its ``gather`` points at and the sign taken
+    (``(i, j, lower)``), or (-1, -1, False) on the zero."""
+    capacity = pairs.i.shape[0]
+    g = np.asarray(pairs.gather)
+    p = np.where(g < 2 * capacity, g % capacity, 0)
+    i, j = np.asarray(pairs.i)[p], np.asarray(pairs.j)[p]
+    zero = g == 2 * capacity
+    return np.where(zero, -1, i), np.where(zero, -1, j), (g >= capacity) & ~zero
+
+
+def test_rows_in_candidate_order_give_the_sorted_table_s_pair_list():
+    # Where a build compacts wide cell-list rows (3D), the relaxation keeps them in
+    # candidate order and computes each entry's mirror slot from the cells instead
+    # of bisecting a sorted row: the same entries per row, the same pairs, each entry
+    # gathering its own pair with the right sign, and the force to round-off. A
+    # renumbered start (cell order) and a random one; a 2D table (sorted rows: the
+    # same code as before) and an all-pairs 3D one pass through unchanged.
+    cases = [(3, 700, 0.64, 1), (3, 1200, 0.6, 3), (2, 600, 0.9, 3), (3, 200, 0.64, 2)]
+    for dim, n, phi, seed in cases:
+        system = systems.get("bidisperse").build(n=n, dim=dim, phi=phi, seed=seed)
+        params = {k: jnp.asarray(v) for k, v in system.params.items()}
+        table = relax.Table(system, params)
+        x = jnp.mod(jnp.asarray(system.positions), params["box"])
+        for order in ((None, relax.spatial_order(table, x)) if table.cell_list else (None,)):
+            xs = x if order is None else x[order]
+            capacity, cells = table.capacities(xs)
+            pair_capacity = table.pair_capacity(xs, cells)
+            build = jax.jit(table.build_pairs, static_argnums=(1, 2, 3))
+            model = None if order is None else jnp.asarray(order)  # the pair function's numbering
+            nbrs, pairs = build(xs, capacity, cells, pair_capacity, model)
+            assert not bool(nbrs.overflow), (dim, n)
+            sorted_nbrs = jax.jit(table.build, static_argnums=(1, 2))(xs, capacity, cells)
+            idx = np.asarray(nbrs.idx)
+            np.testing.assert_array_equal(np.sort(idx, axis=1), np.asarray(sorted_nbrs.idx))
+            if dim == 3 and table.cell_list:
+                assert not np.all(np.diff(idx, axis=1) >= 0)  # really another order
+            want = relax.pair_list(sorted_nbrs.idx, n, pair_capacity, model)
+            got = {tuple(p) for p in zip(np.asarray(pairs.i), np.asarray(pairs.j)) if p[0] != p[1]}
+            assert got == {tuple(p) for p in zip(np.asarray(want.i), np.asarray(want.j)) if p[0] != p[1]}
+            i, j, lower = _gather_targets(pairs, idx, n)
+            rows = np.broadcast_to(np.arange(n)[:, None], idx.shape)
+            listed = idx < n
+            assert np.array_equal(i[listed], np.minimum(rows, idx)[listed])
+            assert np.array_equal(j[listed], np.maximum(rows, idx)[listed])
+            assert np.array_equal(lower[listed], (idx < rows)[listed]) and np.all(i[~listed] == -1)
+            force = jax.jit(relax.pair_list_force_fn(system))
+            assert relative_error(force(xs, pairs, params), force(xs, want, params)) < 1e-14
+            # Too small a pair capacity, or rows cut short, are flagged.
+            assert bool(build(xs, capacity, cells, len(got) - 1, None)[0].overflow)
+            if dim == 3 and table.cell_list:
+                assert bool(build(xs, capacity // 2, cells, pair_capacity, None)[0].overflow)
+
+
+def test_3d_resumed_relaxation_on_candidate_order_rows_retraces_the_uninterrupted_one(monkeypatch):
+    # Rows in candidate order sum a particle's force in an order set by the cells
+    # at the build: a resumed run rebuilds where the saved table was built (the
+    # checkpoint carries that point) and takes exactly the same steps. Renumbered
+    # in cell order (forced here) as large systems are; the table returned is
+    # sorted.
+    monkeypatch.setattr(relax, "SORT_THRESHOLD", 0)
+    system = systems.get("bidisperse").build(n=600, dim=3, phi=0.66, seed=4)
+    params = {k: jnp.asarray(v) for k, v in system.params.items()}
+    assert relax.Table(system, params).cell_list
+    saved = []
+    out = relax.relax(system, params, chunk=300, checkpoint=saved.append, checkpoint_every=0.0)
+    assert bool(out.info.converged) and len(saved) >= 3
+    assert all(np.all(np.diff(row) >= 0) for row in np.asarray(out.idx))
+    middle = saved[len(saved) // 2]
+    assert middle["reference"].shape == (system.n, 3)
+    assert not np.array_equal(middle["reference"], middle["x"])  # built some steps before the save
+    resumed = relax.relax(system, params, chunk=300, resume=middle)
+    assert int(resumed.info.steps) == int(out.info.steps)
+    np.testing.assert_array_equal(np.asarray(resumed.x), np.asarray(out.x))
+
+
 def test_overflow_is_detected_and_the_chunk_redone(monkeypatch):
     system = systems.get("bidisperse").build(n=128, dim=2, phi=0.9)
     params = {k: jnp.asarray(v) for k, v in system.params.items()}
