@@ -67,6 +67,8 @@ SORT_THRESHOLD = 16384
 #: 4.1 against 30 ms).
 PAIR_COUNT_LIMIT = 1 << 24
 PAIR_COUNT_WIDTH = 32
+#: pair-list capacities are rounded up to a multiple of this
+PAIR_CAPACITY_STEP = 16
 #: a table build keeps each row's near candidates by :func:`compact_rows` where its
 #: candidate rows are at least this many times the table's capacity, else by a sort of
 #: the whole rows (which costs about the same on narrow rows: 2D cells)
@@ -430,7 +432,7 @@ class Table:
     particle when the interaction has no cutoff."""
 
     def __init__(self, system: System, params: Params, skin: float = DEFAULT_SKIN, cutoff: float | None = None,
-                 metric_reach: float | None = None):
+                 metric_reach: float | None = None, radius: Callable[[Params], Array] | None = None):
         self.n, self.dim = system.n, system.dim
         self.skin = float(skin)
         # A table for a larger cutoff than the interaction's holds extra pairs
@@ -454,6 +456,11 @@ class Table:
             if np.all(grid >= 3):
                 self.grid = grid
                 self.neighbor_cells = self._neighbor_cells(grid)
+        #: ``radius(θ) -> (N,)`` (:attr:`System.radius`), on a cell list: a build given
+        #: the radii lists each pair within ``radius_i + radius_j + skin`` (at most
+        #: :attr:`reach`). All-pairs tables (few particles) keep one reach: their pair
+        #: count then follows θ less (a design that changes diameters compiles once).
+        self.radius = radius if self.grid is not None else None
 
     @property
     def cell_list(self) -> bool:
@@ -500,12 +507,13 @@ class Table:
         c = np.clip(np.floor(np.asarray(x) * (1.0 / self.box) * grid).astype(np.int32), 0, grid - 1)
         return c @ self._strides()
 
-    def counts_on_host(self, x: Any) -> tuple[int, int]:
+    def counts_on_host(self, x: Any, radius: Any = None) -> tuple[int, int]:
         """(the most neighbors any particle has, the number of pairs) within
         ``reach`` at ``x`` (minimum image in a periodic box), from a k-d tree
         on the host: what the compiled :meth:`_both_counts` counts without a
         deform, without compiling a program of the table's candidates for
-        every new system (~1.5 s at N = 1024). Only sizes capacities: a pair
+        every new system (~1.5 s at N = 1024); with ``radius`` (N,), the pairs
+        within their own reach (:meth:`_near`). Only sizes capacities: a pair
         exactly at ``reach`` may count on one side and not the other, and a
         chunk whose table overflows is redone on a wider one anyway."""
         from scipy.spatial import cKDTree
@@ -518,14 +526,21 @@ class Table:
         else:
             tree = cKDTree(x)
         pairs = tree.query_pairs(self.reach, output_type="ndarray")
+        if radius is not None and len(pairs):
+            radius = np.asarray(radius, dtype=float)
+            dr = x[pairs[:, 0]] - x[pairs[:, 1]]
+            if self.periodic:
+                dr -= self.box * np.round(dr / self.box)
+            reach = np.minimum(radius[pairs[:, 0]] + radius[pairs[:, 1]] + self.skin, self.reach)
+            pairs = pairs[np.sum(dr * dr, axis=1) < reach * reach]
         if len(pairs) == 0:
             return 0, 0
         near = np.bincount(pairs.ravel(), minlength=self.n)
         return int(near.max()), int(len(pairs))
 
-    def _count_pairs(self, x: Any, cell_capacity: int, deform: Array | None) -> tuple[int, int]:
+    def _count_pairs(self, x: Any, cell_capacity: int, deform: Array | None, radius: Any = None) -> tuple[int, int]:
         if deform is None:
-            return self.counts_on_host(x)
+            return self.counts_on_host(x, radius)
         return tuple(int(c) for c in self._counts(jnp.asarray(x), cell_capacity, deform))
 
     def _candidates(self, x: Array, cell_capacity: int, box: Array | None = None,
@@ -576,27 +591,33 @@ class Table:
         rank = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32), unique_indices=True)
         return out + (_Layout(cell, coords, jnp.stack(starts, axis=1), rank - first[cell]),)
 
-    def _near(self, x: Array, cand: Array, box: Array | None, deform: Array | None) -> Array:
-        """(N, width) which candidates lie within reach (after ``deform``)."""
+    def _near(self, x: Array, cand: Array, box: Array | None, deform: Array | None,
+              radius: Array | None = None) -> Array:
+        """(N, width) which candidates lie within reach (after ``deform``); with
+        ``radius`` (N,), within ``radius_i + radius_j + skin`` (at most the reach)."""
         n = self.n
         rows = jnp.arange(n, dtype=jnp.int32)[:, None]
-        dr = self._wrap(x[:, None, :] - x[jnp.where(cand < n, cand, rows)], box)
+        other = jnp.where(cand < n, cand, rows)
+        dr = self._wrap(x[:, None, :] - x[other], box)
         reach = self.reach
         if deform is not None:
             dr = jnp.sum(dr[..., None, :] * deform, axis=-1)
             reach = self.metric_reach
-        return (cand < n) & (cand != rows) & (minimize.squared_length(dr) < reach**2)
+        if radius is not None:
+            reach = jnp.minimum(radius[:, None] + radius[other] + self.skin, reach)
+        return (cand < n) & (cand != rows) & (minimize.squared_length(dr) < reach * reach)
 
     def build(self, x: Array, capacity: int, cell_capacity: int, box: Array | None = None,
-              deform: Array | None = None) -> Neighbors:
+              deform: Array | None = None, radius: Array | None = None) -> Neighbors:
         """The table at ``x`` with ``capacity`` entries per particle (jittable);
         ``deform`` (d, d): list the pairs within :attr:`metric_reach` of
-        ``deform @ Δx`` instead (a deformed cell; the grid must still span it)."""
+        ``deform @ Δx`` instead (a deformed cell; the grid must still span it);
+        ``radius`` (N,): each pair within its own reach (:meth:`_near`)."""
         n = self.n
         cand, cells, cell_overflow = self._candidates(x, cell_capacity, box)
         if self.static:
             return Neighbors(cand, x, cells, cell_overflow)
-        near = self._near(x, cand, box, deform)
+        near = self._near(x, cand, box, deform, radius)
         # Compaction: the near candidates, sorted by index. Rows at least twice
         # the capacity (3D's 27 cells, all pairs) go through
         # compact_rows; narrower ones (2D's 9 cells) are sorted whole,
@@ -619,7 +640,7 @@ class Table:
         return Neighbors(key, x, cells, cell_overflow | overflow)
 
     def build_pairs(self, x: Array, capacity: int, cell_capacity: int, pair_capacity: int,
-                    order: Array | None = None) -> tuple[Neighbors, PairList]:
+                    order: Array | None = None, radius: Array | None = None) -> tuple[Neighbors, PairList]:
         """The table at ``x`` and its :class:`PairList` (jittable; ``order``: see
         :class:`PairList`), what the relaxation rebuilds. Where
         :meth:`build` would compact wide cell-list rows (3D), the rows are kept
@@ -628,15 +649,17 @@ class Table:
         not found by bisection: the sort and the bisection were ~11 of a
         rebuild's ~19 ms at 3D N = 16384. A force summed in candidate order
         depends on the cells at the build, so a resumed relaxation rebuilds
-        where the saved table was built (:func:`relax`'s checkpoints carry it)."""
+        where the saved table was built (:func:`relax`'s checkpoints carry it).
+        ``radius``: as for :meth:`build`."""
         n = self.n
         if (self.grid is None or self.static or self.dim < CANDIDATE_ORDER_DIM
                 or cell_capacity < COMPACT_RATIO * capacity):
-            nb = self.build(x, capacity, cell_capacity)
+            nb = self.build(x, capacity, cell_capacity, radius=radius)
             pl = pair_list(nb.idx, n, pair_capacity, order)
             return nb._replace(overflow=nb.overflow | pl.overflow), pl
         cand, cells, cell_overflow, lay = self._candidates(x, cell_capacity, None, layout=True)
-        idx, overflow, bits, below = compact_rows(cand, self._near(x, cand, None, None), capacity, n, sort=False)
+        idx, overflow, bits, below = compact_rows(cand, self._near(x, cand, None, None, radius), capacity, n,
+                                                  sort=False)
         # row i's entry j = idx[i, k] (i among j's candidates): i's cell is j's
         # neighbor cell r, with (coords_i − coords_j + 1) mod grid its offset + 1
         # in each direction, enumerated as in :meth:`_neighbor_cells`
@@ -652,7 +675,7 @@ class Table:
         return Neighbors(idx, x, cells, cell_overflow | overflow | pl.overflow), pl
 
     def capacities(self, x: Array, grow: float = 1.0, shrink: bool = False,
-                   deform: Array | None = None) -> tuple[int, int]:
+                   deform: Array | None = None, radius: Any = None) -> tuple[int, int]:
         """(K, C): table and cell capacities for positions ``x``, from the counts
         there (×1.25 and ×1.5 + 2, times ``grow``).
 
@@ -667,8 +690,8 @@ class Table:
         cell_capacity = 0
         if self.grid is not None:
             cell_capacity = max(self._sticky[1], self.cell_capacity(self.cells_on_host(x), grow))
-        count, pairs = self._count_pairs(x, cell_capacity, deform)
-        self._last_pairs = ((x, cell_capacity, deform), pairs)  # for pair_capacity at the same x
+        count, pairs = self._count_pairs(x, cell_capacity, deform, radius)
+        self._last_pairs = ((x, cell_capacity, deform, radius), pairs)  # for pair_capacity at the same x
         capacity = max(self._sticky[0], int(math.ceil(count * 1.25 * grow)) + 1)
         if self.grid is None:
             capacity = min(capacity, self.n)
@@ -719,7 +742,7 @@ class Table:
         return jnp.max(self._near_counts(x, cell_capacity, box))
 
     def pair_capacity(self, x: Array, cell_capacity: int, grow: float = 1.0, shrink: bool = False,
-                      deform: Array | None = None) -> int:
+                      deform: Array | None = None, radius: Any = None) -> int:
         """P, the :class:`PairList` capacity for positions ``x``: the pairs within
         ``cutoff + skin`` there ×1.2 (× ``grow``). Their number is about the
         density's, whatever the configuration, so it barely changes during a
@@ -729,10 +752,12 @@ class Table:
         if self.static:
             return self.n * (self.n - 1) // 2
         at, pairs = self._last_pairs
-        if at is None or at[0] is not x or at[1] != cell_capacity or at[2] is not deform:
-            pairs = self._count_pairs(x, cell_capacity, deform)[1]
-        capacity = max(self._sticky_pairs, int(math.ceil(pairs * 1.2 * grow)) + 8)
-        self._sticky_pairs = min(capacity, self.n * (self.n - 1) // 2)
+        if at is None or at[0] is not x or at[1] != cell_capacity or at[2] is not deform or at[3] is not radius:
+            pairs = self._count_pairs(x, cell_capacity, deform, radius)[1]
+        # a multiple of PAIR_CAPACITY_STEP: the force's pair arrays are then vectorised
+        # without a tail (2D N = 16384: 0.37 ms a force at P = 55369, 0.27 at 55376)
+        capacity = -(-(int(math.ceil(pairs * 1.2 * grow)) + 8) // PAIR_CAPACITY_STEP) * PAIR_CAPACITY_STEP
+        self._sticky_pairs = min(max(self._sticky_pairs, capacity), self.n * (self.n - 1) // 2)
         return self._sticky_pairs
 
     def pair_placeholder(self, capacity: int, width: int, order: Array | None = None) -> PairList:
@@ -835,7 +860,8 @@ def _programs(system: System, params: Params, method: str, ftol: float, skin: fl
             # difference in a diameter, a design step): no new compile.
             if cutoff <= table.cutoff <= CUTOFF_SLACK**2 * cutoff or (math.isinf(cutoff) and table.static):
                 return table, programs
-    table = Table(system, params, skin, cutoff * CUTOFF_SLACK if math.isfinite(cutoff) else None)
+    table = Table(system, params, skin, cutoff * CUTOFF_SLACK if math.isfinite(cutoff) else None,
+                  radius=system.radius)
     model = system.model.template  # what the programs close over: the model, no run's numbers
     mini = _minimizer(model, table, method, pairs=True, max_displacement=max_displacement)
 
@@ -863,7 +889,11 @@ def _programs(system: System, params: Params, method: str, ftol: float, skin: fl
             return jax.lax.while_loop(lambda c: go(c[0], c[1]) & ~c[3], body, c)
 
         def rebuild(s, nb, pl, rebuilds, at):
-            nb, pl = table.build_pairs(at, nb.idx.shape[1], nb.cells.shape[1], pl.i.shape[0], pl.order)
+            radius = None
+            if table.radius is not None:  # in the relaxation's numbering
+                radius = table.radius(params)
+                radius = radius if pl.order is None else radius[pl.order]
+            nb, pl = table.build_pairs(at, nb.idx.shape[1], nb.cells.shape[1], pl.i.shape[0], pl.order, radius)
             return mini.step_force(s, (params, pl)), nb, pl, rebuilds + 1
 
         def outer(c):
@@ -956,12 +986,13 @@ def relax(
                    rest.idx, stats)
 
 
-def _placeholders(table: Table, x: Array, grow: float = 1.0,
-                  order: np.ndarray | None = None) -> tuple[Neighbors, PairList]:
-    """An empty table and pair list sized for ``x``, built inside the chunk."""
-    capacity, cell_capacity = table.capacities(x, grow)
+def _placeholders(table: Table, x: Array, grow: float = 1.0, order: np.ndarray | None = None,
+                  radius: np.ndarray | None = None) -> tuple[Neighbors, PairList]:
+    """An empty table and pair list sized for ``x`` (``radius``: the radii in
+    the relaxation's numbering, or None), built inside the chunk."""
+    capacity, cell_capacity = table.capacities(x, grow, radius=radius)
     return (table.placeholder(x, capacity, cell_capacity),
-            table.pair_placeholder(table.pair_capacity(x, cell_capacity, grow), capacity, order))
+            table.pair_placeholder(table.pair_capacity(x, cell_capacity, grow, radius=radius), capacity, order))
 
 
 def spatial_order(table: Table, x: Array) -> np.ndarray:
@@ -1024,9 +1055,12 @@ def _descend(system: System, params: Params, x: Array, method: str, ftol: float,
     elif resume is None and table.cell_list and system.n >= SORT_THRESHOLD:
         order = spatial_order(table, x)
     x = jnp.asarray(renumbered(x, order))
+    radius = None  # per-particle reach, for sizing the table on the host
+    if table.radius is not None:
+        radius = renumbered(np.asarray(table.radius({k: np.asarray(v) for k, v in params.items()}), float), order)
     # the table is (Neighbors, PairList), empty at first: the chunk builds it
     # and takes the force (bitwise the saved one)
-    tables = _placeholders(table, x, order=order)
+    tables = _placeholders(table, x, order=order, radius=radius)
     if resume is not None and "reference" in resume:  # rebuilt where the saved table was built
         tables = (tables[0]._replace(reference=jnp.asarray(renumbered(resume["reference"], order), x.dtype)),
                   tables[1])
@@ -1056,7 +1090,7 @@ def _descend(system: System, params: Params, x: Array, method: str, ftol: float,
         return run, seconds
 
     def widen(state, tables, report, attempt):
-        return _placeholders(table, state.x, grow=1.5**attempt, order=order)
+        return _placeholders(table, state.x, grow=1.5**attempt, order=order, radius=radius)
 
     def resize(state, tables):
         # A random start has overlapping clusters and needs a wide table; a few
@@ -1064,9 +1098,9 @@ def _descend(system: System, params: Params, x: Array, method: str, ftol: float,
         # systems resize the table once there: fewer entries per step pay for
         # one more compile (N = 16384: capacity 29 → 14).
         nbrs, _ = tables
-        capacity, cell_capacity = table.capacities(state.x, shrink=True)
+        capacity, cell_capacity = table.capacities(state.x, shrink=True, radius=radius)
         if capacity < 0.75 * nbrs.idx.shape[1]:
-            pair_capacity = table.pair_capacity(state.x, cell_capacity, shrink=True)
+            pair_capacity = table.pair_capacity(state.x, cell_capacity, shrink=True, radius=radius)
             return table.placeholder(state.x, capacity, cell_capacity), \
                 table.pair_placeholder(pair_capacity, capacity, order)
         table._sticky = (nbrs.idx.shape[1], nbrs.cells.shape[1])

@@ -50,6 +50,12 @@ class System:
         constant (:mod:`mdsens.relax`): one fused force instead of a run-time
         branch per evaluation (N = 1024: 30% less compile time).
         Derivatives still treat them as parameters.
+    radius: None, or ``radius(params) -> (N,)``: per-particle interaction
+        radii, every pair's energy being zero beyond ``radius_i + radius_j``
+        (at most ``cutoff``): soft spheres, D/2. The relaxation's neighbor
+        table then lists each pair within its own range plus the skin, as
+        LAMMPS does per type pair, instead of within the largest cutoff
+        (bidisperse 1 : 1.4: ~20 % fewer pairs in 2D, ~30 % in 3D).
     """
 
     name: str
@@ -62,6 +68,7 @@ class System:
     config: Mapping[str, Any] = field(default_factory=dict)
     pairs: Array | None = None
     specialize: tuple[str, ...] = ()
+    radius: Callable[[Params], Array] | None = None
 
     @functools.cached_property
     def model(self) -> "Model":
@@ -69,7 +76,7 @@ class System:
         extra = tuple((f.name, getattr(self, f.name)) for f in fields(self) if f.name not in _SYSTEM_FIELDS)
         spec = tuple((k, tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in self.params.items())
         return Model(type(self), self.name, (self.n, self.dim), np.asarray(self.species), self.pair, self.cutoff,
-                     self.contact, tuple(self.specialize), spec, extra)
+                     self.contact, tuple(self.specialize), spec, extra, self.radius)
 
     @property
     def n(self) -> int:
@@ -250,8 +257,8 @@ class Model:
     """The static part of a :class:`System`, apart from the state (positions)
     and θ (the parameter values): the class (and a subclass's own fields, e.g.
     the fixed-pressure ``box_dof``), name, N and d, species, the pair energy,
-    cutoff and contact rule, ``specialize``, and the names, shapes and dtypes
-    of θ. Hashable and compared by value — functions structurally (same code,
+    cutoff and contact rule, ``specialize``, the names, shapes and dtypes
+    of θ, and the interaction radii. Hashable and compared by value — functions structurally (same code,
     equal closure values: :func:`structure`), arrays elementwise — so two
     builds of one configuration with different seeds or parameter values are
     one model: a jit static argument and the key of compiled programs
@@ -270,11 +277,13 @@ class Model:
     specialize: tuple[str, ...]
     spec: tuple[tuple[str, tuple[int, ...], str], ...]
     extra: tuple[tuple[str, Any], ...] = ()
+    radius: Callable[[Params], Array] | None = None
 
     @functools.cached_property
     def key(self) -> Hashable:
         return (self.kind, self.name, self.shape, structure(self.species), structure(self.pair),
-                structure(self.cutoff), structure(self.contact), self.specialize, self.spec, structure(self.extra))
+                structure(self.cutoff), structure(self.contact), self.specialize, self.spec, structure(self.extra),
+                structure(self.radius))
 
     def __eq__(self, other: object) -> bool:
         return self is other or (isinstance(other, Model) and self.key == other.key)
@@ -298,7 +307,7 @@ class Model:
         """A System of this model at real-space ``positions`` (N, d) and θ ``params``."""
         return self.kind(name=self.name, positions=np.asarray(positions), species=self.species, params=dict(params),
                          pair=self.pair, cutoff=self.cutoff, contact=self.contact, config=dict(config or {}),
-                         specialize=self.specialize, **dict(self.extra))
+                         specialize=self.specialize, radius=self.radius, **dict(self.extra))
 
     @functools.cached_property
     def template(self) -> System:

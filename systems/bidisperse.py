@@ -68,6 +68,18 @@ def soft_sphere_pair(index: np.ndarray):
     return pair, contact
 
 
+def soft_sphere_radius(index: np.ndarray):
+    """Each particle's interaction radius, ``params["diameter"][index[i]] / 2``: a
+    pair of :func:`soft_sphere_pair` interacts within the sum of its radii
+    (NumPy in, NumPy out: sizing a table on the host compiles nothing)."""
+    index = np.asarray(index)
+
+    def radius(params):
+        return 0.5 * params["diameter"][index]
+
+    return radius
+
+
 def build(n: int, dim: int, phi: float, diameter: tuple[float, ...], epsilon: float, alpha: float,
           seed: int = 0, pressure: float | None = None, box_dof: str = "iso") -> System:
     if pressure is not None:
@@ -89,7 +101,8 @@ def build(n: int, dim: int, phi: float, diameter: tuple[float, ...], epsilon: fl
     }
     config = {"n": n, "dim": dim, "phi": phi, "diameter": list(diameter), "epsilon": epsilon, "alpha": alpha}
     system = System("bidisperse", positions, species, params, pair,
-                    cutoff=lambda p: jnp.max(p["diameter"]), contact=contact, config=config, specialize=("alpha",))
+                    cutoff=lambda p: jnp.max(p["diameter"]), contact=contact, config=config, specialize=("alpha",),
+                    radius=soft_sphere_radius(species))
     return with_pressure(system, pressure, box_dof)
 
 

@@ -42,7 +42,7 @@ import numpy as np
 from mdsens.system import System
 from mdsens.systems import lj_crystal, morse_cluster
 from mdsens.systems._family import Family, Key, UsageError, one_of, positive
-from mdsens.systems.bidisperse import check_minimum_image, soft_sphere_pair
+from mdsens.systems.bidisperse import check_minimum_image, soft_sphere_pair, soft_sphere_radius
 
 POTENTIALS = ("harmonic", "lj", "morse")
 _DEFAULTS = {"epsilon": 1.0, "alpha": 2.0, "sigma": 1.0}
@@ -255,11 +255,13 @@ def build(path: str, potential: str, onset: float, cutoff: float, format: str = 
     data = dict(data, diameter=_diameters(data, species, diameter, path))
     file_params = data.get("parameters") or {}
     params: dict = {}
+    radius = None
     if potential == "harmonic":
         params["diameter"] = jnp.asarray(np.asarray(data["diameter"], dtype=float))
         params["epsilon"] = jnp.asarray(_scalar(file_params, "epsilon"))
         params["alpha"] = jnp.asarray(_scalar(file_params, "alpha"))
         pair, contact = soft_sphere_pair(np.arange(n))
+        radius = soft_sphere_radius(np.arange(n))
         reach, cutoff_fn = float(np.max(data["diameter"])), lambda p: jnp.max(p["diameter"])
     elif potential == "lj":
         if onset >= cutoff:
@@ -287,7 +289,7 @@ def build(path: str, potential: str, onset: float, cutoff: float, format: str = 
     if diameter:
         config["diameter"] = list(diameter)
     return System("from_file", positions, species, params, pair, cutoff=cutoff_fn, contact=contact, config=config,
-                  specialize=("alpha",) if potential == "harmonic" else ())
+                  specialize=("alpha",) if potential == "harmonic" else (), radius=radius)
 
 
 FAMILY = Family(

@@ -19,7 +19,7 @@ import numpy as np
 from mdsens.system import System
 from mdsens.systems._family import Family, Key, at_least, one_of, positive
 from mdsens.systems.bidisperse import (PRESSURE_KEYS, START_PHI, box_side, check_minimum_image,
-                                       soft_sphere_pair, with_pressure)
+                                       soft_sphere_pair, soft_sphere_radius, with_pressure)
 
 
 def build(n: int, dim: int, phi: float, spread: float, seed: int = 0, pressure: float | None = None,
@@ -43,7 +43,8 @@ def build(n: int, dim: int, phi: float, spread: float, seed: int = 0, pressure: 
     # One continuous species: the sizes live in the `diameter` parameter.
     species = np.zeros(n, dtype=np.int32)
     system = System("polydisperse", positions, species, params, pair,
-                    cutoff=lambda p: jnp.max(p["diameter"]), contact=contact, config=config, specialize=("alpha",))
+                    cutoff=lambda p: jnp.max(p["diameter"]), contact=contact, config=config, specialize=("alpha",),
+                    radius=soft_sphere_radius(np.arange(n)))
     return with_pressure(system, pressure, box_dof)
 
 

@@ -81,6 +81,16 @@ def test_table_matches_brute_force_with_and_without_cells():
         want = _brute_force(system, x, params, table.reach)
         got = [set(int(j) for j in row if j < n) for row in np.asarray(nbrs.idx)]
         assert got == want
+        if table.cell_list:  # each pair within its own reach: the radii's sum plus the skin
+            radius = np.asarray(system.radius({k: np.asarray(v) for k, v in params.items()}))
+            table = relax.Table(system, params, radius=system.radius)
+            capacity, cells = table.capacities(x, radius=radius)
+            nbrs = jax.jit(table.build, static_argnums=(1, 2))(x, capacity, cells, radius=jnp.asarray(radius))
+            assert not relax.overflowed(nbrs)
+            want = _brute_force(system, x, params, radius[:, None] + radius[None, :] + table.skin)
+            assert [set(int(j) for j in row if j < n) for row in np.asarray(nbrs.idx)] == want
+            most, pairs = table.counts_on_host(x, radius)
+            assert (most, pairs) == (max(map(len, want)), sum(map(len, want)) // 2)
 
 
 def test_compact_rows_is_the_sorted_rows_cut_to_capacity(monkeypatch):
@@ -371,12 +381,17 @@ def test_relaxation_renumbered_in_cell_order_returns_the_model_numbering(monkeyp
     assert float(jnp.max(jnp.linalg.norm(force, axis=1))) < 1e-9
     assert abs(float(system.energy(q, params)) - float(out.info.energy)) < 1e-12 * float(out.info.energy)
     # The table (built where the loop last rebuilt it) holds every pair within
-    # the cutoff at x*, and only pairs that moved less than the skin out of reach.
+    # its own interaction range at x* (the sum of the two radii), and only pairs
+    # that moved less than the skin out of their reach.
     idx = np.asarray(out.idx)
     rows = [set(row[row < system.n]) for row in idx]
-    inner = _brute_force(system, out.x, params, table.cutoff)
-    outer = _brute_force(system, out.x, params, table.reach + table.skin)
+    radius = np.asarray(system.radius({k: np.asarray(v) for k, v in params.items()}))
+    inner = _brute_force(system, out.x, params, radius[:, None] + radius[None, :])
+    outer = _brute_force(system, out.x, params, radius[:, None] + radius[None, :] + 2 * table.skin)
     assert all(a <= row <= b for a, row, b in zip(inner, rows, outer))
+    # A table of one reach would hold every pair within the largest cutoff; this
+    # one leaves out pairs of small particles beyond their own reach.
+    assert any(u - row for u, row in zip(_brute_force(system, out.x, params, table.cutoff), rows))
     assert all(np.all(np.diff(row) >= 0) for row in idx)
     # A checkpoint is in the model's numbering and carries the order it ran in.
     middle = saved[len(saved) // 2]
