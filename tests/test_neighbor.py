@@ -270,6 +270,34 @@ def test_3d_resumed_relaxation_on_candidate_order_rows_retraces_the_uninterrupte
     np.testing.assert_array_equal(np.asarray(resumed.x), np.asarray(out.x))
 
 
+def test_3d_relaxation_table_gives_the_all_pairs_derivatives():
+    # A 3D relaxation on a cell list (rows in candidate order, each pair within
+    # its own reach): the table it returns holds every interacting pair at x*, so
+    # energy, pressure, forces and the gradient of the pressure in the diameters
+    # over its pairs are those over all pairs.
+    system = systems.get("bidisperse").build(n=600, dim=3, phi=0.66, seed=6)
+    params = {k: jnp.asarray(v) for k, v in system.params.items()}
+    out = relax.relax(system, params)
+    assert bool(out.info.converged) and out.stats.cell_list
+    q = system.to_solver(out.x, params)
+    listed = system.with_pairs(jnp.asarray(relax.pairs_from_table(out.idx, system.n)))
+    rattler = observables.rattlers(system, q, params)
+
+    @jax.jit
+    def measure(q_, p_):
+        return {key: (observables.energy(s, q_, p_), observables.pressure(s, q_, p_), jax.grad(s.energy)(q_, p_))
+                for key, s in (("all", system), ("listed", listed))}
+
+    out_ = measure(q, params)
+    for k in range(2):
+        assert abs(float(out_["all"][k]) - float(out_["listed"][k])) <= 1e-12 * abs(float(out_["all"][k]))
+    assert float(jnp.max(jnp.abs(out_["all"][2] - out_["listed"][2]))) < 1e-12
+    solve = sensitivity.linsolve.cg(rtol=1e-12)
+    ga, _ = sensitivity.gradient(system, q, params, observables.pressure, rattler, solve)
+    gb, _ = sensitivity.gradient(listed, q, params, observables.pressure, rattler, solve)
+    assert relative_error(gb["diameter"], ga["diameter"]) < 1e-10
+
+
 def test_overflow_is_detected_and_the_chunk_redone(monkeypatch):
     system = systems.get("bidisperse").build(n=128, dim=2, phi=0.9)
     params = {k: jnp.asarray(v) for k, v in system.params.items()}
