@@ -61,7 +61,9 @@ def bench(
     h: float = typer.Option(1e-5, help="Finite-difference step."),
     unroll_steps: str = typer.Option("50,100,200,400", help="Step counts of the unrolled-memory curve."),
     memory_budget_mb: float = typer.Option(4000.0, help="Skip any unrolled run (a point of the memory curve, or the full run) whose predicted peak RSS exceeds this, in MB: predicted from the points measured, or before any from the N(N−1)/2 pairs (~240 bytes a pair and step)."),
-    repeats: int = typer.Option(3, help="Timed repeats of the implicit derivatives (median)."),
+    repeats: int = typer.Option(3, help="Timed repeats of the implicit derivatives and the relaxation "
+                                        "(median); with --peer also the rounds that alternate mdsens and "
+                                        "the peer (the ratio: the median of the rounds')."),
     timeout: float = typer.Option(3600.0, help="Seconds allowed to each subprocess."),
     output: Path = typer.Option(Path("bench.json"), "-o", "--output", help="JSON report to write."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing report."),

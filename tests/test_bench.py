@@ -141,3 +141,35 @@ def test_unrolled_points_that_would_not_fit_are_never_run(monkeypatch):
     assert "skipped" not in small["unrolled"]
     # the prior is the measured rate at N = 1024 (112–121 MB a step) to within a few per cent
     assert 112 <= bench.unrolled_prior_mb(1024, 1) <= 125
+
+
+def test_peer_ratio_is_the_median_over_alternating_rounds(monkeypatch):
+    """With a peer, mdsens and the peer are timed in alternating subprocesses: the
+    ratio is the median of each round's ratio, so a machine that slows down between
+    rounds changes both sides of a round, not one side of the ratio. (Faked children:
+    round k's times both scale by the machine's speed then.)"""
+    from mdsens import bench
+
+    speed = iter([1.0, 1.0, 2.0, 2.0, 3.0, 3.0])  # the machine slows down round by round
+    spawned = []
+
+    def fake(spec, timeout):
+        task = spec["task"]
+        spawned.append((task, spec.get("repeats"), spec.get("timing_only", False)))
+        if task == "relax":
+            return {"relax_s": 0.8 * next(speed), "steps": 300, "converged": True, "n_params": 2}
+        if task == "peer":
+            return {"peer": "lammps", "relax_s": 1.0 * next(speed), "steps": 250, "s_per_step": 0.004}
+        return {"rss_mb": 200.0}
+
+    monkeypatch.setattr(bench, "_spawn", fake)
+    (row,) = bench.run("bidisperse", ns=(64,), peer="lammps", relax_only=True, repeats=3)["rows"]
+    assert row["relax_over_peer_rounds"] == pytest.approx([0.8, 0.8, 0.8])
+    assert row["relax_over_peer"] == pytest.approx(0.8)  # mdsens first, peer last would say 0.8 / 3
+    assert row["relax"]["relax_s_rounds"] == pytest.approx([0.8, 1.6, 2.4])
+    assert row["relax"]["relax_s"] == pytest.approx(1.6) and row["peer"]["relax_s"] == pytest.approx(2.0)
+    assert row["peer"]["relax_s_first"] == pytest.approx(1.0) and row["peer"]["s_per_step"] == pytest.approx(2.0 / 250)
+    # round 1: the full children; rounds 2 and 3: one mdsens warm-up and timed run, one peer run
+    assert [s for s in spawned if s[0] in ("relax", "peer")] == [
+        ("relax", 3, False), ("peer", 3, False), ("relax", 1, False), ("peer", 1, True), ("relax", 1, False),
+        ("peer", 1, True)]
