@@ -102,7 +102,8 @@ class RelaxStats(NamedTuple):
 
 class Relaxed(NamedTuple):
     """``x``: real-space x* (periodic: in [0, L)); ``info``; ``compile_s``;
-    ``idx``: the table at x* (every pair closer than the cutoff is in it);
+    ``idx``: the table at x*, rows sorted (every pair within its interaction
+    range — the cutoff, or the sum of the radii, :attr:`System.radius` — is in it);
     ``stats``."""
 
     x: Array
@@ -493,10 +494,13 @@ class Table:
         """(d,) int32: a cell's flat index from its grid coordinates (row-major)."""
         return np.cumprod([1] + list(self.grid[:0:-1]))[::-1].astype(np.int32)
 
-    def _cell_of(self, x: Array, box: Array | None = None) -> Array:
+    def _grid_coords(self, x: Array, box: Array | None = None) -> Array:
+        """(N, d) each particle's cell's grid coordinates."""
         grid = jnp.asarray(self.grid)
-        c = jnp.clip(jnp.floor(x / self._box(box) * grid).astype(jnp.int32), 0, grid - 1)
-        return c @ jnp.asarray(self._strides())
+        return jnp.clip(jnp.floor(x / self._box(box) * grid).astype(jnp.int32), 0, grid - 1)
+
+    def _cell_of(self, x: Array, box: Array | None = None) -> Array:
+        return self._grid_coords(x, box) @ jnp.asarray(self._strides())
 
     def cells_on_host(self, x: Any) -> np.ndarray:
         """:meth:`_cell_of` at the table's own box, in NumPy: sizing a table and
@@ -556,8 +560,7 @@ class Table:
             return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (n, n)), jnp.zeros((0, 0), jnp.int32), \
                 jnp.zeros((), bool)
         n_cells = int(np.prod(self.grid))
-        grid = jnp.asarray(self.grid)
-        coords = jnp.clip(jnp.floor(x / self._box(box) * grid).astype(jnp.int32), 0, grid - 1)
+        coords = self._grid_coords(x, box)
         cell = coords @ jnp.asarray(self._strides())  # :meth:`_cell_of`
         order = sort_order(cell, n_cells)
         counts = jnp.zeros(n_cells, jnp.int32).at[cell].add(1)
@@ -948,9 +951,11 @@ def relax(
     ``checkpoint(state)`` is called with the minimizer's whole state (NumPy
     arrays: positions, velocities, FIRE's dt, α and counters, the step) at a
     chunk boundary at least every ``checkpoint_every`` seconds; ``resume``
-    (such a state) continues from it instead of starting at ``x0``. The
-    force is a sum in a fixed order whatever the table's build point, so a
-    resumed run takes exactly the steps of an uninterrupted one.
+    (such a state) continues from it instead of starting at ``x0``. A
+    checkpoint also holds the table's build point, and the resumed run builds
+    its first table there (the same table: in 3D its rows, and with them the
+    force's order of summation, follow the cells at the build), so a resumed
+    run takes exactly the steps of an uninterrupted one.
 
     ``max_displacement``: FIRE's per-step cap on any coordinate's move
     (:func:`mdsens.minimize.fire`; None, the default: none)."""

@@ -55,7 +55,8 @@ class System:
         (at most ``cutoff``): soft spheres, D/2. The relaxation's neighbor
         table then lists each pair within its own range plus the skin, as
         LAMMPS does per type pair, instead of within the largest cutoff
-        (bidisperse 1 : 1.4: ~20 % fewer pairs in 2D, ~30 % in 3D).
+        (bidisperse 1 : 1.4 at N = 16384 near its minimum: 8 % fewer pairs in
+        2D, 21 % in 3D).
     """
 
     name: str
