@@ -271,12 +271,17 @@ def _peer(spec, system, params) -> dict[str, Any]:
     if spec["peer"] != "lammps":
         raise ValueError(f"unknown peer {spec['peer']!r}")
     x0 = np.asarray(system.positions)
-    if spec.get("timing_only"):  # a later round of :func:`_alternate`: the relaxation alone
+
+    def relaxations(lmp):  # ``repeats`` relaxations from the same start
         runs = []
+        for _ in range(max(1, int(spec["repeats"]))):
+            lmp.set_positions(x0)
+            runs.append(lmp.minimize(spec["ftol"], spec["max_steps"]))
+        return runs
+
+    if spec.get("timing_only"):  # a later round of :func:`_alternate`: the relaxation alone
         with peers.Lammps(system, params, x0) as lmp:
-            for _ in range(max(1, int(spec["repeats"]))):
-                lmp.set_positions(x0)
-                runs.append(lmp.minimize(spec["ftol"], spec["max_steps"]))
+            runs = relaxations(lmp)
         return {"peer": "lammps", "relax_s": statistics.median(r["seconds"] for r in runs),
                 "steps": runs[-1]["steps"]}
     q, rattler, pairs = _load_state(spec)
@@ -288,10 +293,7 @@ def _peer(spec, system, params) -> dict[str, Any]:
     mdsens = {"energy": at_x_star(observables.energy), "pressure": at_x_star(observables.pressure),
               "max_force": at_x_star(observables.max_force)}
     with peers.Lammps(system, params, x0) as lmp:
-        runs = []
-        for _ in range(max(1, int(spec["repeats"]))):
-            lmp.set_positions(x0)
-            runs.append(lmp.minimize(spec["ftol"], spec["max_steps"]))
+        runs = relaxations(lmp)
         own = lmp.evaluate()
         lmp.set_positions(x_star)
         cross = lmp.evaluate()
