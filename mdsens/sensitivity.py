@@ -287,15 +287,24 @@ def equilibrium(
 
 
 def missing_pairs(system: System, q: Array, params: Params, block: int = 1024) -> Array:
-    """How many pairs closer than ``cutoff(θ)`` at ``q`` are not among the
-    system's pair list (:meth:`System.with_pairs`; 0 without one): jittable,
-    all pairs compared in row blocks (O(N²) time, O(N · block) memory). Zero
-    means the listed energy equals the full one near ``q``, with all its
-    derivatives there."""
+    """How many interacting pairs at ``q`` — closer than ``cutoff(θ)``, or than
+    the sum of their radii where the system gives radii (:attr:`System.radius`,
+    as the relaxation's tables list them) — are not among the system's pair
+    list (:meth:`System.with_pairs`; 0 without one): jittable, all pairs
+    compared in row blocks (O(N²) time, O(N · block) memory). Zero means the
+    listed energy equals the full one near ``q``, with all its derivatives
+    there."""
     if system.pairs is None:
         return jnp.zeros((), jnp.int32)
     n = system.n
-    reach2 = jnp.asarray(system.cutoff(params)) ** 2
+    cutoff = jnp.asarray(system.cutoff(params))
+    radius = None if system.radius is None else jnp.asarray(system.radius(params))
+
+    def reach2(a: Array, b: Array) -> Array:  # the squared range of the pairs (a, b)
+        if radius is None:
+            return cutoff**2
+        return jnp.minimum(radius[a] + radius[b], cutoff) ** 2
+
     cols = jnp.arange(n)
     width = min(block, n)
 
@@ -304,13 +313,14 @@ def missing_pairs(system: System, q: Array, params: Params, block: int = 1024) -
         real = rows < n
         rows = jnp.where(real, rows, 0)
         dr = system.separation(q[rows][:, None, :] - q[None, :, :], params)
-        near = (jnp.sum(dr**2, axis=-1) < reach2) & (cols[None, :] > rows[:, None]) & real[:, None]
+        near = (jnp.sum(dr**2, axis=-1) < reach2(rows[:, None], cols[None, :])) & (cols[None, :] > rows[:, None]) \
+            & real[:, None]
         return jnp.sum(near, dtype=jnp.int32)
 
     starts = jnp.arange(0, n, width)
     total = jnp.sum(jax.lax.map(rows_within, starts))
     dr, i, j, valid = system.pair_list(q, params)
-    listed = jnp.sum(valid & (i != j) & (jnp.sum(dr**2, axis=-1) < reach2), dtype=jnp.int32)
+    listed = jnp.sum(valid & (i != j) & (jnp.sum(dr**2, axis=-1) < reach2(i, j)), dtype=jnp.int32)
     return total - listed
 
 

@@ -282,6 +282,9 @@ def test_3d_relaxation_table_gives_the_all_pairs_derivatives():
     q = system.to_solver(out.x, params)
     listed = system.with_pairs(jnp.asarray(relax.pairs_from_table(out.idx, system.n)))
     rattler = observables.rattlers(system, q, params)
+    # a frozen list from the table covers q* (pairs within their own range), as
+    # equilibrium() checks before it trusts one
+    assert int(jax.jit(lambda q_, p_: sensitivity.missing_pairs(listed, q_, p_))(q, params)) == 0
 
     @jax.jit
     def measure(q_, p_):
