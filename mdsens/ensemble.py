@@ -436,10 +436,7 @@ def derivative_fn(job: Job, model: System, observe: Mapping[str, Callable],
         forwards, gradients = {}, {}
         if wrts or grads:
             solve = _solver(job, s, q, params, rattler)
-            for text, name, index in wrts:
-                forwards[text] = sensitivity.forward_fn(s, name, observe, rattler, solve, index)(q, params)
-            for name in grads:
-                gradients[name] = sensitivity.gradient_fn(s, observables.OBSERVABLES[name], rattler, solve)(q, params)
+            forwards, gradients = sensitivity.derivatives_fn(s, observe, wrts, grads, rattler, solve)(q, params)
         return rattler, values, forwards, gradients
 
     return one

@@ -440,7 +440,7 @@ def run_meta(job: Job, system: System, info: RelaxInfo, timings: dict[str, float
 class _Programs:
     """The programs of a run after its relaxation, as ``(key, make)`` for
     :func:`run_compiled`: the rattlers and every observable (one program),
-    and each forward and reverse derivative."""
+    and every forward and reverse derivative (one program)."""
 
     def __init__(self, observe: dict[str, Callable], options: tuple):
         self.observe, self.options = observe, options
@@ -452,25 +452,18 @@ class _Programs:
             return lambda q_, p_: (observables.rattlers(s_, q_, p_), {k: f(s_, q_, p_) for k, f in observe.items()})
         return ("values", tuple(observe.items()), self.options), make
 
-    def forward(self, name: str, index: Any) -> tuple[Hashable, Callable]:
+    def derivatives(self, wrts: list, grads: list[str]) -> tuple[Hashable, Callable]:
+        """Every forward (``wrts``: ``(text, name, index)``) and reverse (``grads``)
+        derivative in one program on one solve (:func:`mdsens.sensitivity.derivatives_fn`)."""
         observe, options = self.observe, self.options
+        wrts, grads = tuple(tuple(w) for w in wrts), tuple(grads)
 
         def make(s_):
             def fn_(q_, p_, r_):
                 solve = sensitivity.solver_for(s_, q_, p_, r_, *options)
-                return sensitivity.forward_fn(s_, name, observe, r_, solve, index)(q_, p_)
+                return sensitivity.derivatives_fn(s_, observe, wrts, grads, r_, solve)(q_, p_)
             return fn_
-        return ("forward", name, index, tuple(observe.items()), options), make
-
-    def gradient(self, name: str) -> tuple[Hashable, Callable]:
-        options = self.options
-
-        def make(s_):
-            def fn_(q_, p_, r_):
-                solve = sensitivity.solver_for(s_, q_, p_, r_, *options)
-                return sensitivity.gradient_fn(s_, observables.OBSERVABLES[name], r_, solve)(q_, p_)
-            return fn_
-        return ("gradient", name, options), make
+        return ("derivatives", wrts, grads, tuple(observe.items()), options), make
 
 
 #: the fewest particles for which :class:`_Ahead` compiles in a second thread
@@ -523,14 +516,8 @@ class _Ahead:
             rattler = jnp.zeros(n, bool)
             with solving(job):
                 compiled(system, pairs, *programs.values(), q, params)
-                for _, name, index in wrts:
-                    if self._stop:
-                        return
-                    compiled(system, pairs, *programs.forward(name, index), q, params, rattler)
-                for name in job.grad:
-                    if self._stop:
-                        return
-                    compiled(system, pairs, *programs.gradient(name), q, params, rattler)
+                if (wrts or job.grad) and not self._stop:
+                    compiled(system, pairs, *programs.derivatives(wrts, job.grad), q, params, rattler)
         except Exception:  # noqa: BLE001 -- the main thread compiles whatever is missing itself
             return
 
@@ -597,15 +584,11 @@ def execute(job: Job, progress: Callable[[int, float, float], None] | None = Non
 
         forwards: dict[str, sensitivity.Forward] = {}
         gradients: dict[str, tuple[dict[str, jax.Array], linsolve.SolveInfo]] = {}
-        if bool(info.converged):
-            for text, name, index in wrts:
-                forwards[text], c, r = run_compiled(system, pairs, *programs.forward(name, index), q, params, rattler)
-                timings["compile_s"] += c
-                timings["derivative_s"] += r
-            for name in job.grad:
-                gradients[name], c, r = run_compiled(system, pairs, *programs.gradient(name), q, params, rattler)
-                timings["compile_s"] += c
-                timings["derivative_s"] += r
+        if bool(info.converged) and (wrts or job.grad):
+            (forwards, gradients), c, r = run_compiled(system, pairs, *programs.derivatives(wrts, job.grad), q,
+                                                       params, rattler)
+            timings["compile_s"] += c
+            timings["derivative_s"] += r
     timings["total_s"] = time.perf_counter() - wall
 
     meta = run_meta(job, system, info, timings, neighbor_list=nl_meta)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -469,6 +469,31 @@ def gradient_fn(
         g_q, g_p = jax.grad(lambda a, b: observable(system, a, b), argnums=(0, 1))(q, params)
         implicit_part, info = implicit.cotangent(root_fn, q, params, g_q, solve, gauge, hvp=system.hessian_vp)
         return jax.tree_util.tree_map(jnp.add, g_p, implicit_part), info
+
+    return run
+
+
+def derivatives_fn(
+    system: System,
+    observe: Mapping[str, Observable],
+    wrts: Sequence[tuple[str, str, tuple[int, ...] | None]],
+    grads: Sequence[str],
+    rattler: Array,
+    solve: implicit.Solve | None = None,
+) -> Callable[[Array, Params], tuple[dict[str, Forward], dict[str, tuple[Params, linsolve.SolveInfo]]]]:
+    """Every derivative of a run as one pure function ``(q*, θ) -> (forwards,
+    gradients)``: :func:`forward_fn` for each ``(text, name, index)`` of ``wrts``
+    (keyed by ``text``) and :func:`gradient_fn` for each observable named in
+    ``grads``, all on the one ``solve``. Compiled as one program, the solve's
+    set-up is paid once: the sparse solve's pair blocks and factorization (the
+    reverse solve finds the forward one's factor, :mod:`mdsens.sparse`), CG's
+    preconditioner, one dispatch instead of one per derivative."""
+    forward_fns = [(text, forward_fn(system, name, observe, rattler, solve, index)) for text, name, index in wrts]
+    gradient_fns = [(name, gradient_fn(system, observables.OBSERVABLES[name], rattler, solve)) for name in grads]
+
+    def run(q: Array, params: Params):
+        return ({text: f(q, params) for text, f in forward_fns},
+                {name: g(q, params) for name, g in gradient_fns})
 
     return run
 

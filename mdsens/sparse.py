@@ -62,6 +62,7 @@ Array = jax.Array
 CACHE_SIZE = 2
 _CACHE: "collections.OrderedDict[int, tuple[str, tuple[np.ndarray, ...], _Factor]]" = collections.OrderedDict()
 _LOCK = threading.Lock()
+_FACTOR_LOCK = threading.Lock()
 #: what the host did, for tests and the benchmark: factorizations, solve calls
 STATS = {"factorizations": 0, "calls": 0, "hits": 0, "cholmod": 0, "superlu": 0}
 #: the factorization: "auto" (CHOLMOD's supernodal Cholesky when cvxopt is installed and S
@@ -164,10 +165,16 @@ def solver(system: System, q: Array, params: Params, rattler: Array,
     modes = null_modes(system, q, params, rattler, project)
     held = ~jnp.asarray(rattler)
     i, j = i.astype(jnp.int32), j.astype(jnp.int32)
+    # where the particles are, for the geometric ordering (:func:`_geometric_order`):
+    # the solver coordinates, and the box's sides (zeros in free space)
+    place = q
+    sides = (jnp.broadcast_to(params["box"], (system.dim,)) if system.periodic
+             else jnp.zeros(system.dim)).astype(q.dtype)
 
     def solve(matvec: Callable[[Array], Array], b: Array) -> tuple[Array, linsolve.SolveInfo]:
         x = jax.pure_callback(_host_solve, jax.ShapeDtypeStruct(b.shape, b.dtype),
-                              k.astype(b.dtype), i, j, held, modes.astype(b.dtype), b, vmap_method="expand_dims")
+                              k.astype(b.dtype), i, j, held, modes.astype(b.dtype), place, sides, b,
+                              vmap_method="expand_dims")
         info = linsolve.SolveInfo(jnp.asarray(0, jnp.int32), linsolve._true_residual(matvec, x, b),
                                   jnp.all(jnp.isfinite(x)))
         return x, info
@@ -181,43 +188,55 @@ def solver(system: System, q: Array, params: Params, rattler: Array,
 
 # -- host side ------------------------------------------------------------------------------
 
-_CORE_RANK = (3, 1, 1, 1, 3, 2)  # k, i, j, held, modes, b
+_CORE_RANK = (3, 1, 1, 1, 3, 2, 1, 2)  # k, i, j, held, modes, place, sides, b
 
 
-def _host_solve(k, i, j, held, modes, b):
+def _host_solve(k, i, j, held, modes, place, sides, b):
     """Numpy on the host. Arguments may carry leading batch axes (``vmap`` with
     ``expand_dims``, one per level: size 1 where unbatched); each distinct matrix is
     factored once, and unbatched matrices serve the whole batch in one multi-column solve."""
-    args = [np.asarray(a) for a in (k, i, j, held, modes, b)]
+    args = [np.asarray(a) for a in (k, i, j, held, modes, place, sides, b)]
     leads = [a.shape[:a.ndim - r] for a, r in zip(args, _CORE_RANK)]
     batch = np.broadcast_shapes(*leads)
     count = int(np.prod(batch)) if batch else 1
-    core_b = args[5].shape[args[5].ndim - 2:]
+    mats = rhs_at = len(args) - 1  # the matrix's arguments, then b
+    core_b = args[rhs_at].shape[args[rhs_at].ndim - 2:]
 
     def pick(a, lead, index):  # the entry of ``a`` for the batch index, without copying ``a``
         offset = len(batch) - len(lead)
         return a[tuple(index[offset + t] if n > 1 else 0 for t, n in enumerate(lead))]
 
-    if all(int(np.prod(lead)) == 1 for lead in leads[:5]):
-        rhs = np.broadcast_to(args[5], batch + core_b).reshape((count,) + core_b)
-        out = _factor(*(a.reshape(a.shape[len(lead):]) for a, lead in zip(args[:5], leads[:5]))).solve(rhs)
+    if all(int(np.prod(lead)) == 1 for lead in leads[:mats]):
+        rhs = np.broadcast_to(args[rhs_at], batch + core_b).reshape((count,) + core_b)
+        out = _factor(*(a.reshape(a.shape[len(lead):]) for a, lead in zip(args[:mats], leads[:mats]))).solve(rhs)
     else:
-        out = np.empty((count,) + core_b, args[5].dtype)
+        out = np.empty((count,) + core_b, args[rhs_at].dtype)
         for m, index in enumerate(np.ndindex(*batch)):
-            parts = [pick(a, lead, index) for a, lead in zip(args[:5], leads[:5])]
-            out[m] = _factor(*parts).solve(pick(args[5], leads[5], index)[None])[0]
+            parts = [pick(a, lead, index) for a, lead in zip(args[:mats], leads[:mats])]
+            out[m] = _factor(*parts).solve(pick(args[rhs_at], leads[rhs_at], index)[None])[0]
     return out.reshape(batch + core_b)
 
 
-def _factor(k, i, j, held, modes) -> "_Factor":
+def _factor(k, i, j, held, modes, place=None, sides=None) -> "_Factor":
     """The kept factorization of this matrix, or a new one (kept). Looked up by a CRC-32
     of the inputs (~7 GB/s, against ~1.4 GB/s for BLAKE2: 0.4 against 1.9 ms for the
     2.7 MB of N = 16384 in 2D, paid by every host call) and confirmed by comparing the
-    inputs themselves, so a checksum collision can never return another matrix's factor."""
-    arrays = tuple(np.ascontiguousarray(a) for a in (k, i, j, held, modes))
+    inputs themselves, so a checksum collision can never return another matrix's factor.
+    ``place`` and ``sides`` (the positions, for the ordering) are optional: without them
+    the ordering is minimum degree's."""
+    given = (k, i, j, held, modes) + ((place, sides) if place is not None else ())
+    arrays = tuple(np.ascontiguousarray(a) for a in given)
     crc = zlib.crc32(BACKEND.encode())
     for a in arrays:
         crc = zlib.crc32(a.data, zlib.crc32(str((a.shape, a.dtype.str)).encode(), crc))
+    # One factorization at a time: a program with two solves on one matrix (a run's
+    # forward and reverse derivatives) may call back for both at once, and the second
+    # must find the first's factor, not factor again beside it.
+    with _FACTOR_LOCK:
+        return _lookup_or_factor(crc, arrays)
+
+
+def _lookup_or_factor(crc: int, arrays: tuple[np.ndarray, ...]) -> "_Factor":
     with _LOCK:
         STATS["calls"] += 1
         found = _CACHE.get(crc)
@@ -330,12 +349,94 @@ NESTED_DISSECTION_DIM = 3
 NESTED_DISSECTION_MIN_N = 1024
 
 
-def _particle_order(nh: int, upper: np.ndarray, lower: np.ndarray, d: int) -> np.ndarray | None:
+#: the ordering of the factorization: "auto" (the geometric nested dissection where the
+#: positions are given, from :data:`GEOMETRIC_MIN_N`; else as :func:`_particle_order`
+#: says), "geometric", "amd", "metis"
+ORDERING = "auto"
+#: the geometric dissection stops at boxes of about this many particles
+GEOMETRIC_LEAF = 16
+#: "auto" orders geometrically from this many held particles on, by dimension (never in
+#: 3D). In 2D its fill (a tenth to a quarter above minimum degree's) costs more in the
+#: solves than the cheaper ordering saves at N = 16384 (a run's forward and reverse
+#: derivative, session 18: 68–77 against 65–71 ms), and saves ~0.2 s of the ~0.96 s that
+#: ordering and factoring take at 131072. In 3D its fill is a third above METIS's, which
+#: the solves pay for: `mdsens run bidisperse --set dim=3 --set n=N`, two runs each,
+#: N = 1024 36–38 against 38 ms, 4096 333–341 against 260–281 ms.
+GEOMETRIC_MIN_N = {2: 65536}
+
+
+def _geometric_order(place: np.ndarray, sides: np.ndarray, upper: np.ndarray, lower: np.ndarray) -> np.ndarray:
+    """Nested dissection of the particle graph by bisecting space: ``p[k]`` the particle
+    ordered k-th.
+
+    Space is halved L times (L = log2(n / :data:`GEOMETRIC_LEAF`)), each time across the
+    axis whose cells are then longest, so each particle gets an L-bit code whose first ℓ
+    bits name its cell at level ℓ (in a periodic box the unit cell, so a pair that wraps
+    round the box crosses a wall as any other does; in free space the particles' bounding
+    box). A pair whose codes first differ at bit ℓ crosses a level-ℓ wall: its end nearer
+    that wall joins the level-ℓ separator (each particle the shallowest it is asked for).
+    Every cell's particles come before its separator, and a separator after both of the
+    cells it parts (a post-order of the bisection tree), so no fill joins two cells.
+
+    O(N L + pairs) in NumPy, where minimum degree and METIS work on the graph: measured
+    against them on bidisperse packings at x* (ordering + CHOLMOD's symbolic and numeric
+    factorization, ms; session 18), 2D N = 1024 1.4–1.5 (AMD 1.6), 16384 ~36 (AMD ~40,
+    METIS 28 + 57 to order), 131072 36 + 704 (AMD 187 + 775, METIS 643 + 574); 3D
+    N = 1024 0.5 + 15.3 (AMD 1.1 + 16.9), 4096 2 + 294–304 (AMD 4 + 467, METIS 136 + 199).
+    Its fill is a third above METIS's (thicker separators) and, in 2D, a tenth to a
+    quarter above minimum degree's: the solves pay for it, so "auto" orders this way only
+    where the ordering's cost dominates (:data:`GEOMETRIC_MIN_N`)."""
+    nh, d = place.shape
+    u = np.asarray(place, np.float64)
+    sides = np.asarray(sides, np.float64)
+    periodic = bool(np.all(sides > 0))
+    if periodic:  # a periodic box: fractional coordinates
+        u = u - np.floor(u)
+    else:  # free space: the bounding box
+        lo, hi = u.min(axis=0), u.max(axis=0)
+        sides = np.maximum(hi - lo, np.finfo(np.float64).tiny)
+        u = (u - lo) / sides
+    levels = max(0, int(np.ceil(np.log2(max(nh, 1) / GEOMETRIC_LEAF))))
+    code = np.zeros(nh, np.int64)
+    cuts = np.zeros(d, np.int64)
+    axis, scale = np.zeros(max(levels, 1), np.int64), np.ones(max(levels, 1))
+    for lev in range(levels):
+        a = int(np.argmax(sides / 2.0 ** cuts))  # the axis along which the cells are longest
+        cuts[a] += 1
+        axis[lev], scale[lev] = a, 2.0 ** cuts[a]
+        bit = (np.minimum(u[:, a] * 2.0 ** cuts[a], 2.0 ** cuts[a] - 1)).astype(np.int64) & 1
+        code = (code << 1) | bit
+    upper, lower = np.asarray(upper, np.int64), np.asarray(lower, np.int64)
+    differ = code[upper] ^ code[lower]
+    cross = differ != 0
+    level = levels - np.frexp(differ[cross].astype(np.float64))[1]  # the first differing bit
+    # the separator takes the end nearer the wall it crosses (in units of this level's cells)
+    up, down = upper[cross], lower[cross]
+    a, f = axis[level], scale[level]
+    t_up = u[up, a] * f
+    step = u[down, a] * f - t_up
+    if periodic:
+        step -= f * np.round(step / f)
+    wall = np.ceil(np.minimum(t_up, t_up + step))
+    near_up = np.abs(wall - t_up) <= np.abs(step) - np.abs(wall - t_up)
+    ends = np.where(near_up, up, down)
+    separator = np.full(nh, levels, np.int64)
+    np.minimum.at(separator, ends, level)
+    shift = levels - separator
+    key = ((code >> shift) << shift) | ((np.int64(1) << shift) - 1)  # the cell's last code
+    return np.lexsort((-separator, key)).astype(np.int64)
+
+
+def _particle_order(nh: int, upper: np.ndarray, lower: np.ndarray, d: int, place: np.ndarray | None = None,
+                    sides: np.ndarray | None = None) -> np.ndarray | None:
     """A fill-reducing ordering of the ``nh * d`` coordinates: of the particle graph
     (an edge per held–held pair ``(upper, lower)``, ``upper > lower``), each particle's
-    d coordinates kept together; AMD (cvxopt's) in 2D and for few particles, METIS's
-    nested dissection from :data:`NESTED_DISSECTION_DIM` and
-    :data:`NESTED_DISSECTION_MIN_N` (AMD without pymetis). The graph has d² times fewer
+    d coordinates kept together. Where the positions are given (``place``, ``sides``:
+    what the solve passes), the geometric nested dissection (:func:`_geometric_order`)
+    from :data:`GEOMETRIC_MIN_N`, unless :data:`ORDERING` says otherwise; else AMD
+    (cvxopt's) in 2D and for few particles, METIS's nested dissection (pymetis, where
+    installed) from :data:`NESTED_DISSECTION_DIM` and
+    :data:`NESTED_DISSECTION_MIN_N`. The graph has d² times fewer
     entries than the coordinates', so AMD costs less than CHOLMOD's own on the
     coordinates, and the fill is the same (2D bidisperse at x*: N = 16384, 24 against
     26 ms numeric); ``None`` without cvxopt."""
@@ -345,7 +446,11 @@ def _particle_order(nh: int, upper: np.ndarray, lower: np.ndarray, d: int) -> np
         return None
     if nh == 0:
         return None
-    if d >= NESTED_DISSECTION_DIM and nh >= NESTED_DISSECTION_MIN_N:
+    geometric = ORDERING == "geometric" or (ORDERING == "auto" and nh >= GEOMETRIC_MIN_N.get(d, np.inf))
+    if place is not None and geometric:
+        p = _geometric_order(place, sides, upper, lower)
+        return (p[:, None] * d + np.arange(d)).ravel()
+    if ORDERING == "metis" or (ORDERING == "auto" and d >= NESTED_DISSECTION_DIM and nh >= NESTED_DISSECTION_MIN_N):
         p = _nested_dissection(nh, upper, lower)
         if p is not None:
             return (p[:, None] * d + np.arange(d)).ravel()
@@ -386,7 +491,7 @@ def _pins(t: np.ndarray) -> np.ndarray:
 class _Factor:
     """The factorization of the grounded held–held block, the grounding's correction, the modes."""
 
-    def __init__(self, k, i, j, held, modes):
+    def __init__(self, k, i, j, held, modes, place=None, sides=None):
         n, d = held.shape[0], k.shape[-1]
         dtype = np.float64  # also for a float32 run: the host computes in float64, the answer is cast back
         self.held = held.astype(bool)
@@ -452,7 +557,9 @@ class _Factor:
             grounded = vals.copy()  # S = A + s E Eᵀ: s on the pins' diagonal entries
             slot = np.cumsum(low) - 1  # a block entry's place among the lower ones
             grounded[(pins // d) * int(low.sum()) + slot[(pins % d) * (d + 1)]] += s
-            lu = _cholesky(size, grounded, rows, cols, _particle_order(nh, upper, lower_p, d))
+            lu = _cholesky(size, grounded, rows, cols, _particle_order(nh, upper, lower_p, d,
+                                                                    None if place is None else place[self.held],
+                                                                    sides))
             if lu is None and BACKEND == "cholmod":
                 raise RuntimeError("sparse.BACKEND = 'cholmod' but CHOLMOD (cvxopt) is not installed "
                                    "or the matrix is not positive definite")

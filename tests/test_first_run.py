@@ -101,7 +101,7 @@ def test_programs_compiled_ahead_serve_the_run(monkeypatch):
     pairs = np.full((2, ahead.width), system.n, np.int32)
     params = {k: jnp.asarray(v) for k, v in system.params.items()}
     q = jnp.zeros((system.n, system.dim))
-    _, compile_s = job_module.compiled(system, jnp.asarray(pairs), *programs.forward("diameter", (1,)), q, params,
+    _, compile_s = job_module.compiled(system, jnp.asarray(pairs), *programs.derivatives(wrts, job.grad), q, params,
                                        jnp.zeros(system.n, bool))
     assert compile_s == 0.0 and cache.programs() == before
     # the same numbers without the thread (default pair width, compiled after)

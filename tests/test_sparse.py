@@ -138,7 +138,7 @@ def _dense_m(k, i, j, held, modes):
     return proj @ h @ proj + np.eye(n * d) - proj
 
 
-@pytest.mark.parametrize("ordering", ["default", "nested-dissection"])
+@pytest.mark.parametrize("ordering", ["default", "nested-dissection", "geometric"])
 @pytest.mark.parametrize("refine", ["when-needed", "always"])
 @pytest.mark.parametrize("negative", [False, True], ids=["definite", "saddle"])
 @pytest.mark.parametrize("backend", ["auto", "superlu"])
@@ -146,20 +146,27 @@ def test_host_factor_solves_m_exactly(backend, negative, refine, ordering, monke
     """The host factorization alone against the dense M of its definition, for random
     blocks: CHOLMOD where S is positive definite, SuperLU's fallback for a saddle; with
     the refinement step only where the first residual asks for it, and always; in 3D
-    also in METIS's nested dissection (what a large 3D packing gets)."""
+    also in METIS's nested dissection, and in the geometric one (what a run's solve
+    gets: positions given, here at random, in a periodic box and in free space)."""
     monkeypatch.setattr(sparse, "BACKEND", backend)
     if refine == "always":
         monkeypatch.setattr(sparse, "REFINE_TOL", -1.0)
     if ordering == "nested-dissection":
         pytest.importorskip("pymetis")
         monkeypatch.setattr(sparse, "NESTED_DISSECTION_MIN_N", 1)
+    if ordering == "geometric":
+        monkeypatch.setattr(sparse, "ORDERING", "geometric")
     for d, n, rattlers, seed in ((2, 12, (3,), 0), (3, 9, (), 1), (3, 30, (4, 17), 2)):
         k, i, j, held, modes = _random_problem(n, d, rattlers, negative, seed)
         m = _dense_m(k, i, j, held, modes)
         assert (np.linalg.eigvalsh(m).min() < 0) == negative
         rows = np.random.default_rng(seed + 7).standard_normal((3, n, d))
         before = dict(sparse.STATS)
-        factor = sparse._Factor(k, i, j, held, modes)
+        geometry = ()
+        if ordering == "geometric":
+            place = np.random.default_rng(seed + 3).random((n, d))
+            geometry = (place, np.ones(d) if seed % 2 == 0 else np.zeros(d))
+        factor = sparse._Factor(k, i, j, held, modes, *geometry)
         x = factor.solve(rows)
         # the shortcut for A T = 0 is taken exactly when no pair touches a rattler
         assert factor.null == bool(np.all(held[i] & held[j]))
@@ -192,6 +199,81 @@ def test_particle_order_is_a_permutation_of_whole_particles(d, monkeypatch):
     blocks = order.reshape(n, d)
     np.testing.assert_array_equal(blocks, blocks[:, :1] + np.arange(d))
     assert blocks[0, 0] % d == 0
+
+
+def _lattice(shape, periodic):
+    """A simple-cubic lattice of ``shape`` sites (positions in the unit box, nearest
+    neighbours paired, round the box where periodic): ``(place, upper, lower)``."""
+    index = np.arange(int(np.prod(shape))).reshape(shape)
+    place = (np.stack(np.meshgrid(*[np.arange(m) for m in shape], indexing="ij"), axis=-1).reshape(-1, len(shape))
+             + 0.5) / np.asarray(shape)
+    pairs = []
+    for axis in range(len(shape)):
+        other = np.roll(index, -1, axis=axis)
+        keep = np.ones(shape, bool)
+        if not periodic:
+            keep[(slice(None),) * axis + (-1,)] = False
+        pairs.append(np.stack([index[keep], other[keep]]))
+    a, b = np.concatenate(pairs, axis=1)
+    return place, np.maximum(a, b), np.minimum(a, b)
+
+
+def _fill(order, upper, lower, n):
+    """The entries of the Cholesky factor of the graph Laplacian plus the identity,
+    in ``order`` (CHOLMOD's symbolic count, postordered as the solve's)."""
+    from cvxopt import cholmod, matrix, spmatrix
+
+    diag = np.arange(n)
+    lap = spmatrix(np.concatenate([-np.ones(upper.size), np.full(n, 7.0)]),
+                   np.concatenate([upper, diag]).astype(np.int64), np.concatenate([lower, diag]).astype(np.int64),
+                   (n, n))
+    saved = dict(cholmod.options)
+    try:
+        cholmod.options.update(supernodal=0, nmethods=1)
+        factor = cholmod.symbolic(lap, p=matrix(np.asarray(order, np.int64)), uplo="L")
+        cholmod.numeric(lap, factor)
+        return len(cholmod.getfactor(factor).V)
+    finally:
+        cholmod.options.clear()
+        cholmod.options.update(saved)
+
+
+@pytest.mark.parametrize("shape, periodic", [((64, 64), True), ((48, 40), False), ((16, 16, 16), True),
+                                             ((12, 14, 10), False)])
+def test_geometric_order_dissects_a_lattice(shape, periodic):
+    """The geometric nested dissection of a lattice (a packing's contact graph at its
+    most regular), its sites numbered at random (so that only the positions can give
+    a good order), is a permutation with the fill of a nested dissection: far below
+    the order of rows and columns', and near minimum degree's."""
+    pytest.importorskip("cvxopt")
+    from cvxopt import amd, spmatrix
+
+    place, upper, lower = _lattice(shape, periodic)
+    n, d = place.shape
+    rows_first = _fill(np.arange(n), upper, lower, n)
+    label = np.random.default_rng(0).permutation(n)  # site s is particle label[s]
+    place[label] = place.copy()
+    upper, lower = np.maximum(label[upper], label[lower]), np.minimum(label[upper], label[lower])
+    sides = np.ones(d) if periodic else np.zeros(d)
+    order = sparse._geometric_order(place, sides, upper, lower)
+    assert sorted(order.tolist()) == list(range(n))
+    pattern = spmatrix(1.0, np.concatenate([upper, np.arange(n)]).astype(np.int64),
+                       np.concatenate([lower, np.arange(n)]).astype(np.int64), (n, n))
+    minimum_degree = _fill(np.asarray(amd.order(pattern, uplo="L"), np.int64).ravel(), upper, lower, n)
+    geometric = _fill(order, upper, lower, n)
+    assert geometric < 0.6 * rows_first and geometric < 1.5 * minimum_degree, (geometric, minimum_degree, rows_first)
+
+
+def test_geometric_order_of_few_or_coincident_particles():
+    """Fewer particles than a leaf, every particle at one point (free space), no pairs:
+    still a permutation."""
+    for place, sides, upper, lower in ((np.random.default_rng(1).random((5, 2)), np.ones(2), np.array([3, 4]),
+                                        np.array([0, 1])),
+                                       (np.zeros((40, 3)), np.zeros(3), np.array([5, 9]), np.array([1, 2])),
+                                       (np.random.default_rng(2).random((100, 2)), np.ones(2), np.zeros(0, int),
+                                        np.zeros(0, int))):
+        order = sparse._geometric_order(place, sides, upper, lower)
+        assert sorted(order.tolist()) == list(range(len(place)))
 
 
 @pytest.mark.parametrize("backend", ["auto", "superlu"])
