@@ -4,6 +4,10 @@ inside (2D bidisperse, seed 0; warm programs).
 
     python bench/sparse_profile.py N [REPEATS [BACKEND]]      (BACKEND: auto (default), cholmod or superlu)
 
+Each repeat also times the two in one program after another clear (`sensitivity.derivatives_fn`, what `mdsens run
+--wrt --grad` compiles since session 18; session 18: N = 1024 4.5-4.8 against 4.9-5.6 ms in two programs, relaxation
+0.124 s; N = 16384 65-71 against 69-74 ms, relaxation 2.98 s).
+
 (2026-11-28, N = 16384, SuperLU: forward 0.21-0.27 s, SuperLU 0.165 s of it, reverse 0.02 s; relaxation 3.8 s.
 Session 11, CHOLMOD: forward 0.10-0.14 s, `_Factor` 0.085-0.12 s of it, reverse 0.015-0.02 s; relaxation 3.9 s.)
 """
@@ -57,8 +61,17 @@ def mk(s_):
         return sensitivity.forward_fn(s_, "diameter", {"pressure": observables.pressure}, r_, solve_of(s_, q_, p_, r_), (0,))(q_, p_)
     return f
 f, _ = _job.compiled(system, pairs, ("bench forward", options), mk, q, params, rattler)
+def mk_both(s_):  # what a run compiles since session 18: both derivatives in one program
+    def fb(q_, p_, r_):
+        return sensitivity.derivatives_fn(s_, {"pressure": observables.pressure}, [("d0", "diameter", (0,))],
+                                          ["pressure"], r_, solve_of(s_, q_, p_, r_))(q_, p_)
+    return fb
+both, _ = _job.compiled(system, pairs, ("bench both", options), mk_both, q, params, rattler)
 for r in range(int(sys.argv[2]) if len(sys.argv) > 2 else 5):
     T.clear()
     sparse.clear_cache()
     t0 = time.perf_counter(); jax.block_until_ready(f(q, params, rattler)); t1 = time.perf_counter(); jax.block_until_ready(g(q, params, rattler)); t2 = time.perf_counter()
-    print(f"fwd {t1-t0:.4f} rev {t2-t1:.4f} shared/relax {(t2-t0)/trel:.4f}", {k: [round(v,4) for v in vs] for k, vs in T.items()})
+    sparse.clear_cache()
+    t3 = time.perf_counter(); jax.block_until_ready(both(q, params, rattler)); t4 = time.perf_counter()
+    print(f"fwd {t1-t0:.4f} rev {t2-t1:.4f} shared/relax {(t2-t0)/trel:.4f} one program {t4-t3:.4f} ({(t4-t3)/trel:.4f})",
+          {k: [round(v,4) for v in vs] for k, vs in T.items()})
