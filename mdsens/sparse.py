@@ -359,7 +359,9 @@ GEOMETRIC_LEAF = 16
 #: 3D). In 2D its fill (a tenth to a quarter above minimum degree's) costs more in the
 #: solves than the cheaper ordering saves at N = 16384 (a run's forward and reverse
 #: derivative, session 18: 68–77 against 65–71 ms), and saves ~0.2 s of the ~0.96 s that
-#: ordering and factoring take at 131072. In 3D its fill is a third above METIS's, which
+#: ordering and factoring take at 131072, of which the solves give back part: forward and
+#: reverse in one program, alternating in one process, 1.27 against 1.33 s (medians of
+#: five). In 3D its fill is a third above METIS's, which
 #: the solves pay for: `mdsens run bidisperse --set dim=3 --set n=N`, two runs each,
 #: N = 1024 36–38 against 38 ms, 4096 333–341 against 260–281 ms.
 GEOMETRIC_MIN_N = {2: 65536}
