@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.scipy.linalg
 import jax.numpy as jnp
 import numpy as np
 
@@ -103,9 +104,9 @@ def two_level(
     the local, high-frequency error; the long-wavelength modes, whose tiny
     eigenvalues make CG iterations grow like the box side, live mostly in span(Z)
     and are solved there exactly. E is assembled from the same pair terms
-    (a cell-graph Laplacian of d×d blocks) and pseudo-inverted densely (its
-    null space is the global translation, which P removes). Symmetric positive
-    definite like B₀."""
+    (a cell-graph Laplacian of d×d blocks) and inverted densely, shifted by a
+    tiny multiple of the identity (its null space is the global translation,
+    which P removes). Symmetric positive definite like B₀."""
     q, params = jax.lax.stop_gradient(q), jax.lax.stop_gradient(params)
     k, i, j = system.pair_hessians(q, params)
     n, d = system.n, system.dim
@@ -117,17 +118,25 @@ def two_level(
     coarse = jnp.zeros((count, count, d, d), k.dtype)
     coarse = coarse.at[ci, ci].add(w).at[cj, cj].add(w).at[ci, cj].add(-w).at[cj, ci].add(-w)
     coarse = coarse.transpose(0, 2, 1, 3).reshape(count * d, count * d)
-    lam, vec = jnp.linalg.eigh(0.5 * (coarse + coarse.T))
-    # E's null space (the d global translations, exactly zero in exact
-    # arithmetic) comes out of eigh as round-off, ~eps·max(λ) times a modest
-    # factor: 1e-7 relative in float32, which a fixed 1e-10 threshold keeps,
-    # weighting a near-translation by 1/round-off. Cut at sqrt(eps) relative
-    # (1.5e-8 in float64, 3.5e-4 in float32): well above round-off and below
-    # the smallest genuine eigenvalue, ~(π/side)²/d of the largest (≳1e-3 at
-    # max_cells = 1024). Dropping a genuine mode only weakens the coarse
-    # correction (B stays SPD); keeping a spurious one distorts it.
-    keep = lam > jnp.sqrt(jnp.finfo(lam.dtype).eps) * jnp.max(lam)
-    pinv = (vec * jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)) @ vec.T
+    coarse = 0.5 * (coarse + coarse.T)
+    # E is singular: its null space is the d global translations (and a cell
+    # without held particles, an empty row). It is inverted shifted by τ I,
+    # τ = sqrt(eps) of its largest diagonal entry (1.5e-8 in float64, 3.5e-4 in
+    # float32): well above round-off and below the smallest genuine eigenvalue,
+    # ~(π/side)²/d of the largest (≳1e-3 at max_cells = 1024), so the genuine
+    # modes keep their weight to ~1e-5. The null modes get weight 1/τ instead of
+    # the pseudo-inverse's 0, on nothing: a restricted residual Zᵀ P r sums P r
+    # over the held particles, so it has no global translation (up to round-off,
+    # which P removes again after the prolongation) and is zero on empty cells.
+    # A Cholesky inverse costs a third of the eigendecomposition it replaces
+    # (3D N = 16384, 1536 coarse unknowns: 0.12 against 0.36 s; 3000: 0.71
+    # against 1.85 s); each application stays one dense product.
+    tau = jnp.sqrt(jnp.finfo(coarse.dtype).eps) * jnp.max(jnp.diagonal(coarse))
+    tau = jnp.where(tau > 0, tau, 1.0)
+    shifted = coarse + tau * jnp.eye(count * d, dtype=coarse.dtype)
+    pinv = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(shifted, lower=True),
+                                      jnp.eye(count * d, dtype=coarse.dtype))
+    pinv = 0.5 * (pinv + pinv.T)
     project = (lambda v: v) if project is None else project
 
     def apply(r: Array) -> Array:
