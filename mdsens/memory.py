@@ -95,8 +95,11 @@ def table_shape(n: int, dim: int, box: Iterable[float] | None, cutoff: float, sk
     return k, min(n, 3**dim * capacity)
 
 
-def _coarse_cells(n: int, dim: int, per_cell: int = 32, max_cells: int = 1024) -> int:
+def _coarse_cells(n: int, dim: int, per_cell: int = 32, max_cells: int | None = None) -> int:
     """Cells of the two-level preconditioner's coarse space (:func:`mdsens.precondition.two_level`)."""
+    from mdsens import precondition
+
+    max_cells = precondition.MAX_CELLS.get(dim, 1024) if max_cells is None else max_cells
     side = max(1, int(round(min(n / per_cell, max_cells) ** (1.0 / dim))))
     return side**dim
 
