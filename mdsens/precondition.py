@@ -91,6 +91,41 @@ def _cells(system: System, q: Array, per_cell: int, max_cells: int) -> tuple[Arr
     return flat, side**d
 
 
+def _coarse_inverse(coarse: Array, stiffness: Array) -> Array:
+    """The inverse of the singular coarse matrix E that :func:`two_level` applies.
+
+    E's null space is the d global translations (and a cell without held
+    particles, an empty row); with one cell, E is round-off. It is inverted
+    shifted by τ I, τ = sqrt(eps) times the larger of its largest diagonal entry
+    and ``stiffness`` (a particle's largest diagonal block, so that a round-off E
+    is shifted by a physical amount): 1.5e-8 relative in float64, 3.5e-4 in
+    float32, well above round-off and below the smallest genuine eigenvalue,
+    ~(π/side)²/d of the largest (≳1e-3 at max_cells = 1024), so the genuine modes
+    keep their weight to ~1e-5. The null modes get weight 1/τ instead of a
+    pseudo-inverse's 0, on nothing: a restricted residual Zᵀ P r sums P r over the
+    held particles, so it has no global translation (up to round-off, which P
+    removes again after the prolongation) and is zero on empty cells. The Cholesky
+    inverse costs a third of an eigendecomposition (3D N = 16384, 1536 coarse
+    unknowns: 0.12 against 0.36 s; 3000: 0.71 against 1.85 s); each application
+    stays one dense product (XLA:CPU's triangular solves took 4.2 against 0.39 ms
+    at 1536). Where E + τ I is not positive definite (E indefinite beyond τ: a held
+    particle's contacts with rattlers, which E leaves out, under tension), the
+    pseudo-inverse of E's positive part, by eigendecomposition, as before."""
+    size = coarse.shape[0]
+    eye = jnp.eye(size, dtype=coarse.dtype)
+    scale = jnp.maximum(jnp.max(jnp.diagonal(coarse)), stiffness)
+    tau = jnp.sqrt(jnp.finfo(coarse.dtype).eps) * jnp.where(scale > 0, scale, 1.0)
+    inverse = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(coarse + tau * eye, lower=True), eye)
+
+    def positive_part(_):
+        lam, vec = jnp.linalg.eigh(coarse)
+        keep = lam > jnp.sqrt(jnp.finfo(lam.dtype).eps) * jnp.max(lam)
+        return (vec * jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)) @ vec.T
+
+    inverse = jax.lax.cond(jnp.all(jnp.isfinite(inverse)), lambda _: inverse, positive_part, None)
+    return 0.5 * (inverse + inverse.T)
+
+
 #: the most cells of the coarse space, by dimension (:func:`two_level`). In 3D the coarse
 #: correction saves few iterations (a compressed packing's spectrum is not piled in long
 #: waves: docs/design.md, "In 3D no coarse space fixes CG") and its dense product is paid
@@ -119,7 +154,8 @@ def two_level(
     q, params = jax.lax.stop_gradient(q), jax.lax.stop_gradient(params)
     k, i, j = system.pair_hessians(q, params)
     n, d = system.n, system.dim
-    inverse = block_inverse(jnp.zeros((n, d, d), k.dtype).at[i].add(k).at[j].add(k))
+    diagonal = jnp.zeros((n, d, d), k.dtype).at[i].add(k).at[j].add(k)
+    inverse = block_inverse(diagonal)
     if max_cells is None:
         max_cells = MAX_CELLS.get(system.dim, 1024)
     cell, count = _cells(system, q, per_cell, max_cells)
@@ -130,24 +166,7 @@ def two_level(
     coarse = coarse.at[ci, ci].add(w).at[cj, cj].add(w).at[ci, cj].add(-w).at[cj, ci].add(-w)
     coarse = coarse.transpose(0, 2, 1, 3).reshape(count * d, count * d)
     coarse = 0.5 * (coarse + coarse.T)
-    # E is singular: its null space is the d global translations (and a cell
-    # without held particles, an empty row). It is inverted shifted by τ I,
-    # τ = sqrt(eps) of its largest diagonal entry (1.5e-8 in float64, 3.5e-4 in
-    # float32): well above round-off and below the smallest genuine eigenvalue,
-    # ~(π/side)²/d of the largest (≳1e-3 at max_cells = 1024), so the genuine
-    # modes keep their weight to ~1e-5. The null modes get weight 1/τ instead of
-    # the pseudo-inverse's 0, on nothing: a restricted residual Zᵀ P r sums P r
-    # over the held particles, so it has no global translation (up to round-off,
-    # which P removes again after the prolongation) and is zero on empty cells.
-    # A Cholesky inverse costs a third of the eigendecomposition it replaces
-    # (3D N = 16384, 1536 coarse unknowns: 0.12 against 0.36 s; 3000: 0.71
-    # against 1.85 s); each application stays one dense product.
-    tau = jnp.sqrt(jnp.finfo(coarse.dtype).eps) * jnp.max(jnp.diagonal(coarse))
-    tau = jnp.where(tau > 0, tau, 1.0)
-    shifted = coarse + tau * jnp.eye(count * d, dtype=coarse.dtype)
-    pinv = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(shifted, lower=True),
-                                      jnp.eye(count * d, dtype=coarse.dtype))
-    pinv = 0.5 * (pinv + pinv.T)
+    pinv = _coarse_inverse(coarse, jnp.max(jnp.trace(diagonal, axis1=-2, axis2=-1)) / d)
     project = (lambda v: v) if project is None else project
 
     def apply(r: Array) -> Array:
