@@ -53,7 +53,7 @@ def bench(
     rtol: float = typer.Option(1e-10, help="CG relative tolerance of the implicit derivative."),
     preconditioner: str = typer.Option("twolevel", help="CG preconditioner: twolevel, jacobi or none."),
     solver: str = typer.Option("auto", help="Linear solver of the implicit derivatives: auto (what `mdsens run` uses for "
-                               "a few solves: sparse on the CPU for a sparse pair graph in 2D from N = 1024 and in 3D from 512 to 4096, "
+                               "a few solves: sparse on the CPU for a sparse pair graph in 2D from N = 1024 and in 3D from 512 to 2048, "
                                "else cg; see mdsens run --help), cg (with --preconditioner), sparse (the Hessian "
                                "factored on the host; each timed call factors anew) or dense (small N)."),
     fd_sample: int = typer.Option(3, help="Diameters differentiated by finite differences (the full gradient time is extrapolated)."),

@@ -99,8 +99,11 @@ SPARSE_MAX_N_3D = 8192
 #: against 10.7–11.1 ms with CG; 512 17–19 against 22–24 ms; 1024 39 against 54–57 ms;
 #: with the nested dissection (:data:`mdsens.sparse.NESTED_DISSECTION_MIN_N`) 2048 100
 #: against 116–134 ms and 4096 274–307 against 287–325 ms (memory 650 against 410 MB);
-#: at 8192 CG is faster (0.59 against 0.87–0.95 s)
-SPARSE_3D = (512, 4096)
+#: at 8192 CG is faster (0.59 against 0.87–0.95 s). Session 18 (the two-level
+#: preconditioner's coarse inverse by Cholesky, at most 216 cells in 3D): 2048 sparse
+#: 0.09 against CG 0.09 s, 4096 0.27 and 0.27 against 0.22 and 0.23 s (two runs each), so
+#: CG from 4096 on
+SPARSE_3D = (512, 2048)
 #: "auto" factors only where the pair graph is sparse: at most this many pairs per particle
 #: within the cutoff (:func:`neighbors_per_particle`; 2D, 3D). Soft spheres at φ = 0.9 have
 #: ~5 (2D) and ~11 (3D), where the figures above were measured; a Lennard-Jones crystal
