@@ -165,15 +165,14 @@ def solver(system: System, q: Array, params: Params, rattler: Array,
     modes = null_modes(system, q, params, rattler, project)
     held = ~jnp.asarray(rattler)
     i, j = i.astype(jnp.int32), j.astype(jnp.int32)
-    # where the particles are, for the geometric ordering (:func:`_geometric_order`):
-    # the solver coordinates, and the box's sides (zeros in free space)
-    place = q
+    # for the geometric ordering (:func:`_geometric_order`): where the particles are (q,
+    # the solver coordinates) and the box's sides (zeros in free space)
     sides = (jnp.broadcast_to(params["box"], (system.dim,)) if system.periodic
              else jnp.zeros(system.dim)).astype(q.dtype)
 
     def solve(matvec: Callable[[Array], Array], b: Array) -> tuple[Array, linsolve.SolveInfo]:
         x = jax.pure_callback(_host_solve, jax.ShapeDtypeStruct(b.shape, b.dtype),
-                              k.astype(b.dtype), i, j, held, modes.astype(b.dtype), place, sides, b,
+                              k.astype(b.dtype), i, j, held, modes.astype(b.dtype), q, sides, b,
                               vmap_method="expand_dims")
         info = linsolve.SolveInfo(jnp.asarray(0, jnp.int32), linsolve._true_residual(matvec, x, b),
                                   jnp.all(jnp.isfinite(x)))
@@ -199,21 +198,21 @@ def _host_solve(k, i, j, held, modes, place, sides, b):
     leads = [a.shape[:a.ndim - r] for a, r in zip(args, _CORE_RANK)]
     batch = np.broadcast_shapes(*leads)
     count = int(np.prod(batch)) if batch else 1
-    mats = rhs_at = len(args) - 1  # the matrix's arguments, then b
-    core_b = args[rhs_at].shape[args[rhs_at].ndim - 2:]
+    mats = len(args) - 1  # the matrix's arguments, then b
+    core_b = args[mats].shape[args[mats].ndim - 2:]
 
     def pick(a, lead, index):  # the entry of ``a`` for the batch index, without copying ``a``
         offset = len(batch) - len(lead)
         return a[tuple(index[offset + t] if n > 1 else 0 for t, n in enumerate(lead))]
 
     if all(int(np.prod(lead)) == 1 for lead in leads[:mats]):
-        rhs = np.broadcast_to(args[rhs_at], batch + core_b).reshape((count,) + core_b)
+        rhs = np.broadcast_to(args[mats], batch + core_b).reshape((count,) + core_b)
         out = _factor(*(a.reshape(a.shape[len(lead):]) for a, lead in zip(args[:mats], leads[:mats]))).solve(rhs)
     else:
-        out = np.empty((count,) + core_b, args[rhs_at].dtype)
+        out = np.empty((count,) + core_b, args[mats].dtype)
         for m, index in enumerate(np.ndindex(*batch)):
             parts = [pick(a, lead, index) for a, lead in zip(args[:mats], leads[:mats])]
-            out[m] = _factor(*parts).solve(pick(args[rhs_at], leads[rhs_at], index)[None])[0]
+            out[m] = _factor(*parts).solve(pick(args[mats], leads[mats], index)[None])[0]
     return out.reshape(batch + core_b)
 
 
