@@ -56,7 +56,7 @@ def bench(
                                "a few solves: sparse on the CPU for a sparse pair graph in 2D from N = 1024 and in 3D from 512 to 2048, "
                                "else cg; see mdsens run --help), cg (with --preconditioner), sparse (the Hessian "
                                "factored on the host; each timed call factors anew) or dense (small N)."),
-    fd_sample: int = typer.Option(3, help="Diameters differentiated by finite differences (the full gradient time is extrapolated)."),
+    fd_sample: int = typer.Option(3, help="Diameters differentiated by finite differences (the full gradient time is extrapolated); 0 skips them."),
     fd_ftol: float = typer.Option(1e-12, help="Re-relaxation tolerance of the finite differences."),
     h: float = typer.Option(1e-5, help="Finite-difference step."),
     unroll_steps: str = typer.Option("50,100,200,400", help="Step counts of the unrolled-memory curve."),
@@ -105,6 +105,9 @@ def bench(
 
         check_max_displacement(max_displacement)
         ns = _ints(n, "--n")
+        if fd_sample < 0:
+            fail(f"--fd-sample {fd_sample}: the number of diameters to check by finite differences is at least 0 "
+                 "(0 skips them)", EXIT_USAGE)
         if ensemble is not None:
             from mdsens import bench_ensemble
 

@@ -452,9 +452,14 @@ def run(
             n_params = int(relax.get("n_params", n))
             rng = np.random.default_rng(seed)
             sample = sorted(int(i) for i in rng.choice(n_params, size=min(fd_sample, n_params), replace=False))
-            log(f"N={n}: finite differences ({len(sample)} parameters)")
-            fd = _spawn({**base, "task": "fd", "sample": sample, "h": h, "fd_ftol": fd_ftol}, timeout)
-            if "error" not in fd:
+            if not sample:  # --fd-sample 0: no finite differences
+                row["fd"] = {"skipped": "--fd-sample 0"}
+                row["notes"].append("finite differences skipped (--fd-sample 0)")
+                fd = row["fd"]
+            else:
+                log(f"N={n}: finite differences ({len(sample)} parameters)")
+                fd = _spawn({**base, "task": "fd", "sample": sample, "h": h, "fd_ftol": fd_ftol}, timeout)
+            if "error" not in fd and "skipped" not in fd:
                 fd["fd_full_gradient_s_extrapolated"] = fd["fd_per_param_s"] * n_params
                 if ref is not None:
                     fd["fd_error"] = _err(fd["fd_values"], ref[sample])
@@ -509,7 +514,7 @@ def run(
                 row["derivative_over_relax"] = (imp["forward_s"] + imp["reverse_s"]) / relax["relax_s"]
                 if "shared_s" in imp:  # the sparse solve: one factorization serves both, as in a run
                     row["derivative_shared_over_relax"] = imp["shared_s"] / relax["relax_s"]
-                if "error" not in fd:
+                if "fd_full_gradient_s_extrapolated" in fd:
                     row["fd_over_reverse"] = fd["fd_full_gradient_s_extrapolated"] / imp["reverse_s"]
                 un = row["unrolled"]
                 if "unrolled_s" in un:

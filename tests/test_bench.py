@@ -111,6 +111,27 @@ def test_bench_max_displacement_must_be_a_positive_length(tmp_path):
 
 
 
+def test_bench_fd_sample_must_not_be_negative(tmp_path):
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(app, ["bench", "--n", "16", "--fd-sample", "-1", "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "--fd-sample -1" in result.output and not out.exists()
+
+
+@pytest.mark.slow
+def test_bench_fd_sample_zero_skips_the_finite_differences(tmp_path, monkeypatch):
+    """``--fd-sample 0`` used to crash the finite-difference subprocess (a median of nothing)."""
+    monkeypatch.setenv("MDSENS_NO_CACHE", "1")
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(app, ["bench", "bidisperse", "--n", "16", "--unroll-steps", "10", "--fd-sample", "0",
+                                      "--repeats", "1", "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["fd"] == {"skipped": "--fd-sample 0"}
+    assert "error" not in row["implicit"] and row["implicit"]["reverse_error"] < 1e-6
+    assert "finite differences skipped" in result.output and "fd failed" not in result.output
+
+
 def test_unrolled_points_that_would_not_fit_are_never_run(monkeypatch):
     """Before any unrolled point is measured, its memory is predicted from the N(N−1)/2
     pairs: at N = 1024 the first 50 steps (~6 GB) exceed a 4 GB budget, so no unrolled
