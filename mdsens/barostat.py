@@ -319,7 +319,8 @@ def custom_root(system: CellSystem, rattler: Array, solve: implicit.Solve | None
     """:func:`mdsens.implicit.custom_root` at fixed pressure: decorates any
     ``solver(z0, θ) -> z*`` over ``z = (q, u)`` (θ without the strain) with the
     root ``∇_z H``, the gauge :func:`gauge_for` and the assembled
-    :func:`hessian_vp`."""
+    :func:`hessian_vp`. The energy is the held network's (``rattler``: :meth:`System.held_only`)."""
+    system = system.held_only(rattler)
     return implicit.custom_root(optimality(system), solve=solve, gauge=gauge_for(system, rattler),
                                 hvp=hessian_vp(system), solve_at=solve_at)
 
@@ -1170,6 +1171,7 @@ def preconditioner_for(system: CellSystem, q: Array, params: Params, rattler: Ar
     from mdsens import precondition
 
     q, params = jax.lax.stop_gradient(q), jax.lax.stop_gradient(params)
+    system = system.held_only(rattler)
     project_q = _gauge.translations(rattler)
     if kind == "jacobi":
         position = precondition.block_jacobi(system, q, params, project_q)
@@ -1234,6 +1236,7 @@ def forward_fn(
 
     if name == "strain":
         raise ValueError("strain is the relaxed state at fixed pressure, not a parameter")
+    system = system.held_only(rattler)  # rattlers' contacts carry no load (System.held_only)
     root_fn = optimality(system)
     gauge = gauge_for(system, rattler)
     hvp = hessian_vp(system)
@@ -1259,6 +1262,7 @@ def forward_fn(
 def gradient_fn(system: CellSystem, observable: Observable, rattler: Array, solve: implicit.Solve | None = None):
     """``(q*, params) -> (dO/dθ, info)`` at fixed pressure (reverse mode, one solve);
     θ excludes the state ``strain``."""
+    system = system.held_only(rattler)  # rattlers' contacts carry no load (System.held_only)
     root_fn = optimality(system)
     gauge = gauge_for(system, rattler)
     hvp = hessian_vp(system)

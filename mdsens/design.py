@@ -537,16 +537,17 @@ def loss_program(plan: Plan) -> Callable:
         s = system if pairs is None else system.with_pairs(pairs)
         params = physical(theta, base)
         rattler = observables.rattlers(s, jax.lax.stop_gradient(q), jax.lax.stop_gradient(params))
+        held = s.held_only(rattler)  # rattlers' contacts carry no load (System.held_only)
 
         def f(q_, theta_):
             p = physical(theta_, base)
-            values = {name: observables.OBSERVABLES[name](s, q_, p) for name in names}
+            values = {name: observables.OBSERVABLES[name](held, q_, p) for name in names}
             return _loss_of(design, values), values
 
         (loss, values), (g_q, g_theta) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(q, theta)
-        solve = _job._solver(job, s, q, params, rattler)
-        w, info = implicit.cotangent(sensitivity.optimality(s), q, params, g_q, solve,
-                                     sensitivity.gauge_for(s, rattler), hvp=s.hessian_vp)
+        solve = _job._solver(job, held, q, params, rattler)
+        w, info = implicit.cotangent(sensitivity.optimality(held), q, params, g_q, solve,
+                                     sensitivity.gauge_for(held, rattler), hvp=held.hessian_vp)
         _, pull = jax.vjp(lambda t: physical(t, base), theta)
         (g_implicit,) = pull(w)
         grad = jax.tree_util.tree_map(jnp.add, g_theta, g_implicit)
@@ -579,16 +580,17 @@ def pressure_program(plan: Plan) -> Callable:
         fixed = _without_strain(physical(theta))
         q, params = barostat.unpack(s, z, fixed)
         rattler = observables.rattlers(s, jax.lax.stop_gradient(q), jax.lax.stop_gradient(params))
+        held = s.held_only(rattler)  # rattlers' contacts carry no load (System.held_only)
 
         def f(z_, theta_):
-            q_, p_ = barostat.unpack(s, z_, _without_strain(physical(theta_)))
-            values = {name: observables.OBSERVABLES[name](s, q_, p_) for name in names}
+            q_, p_ = barostat.unpack(held, z_, _without_strain(physical(theta_)))
+            values = {name: observables.OBSERVABLES[name](held, q_, p_) for name in names}
             return _loss_of(design, values), values
 
         (loss, values), (g_z, g_theta) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(z, theta)
-        solve = barostat.solver_for(s, q, params, rattler, job.solver, job.rtol, job.preconditioner)
-        w, info = implicit.cotangent(barostat.optimality(s), z, fixed, g_z, solve, barostat.gauge_for(s, rattler),
-                                     barostat.hessian_vp(s))
+        solve = barostat.solver_for(held, q, params, rattler, job.solver, job.rtol, job.preconditioner)
+        w, info = implicit.cotangent(barostat.optimality(held), z, fixed, g_z, solve,
+                                     barostat.gauge_for(held, rattler), barostat.hessian_vp(held))
         _, pull = jax.vjp(lambda t: _without_strain(physical(t)), theta)
         (g_implicit,) = pull(w)
         grad = jax.tree_util.tree_map(jnp.add, g_theta, g_implicit)

@@ -66,6 +66,7 @@ def strain_response(
     Costs ``k`` linear solves with the gauge-fixed Hessian (translations and
     ``rattler`` (N,) bool removed). ``q`` must be a minimum.
     """
+    system = system.held_only(rattler)  # a rattler's contact carries no load (System.held_only)
     basis = jnp.asarray(strain_basis(system.dim)[0], dtype=q.dtype)
     k = basis.shape[0]
 

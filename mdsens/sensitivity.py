@@ -191,7 +191,11 @@ def solver_for(
     "none", assembled here from the pair Hessian blocks), "dense" (exact,
     small N) or "sparse" (exact: the Hessian assembled from the pair blocks and
     factored on the host, :mod:`mdsens.sparse`). ``rattler`` (N,) bool: detected
-    from the contacts at ``q`` when None. The one place that turns solver options into a solve: ``mdsens run``,
+    from the contacts at ``q`` when None. The sparse solve and the preconditioners are
+    built on the held network (:meth:`System.held_only`: no pair with a rattler end), the
+    operator :func:`forward_fn` and :func:`gradient_fn` differentiate; a caller with its own
+    product should take ``system.held_only(rattler).hessian_vp``.
+    The one place that turns solver options into a solve: ``mdsens run``,
     ``ensemble``, ``design``, :func:`equilibrium` and the elastic moduli
     (:func:`solving`) all come here."""
     from mdsens import linsolve, precondition
@@ -206,12 +210,14 @@ def solver_for(
         q = jax.lax.stop_gradient(q)
         if rattler is None:
             rattler = observables.rattlers(system, q, jax.lax.stop_gradient(params))
+        system = system.held_only(rattler)  # the Hessian of the held network (System.held_only)
         return sparse.solver(system, q, params, rattler, gauge_for(system, rattler)(q, params))
     precond = None
     if preconditioner != "none":
         q = jax.lax.stop_gradient(q)
         if rattler is None:
             rattler = observables.rattlers(system, q, jax.lax.stop_gradient(params))
+        system = system.held_only(rattler)
         project = gauge_for(system, rattler)(q, params)
         if preconditioner == "jacobi":
             precond = precondition.block_jacobi(system, q, params, project)
@@ -275,7 +281,12 @@ def equilibrium(
         def solve_at(q: Array, params: Params) -> implicit.Solve:
             return solver_for(system, q, params, None, "cg", rtol, preconditioner or "none")
 
-    @implicit.custom_root(optimality(system), solve=solve, gauge=gauge_for(system), hvp=system.hessian_vp,
+    def held(q: Array, params: Params) -> System:  # the held network at the root (System.held_only)
+        return system.held_only(observables.rattlers(system, jax.lax.stop_gradient(q),
+                                                     jax.lax.stop_gradient(params)))
+
+    @implicit.custom_root(lambda q, params: optimality(held(q, params))(q, params), solve=solve,
+                          gauge=gauge_for(system), hvp=lambda q, params: held(q, params).hessian_vp(q, params),
                           solve_at=solve_at)
     def solver(q0: Array, params: Params) -> Array:
         x0 = system.to_real(q0, params)
@@ -395,6 +406,7 @@ def forward_fn(
             len(index) != len(shape) or any(not 0 <= i < n for i, n in zip(index, shape))):
         raise ValueError(f"index {tuple(index)} of {name!r} (shape {tuple(shape)}): give one entry per axis, "
                          "or index=None for each element separately")
+    system = system.held_only(rattler)  # rattlers' contacts carry no load (System.held_only)
     root_fn = optimality(system)
     gauge = gauge_for(system, rattler)
 
@@ -464,6 +476,7 @@ def gradient_fn(
     solve: implicit.Solve | None = None,
 ) -> Callable[[Array, Params], tuple[Params, linsolve.SolveInfo]]:
     """The pure function ``(q*, θ) -> (dO/dθ, info)`` behind :func:`gradient`."""
+    system = system.held_only(rattler)  # rattlers' contacts carry no load (System.held_only)
     root_fn = optimality(system)
     gauge = gauge_for(system, rattler)
 

@@ -57,6 +57,10 @@ class System:
         LAMMPS does per type pair, instead of within the largest cutoff
         (bidisperse 1 : 1.4 at N = 16384 near its minimum: 8 % fewer pairs in
         2D, 21 % in 3D).
+    held: None (every pair counts), or an (N,) bool mask: the energy and
+        everything built on it sum only over pairs of two held particles
+        (:meth:`held_only`, what every derivative at x* uses). Data, like
+        ``pairs``, not part of the model.
     """
 
     name: str
@@ -70,6 +74,7 @@ class System:
     pairs: Array | None = None
     specialize: tuple[str, ...] = ()
     radius: Callable[[Params], Array] | None = None
+    held: Array | None = None
 
     @functools.cached_property
     def model(self) -> "Model":
@@ -132,23 +137,39 @@ class System:
         ``idx``). Non-differentiable data; may be a tracer inside ``jit``."""
         return replace(self, pairs=pairs)
 
+    def held_only(self, rattler: Array | None) -> "System":
+        """This system with every pair that has a rattler end left out (``rattler``
+        (N,) bool; None: unchanged). What the derivatives at x* differentiate: a
+        rattler is free in its cage, so a contact it happens to touch at x*
+        (FIRE leaves it pressed against a neighbour with an overlap of ~ftol/k)
+        carries no load and gives no stiffness; summed in, it would pin the
+        rattler and act on its held neighbour as a spring to a fixed point.
+        Re-relaxed finite differences see the rattler move away instead.
+        Its energy at x* is O(ftol²), so values do not change."""
+        return self if rattler is None else replace(self, held=~jnp.asarray(rattler, bool))
+
     def pair_list(self, q: Array, params: Params, strain: Array | None = None):
         """Separations of the enumerated pairs: ``(dr (M, d), i (M,), j (M,), valid (M,))``.
 
         ``dr = r_i − r_j`` with minimum image (and ``strain`` as in
         :meth:`pair_vectors`); ``valid`` is False on neighbor-list padding,
-        whose indices are clamped to 0 so that every entry stays finite."""
+        whose indices are clamped to 0 so that every entry stays finite, and,
+        with :attr:`held`, on pairs with a particle that is not held."""
         if self.pairs is None:
             # Kept as the (N, N) difference then indexed, exactly as before: a
             # different round-off would send FIRE to another minimum (docs/design.md, "Pitfalls we measured").
             i, j = np.triu_indices(self.n, k=1)
             dr = self.pair_vectors(q, params, strain)[i, j]
-            return dr, jnp.asarray(i), jnp.asarray(j), jnp.ones(i.shape, bool)
+            i, j, valid = jnp.asarray(i), jnp.asarray(j), jnp.ones(i.shape, bool)
         else:
             pairs = jnp.asarray(self.pairs)
             valid = (pairs[0] < self.n) & (pairs[1] < self.n)
             i, j = jnp.where(valid, pairs[0], 0), jnp.where(valid, pairs[1], 0)
-        return self.separation(q[i] - q[j], params, strain), i, j, valid
+            dr = self.separation(q[i] - q[j], params, strain)
+        if self.held is not None:
+            held = jnp.asarray(self.held, bool)
+            valid = valid & held[i] & held[j]
+        return dr, i, j, valid
 
     def _pairs(self, q: Array, params: Params, strain: Array | None):
         dr, i, j, valid = self.pair_list(q, params, strain)

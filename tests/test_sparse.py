@@ -41,9 +41,10 @@ def _setup(case, extra_rattler=False):
     system, q, params, rattler = relaxed(family, **config)
     params = {k: jnp.array(np.asarray(v)) for k, v in params.items()}
     if extra_rattler:
-        # A particle with contacts declared a rattler: its contacts then ground the held
-        # particles it touches, so the held translations are no null modes of the held
-        # block any more: the general case of the gauge algebra.
+        # A particle with contacts declared a rattler: its contacts are then left out with it
+        # (System.held_only), as a touching rattler's are. (Before session 19 they grounded
+        # the held particles it touched; that algebra, A T ≠ 0, is still tested on random
+        # blocks below.)
         rattler = rattler.at[int(jnp.argmin(rattler))].set(True)
     return system, q, params, rattler
 
@@ -55,17 +56,18 @@ def _compare(system):
     """One compiled program per system (the rattler mask an argument): the tangent, the
     cotangent and a plain solve of M, by the sparse and by the dense solve."""
     if system not in _COMPARE:
-        root = sensitivity.optimality(system)
 
         @jax.jit
         def run(q, params, rattler, dp, x_bar):
-            gauge = sensitivity.gauge_for(system, rattler)
-            matvec, _ = implicit._operator(root, q, params, gauge, system.hessian_vp)
+            held = system.held_only(rattler)  # what solver_for factors: the held network's Hessian
+            root = sensitivity.optimality(held)
+            gauge = sensitivity.gauge_for(held, rattler)
+            matvec, _ = implicit._operator(root, q, params, gauge, held.hessian_vp)
             out = {}
             for method in ("sparse", "dense"):
                 solve = sensitivity.solver_for(system, q, params, rattler, method)
-                u, u_info = implicit.tangent(root, q, params, dp, solve, gauge, hvp=system.hessian_vp)
-                g, g_info = implicit.cotangent(root, q, params, x_bar, solve, gauge, hvp=system.hessian_vp)
+                u, u_info = implicit.tangent(root, q, params, dp, solve, gauge, hvp=held.hessian_vp)
+                g, g_info = implicit.cotangent(root, q, params, x_bar, solve, gauge, hvp=held.hessian_vp)
                 x, _ = solve(matvec, x_bar)
                 out[method] = (u, u_info, g, g_info, x)
             return out
@@ -78,6 +80,10 @@ def _compare(system):
 @pytest.mark.parametrize("extra_rattler", [False, True], ids=["", "touching-rattler"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_sparse_equals_dense_forward_and_reverse(case, extra_rattler, backend, monkeypatch):
+    if extra_rattler and backend == "cholmod":
+        pytest.skip("a load-bearing particle declared a rattler leaves its neighbours off equilibrium, and the "
+                    "held network's Hessian can be indefinite (periodic-3d), which CHOLMOD refuses and SuperLU "
+                    "solves; a real rattler carries no load (tests/test_rattler_contacts.py, auto: CHOLMOD)")
     monkeypatch.setattr(sparse, "BACKEND", backend)
     before = dict(sparse.STATS)
     system, q, params, rattler = _setup(case, extra_rattler)
@@ -391,15 +397,16 @@ def test_geometric_order_in_the_solve_matches_dense(case, monkeypatch):
     original = sparse._geometric_order
     monkeypatch.setattr(sparse, "_geometric_order", lambda *a: calls.append(1) or original(*a))
     system, q, params, rattler = _setup(case, extra_rattler=True)
-    root = sensitivity.optimality(system)
-    gauge = sensitivity.gauge_for(system, rattler)
+    held = system.held_only(rattler)  # the operator solver_for factors
+    root = sensitivity.optimality(held)
+    gauge = sensitivity.gauge_for(held, rattler)
     b = jax.random.normal(jax.random.PRNGKey(5), q.shape)
     shifts = jnp.asarray([0.0, 0.37])
 
     def member(method):
         def one(shift):
             q_ = jnp.mod(q + shift, 1.0) if system.periodic else q + shift
-            matvec, _ = implicit._operator(root, q_, params, gauge, system.hessian_vp)
+            matvec, _ = implicit._operator(root, q_, params, gauge, held.hessian_vp)
             return sensitivity.solver_for(system, q_, params, rattler, method)(matvec, b)[0]
         return jax.jit(jax.vmap(one))
 
