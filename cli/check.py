@@ -24,6 +24,10 @@ from mdsens.cli.app import EXIT_ERROR, EXIT_USAGE, app, errors, fail, log
 #: symmetry is round-off on both sides)
 RESOLUTION = 16
 
+#: the most particles a fixed-box check takes (all-pairs rattlers and observables: 3D N = 4096
+#: peaked at 3.1 GB)
+CHECK_LIMIT = 4096
+
 
 def rebuild(record: Mapping[str, Any]):
     """The :class:`mdsens.system.System` a file was made from, and its parameters."""
@@ -156,7 +160,8 @@ def check(
     """Re-verify the file's derivatives against central finite differences (exit 1 if they disagree).
 
     Each parameter element costs four re-relaxations (two with --stencil 2), each followed by a few
-    dense Newton steps: small files only (N·d up to a few thousand)."""
+    Newton steps: dense up to N·d = 6000, by CG above; up to N = 4096 (fixed pressure: N·d up
+    to 6000). Pick elements with --wrt on a large file: a per-particle diameter has N of them."""
     from mdsens import io
 
     with errors():
@@ -168,9 +173,17 @@ def check(
             fail(f"--stencil {stencil}: choose 4 (θ ± h, θ ± 2h) or 2 (θ ± h)", EXIT_USAGE)
         record = io.read(file)
         n, d = np.shape(record["positions"])
-        if n * d > 6000:
-            fail(f"{file}: N·d = {n * d} is too large for the dense Newton polish of the finite-difference "
-                 "check (limit 6000)", EXIT_USAGE)
+        from mdsens.sensitivity import DENSE_POLISH_LIMIT
+
+        # the fixed-pressure differences polish densely (positions and cell together); the
+        # fixed-box ones polish by CG above the dense limit, but find the rattlers and take
+        # the observables over all N(N−1)/2 pairs (3D N = 4096: 27 s an element, 3.1 GB)
+        if n * d > DENSE_POLISH_LIMIT and "strain" in record["parameters"]:
+            fail(f"{file}: N·d = {n * d} is too large for the dense Newton polish of a fixed-pressure "
+                 f"finite-difference check (limit {DENSE_POLISH_LIMIT})", EXIT_USAGE)
+        if n > CHECK_LIMIT:
+            fail(f"{file}: N = {n} is too large for the finite-difference check, whose rattlers and observables "
+                 f"sum over all N(N−1)/2 pairs (limit N = {CHECK_LIMIT}, ~3 GB)", EXIT_USAGE)
         log(f"checking {file} against central differences (h = {h:g}, {stencil} points) ...", quiet or as_json)
         try:
             report = verify(record, wrt, h, tol, stencil=stencil)

@@ -258,6 +258,19 @@ class System:
             return np.stack(np.triu_indices(n, k=1)).astype(np.int32)
         qn = np.asarray(q)
         box = np.asarray(params["box"]) if self.periodic else None
+        if n > block and (box is None or reach < 0.5 * float(np.min(box))):
+            # a k-d tree (minimum image where periodic): O(N log N), not O(N²) blocks of
+            # N·block separations (N = 16384: 5 s and gigabytes of page faults a call);
+            # the same pairs, in the same order (i, then j)
+            from scipy.spatial import cKDTree
+
+            x = np.mod(qn, 1.0) * box if box is not None else qn
+            if box is not None:
+                x = np.where(x >= box, 0.0, x)  # mod can round up to the side itself
+            found = cKDTree(x, boxsize=box).query_pairs(reach, output_type="ndarray")
+            a, b = np.minimum(found[:, 0], found[:, 1]), np.maximum(found[:, 0], found[:, 1])
+            order = np.lexsort((b, a))
+            return np.stack([a[order], b[order]]).astype(np.int32)
         found = []
         for start in range(0, n, block):
             dq = qn[start:start + block, None, :] - qn[None, :, :]

@@ -109,3 +109,15 @@ def test_moduli_and_equilibrium_see_the_held_network(touching):
     held = ~np.asarray(rattler)
     # equilibrium's gauge keeps the held particles' centre of mass, like the forward solve
     assert np.max(np.abs(dx[held] - free_position[held])) < 1e-6 * np.max(np.abs(free_position[held]))
+
+
+def test_cg_newton_polish_matches_the_dense_one(touching, monkeypatch):
+    """Above N·d = DENSE_POLISH_LIMIT the finite differences' Newton steps solve by CG
+    (what lets `mdsens check` take 3D files up to N = 4096): the same differences."""
+    system, params, _, q_touch, _, _ = touching
+    dense = sensitivity.finite_difference(system, q_touch, params, "diameter", (1,), h=1e-6, observe=OBSERVE)
+    monkeypatch.setattr(sensitivity, "DENSE_POLISH_LIMIT", 0)
+    cg = sensitivity.finite_difference(system, q_touch, params, "diameter", (1,), h=1e-6, observe=OBSERVE)
+    for key in dense:
+        scale = np.max(np.abs(dense[key]))
+        assert np.max(np.abs(cg[key] - dense[key])) < 1e-7 * scale, key
