@@ -26,6 +26,7 @@ def test_bench_smoke(tmp_path, monkeypatch):
     assert row["implicit"]["reverse_error"] < 1e-6
     # central differences, re-relaxed from x* (not from x0) at D_i ± h, agree with the reference
     assert row["fd"]["fd_error"] < 1e-4, row["fd"]
+    assert row["fd"]["fd_contacts_changed"] == [False]  # no kink inside ± h here
     assert row["fd"]["fd_relax_steps"] < row["relax"]["steps"], (row["fd"], row["relax"])
     assert [c["steps"] for c in row["unrolled_curve"]] == [10, 20]
     assert "rss_mb" in row["implicit"] and "N" in result.output
