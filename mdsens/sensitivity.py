@@ -559,16 +559,20 @@ def listed_pairs(system: System, q: Array, params: Params) -> Array | None:
 
 def polish_over_listed_pairs(system: System, q: Array, params: Params,
                              polish: Callable[[Array | None], tuple[Array, Params]]) -> tuple[Array, Params]:
-    """``polish(pairs)`` (returning the polished ``(q, params)``) over :func:`listed_pairs`,
-    redone with ``polish(None)`` (the system's own pairs) where another pair came within
-    the cutoff of the polished state (:func:`missing_pairs`)."""
+    """``polish(pairs)`` (returning the polished ``(q, params)``) over :func:`listed_pairs`;
+    where another pair came within the cutoff of the polished state
+    (:func:`missing_pairs`), redone over the pairs listed there (twice at most), then
+    with ``polish(None)`` (the system's own pairs: all N(N−1)/2 for a system without a
+    list, which a large N cannot afford, hence the relisting first)."""
     pairs = listed_pairs(system, q, params)
     if pairs is None:
         return polish(None)
-    polished, polished_params = polish(pairs)
-    if int(missing_pairs(system.with_pairs(pairs), polished, polished_params)) > 0:
-        return polish(None)
-    return polished, polished_params
+    for _ in range(3):
+        polished, polished_params = polish(pairs)
+        if int(missing_pairs(system.with_pairs(pairs), polished, polished_params)) == 0:
+            return polished, polished_params
+        pairs = listed_pairs(system, polished, polished_params)
+    return polish(None)
 
 
 #: the largest N·d whose Newton polish solves densely (:func:`newton_polish`); above it, CG
@@ -688,13 +692,16 @@ def finite_difference(
                          "or index=None for each element separately")
     observe = {} if observe is None else observe
     params = {k: jnp.asarray(v) for k, v in params.items()}
-    rattler = observables.rattlers(system, q, params)
+    # the pairs within 1.1 × cutoff at q: the rattlers, the contacts and the observables
+    # of every re-relaxed state are sums over them (they hold every interacting pair while
+    # nothing moves 0.1 cutoff), not over all N(N−1)/2 (a check at N = 16384 ran out of memory)
+    pairs = listed_pairs(system, q, params)
+    near = system if pairs is None else system.with_pairs(pairs)
+    rattler = observables.rattlers(near, q, params)
     project = gauge_for(system, rattler)(q, params)
     dq = jnp.zeros_like(q)
     dtheta = jnp.zeros_like(params[name])
     values = {key: 0.0 for key in observe}
-    pairs = listed_pairs(system, q, params)
-    near = system if pairs is None else system.with_pairs(pairs)
     touching = near.contact_list(q, params)[0]
     changed = False
 
@@ -715,7 +722,7 @@ def finite_difference(
         dq = dq + weight * (s_plus - s_minus)
         dtheta = dtheta + weight * (p_plus[name] - p_minus[name])
         for key, fn in observe.items():
-            values[key] = values[key] + weight * (fn(system, q + s_plus, p_plus) - fn(system, q + s_minus, p_minus))
+            values[key] = values[key] + weight * (fn(near, q + s_plus, p_plus) - fn(near, q + s_minus, p_minus))
     dq = project(dq / h)
     tangent = {k: jnp.zeros_like(v) for k, v in params.items()}
     tangent[name] = dtheta / h
