@@ -569,10 +569,30 @@ def polish_over_listed_pairs(system: System, q: Array, params: Params,
         return polish(None)
     for _ in range(3):
         polished, polished_params = polish(pairs)
-        if int(missing_pairs(system.with_pairs(pairs), polished, polished_params)) == 0:
+        if not _gained_pairs(system, pairs, polished, polished_params):
             return polished, polished_params
         pairs = listed_pairs(system, polished, polished_params)
     return polish(None)
+
+
+#: from this many particles a polish's coverage test runs on the host (a k-d tree) instead of
+#: :func:`missing_pairs` (O(N²) in JAX)
+HOST_COVERAGE_N = 4097
+
+
+def _gained_pairs(system: System, pairs: Array, q: Array, params: Params) -> bool:
+    """Whether a pair not in ``pairs`` is interacting at ``q``: :func:`missing_pairs`, or,
+    from :data:`HOST_COVERAGE_N` particles, every pair closer than the cutoff (a k-d tree,
+    :meth:`System.interacting_pairs`; a superset of the interacting ones) looked up in
+    ``pairs``."""
+    n = system.n
+    if n < HOST_COVERAGE_N:
+        return int(missing_pairs(system.with_pairs(pairs), q, params)) > 0
+    listed = np.asarray(pairs).astype(np.int64)
+    listed = listed[:, (listed[0] < n) & (listed[1] < n)]
+    within = system.interacting_pairs(q, params, 0.0).astype(np.int64)
+    codes = np.minimum(listed[0], listed[1]) * n + np.maximum(listed[0], listed[1])
+    return not bool(np.all(np.isin(within[0] * n + within[1], codes)))
 
 
 #: the largest N·d whose Newton polish solves densely (:func:`newton_polish`); above it, CG

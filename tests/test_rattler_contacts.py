@@ -121,3 +121,19 @@ def test_cg_newton_polish_matches_the_dense_one(touching, monkeypatch):
     for key in dense:
         scale = np.max(np.abs(dense[key]))
         assert np.max(np.abs(cg[key] - dense[key])) < 1e-7 * scale, key
+
+
+def test_host_coverage_test_gives_the_same_differences(touching, monkeypatch):
+    """From HOST_COVERAGE_N particles the polish asks a k-d tree whether its state gained a
+    pair (missing_pairs is O(N²)): the same differences."""
+    system, params, _, q_touch, _, _ = touching
+    before = sensitivity.finite_difference(system, q_touch, params, "diameter", (0,), h=1e-6, observe=OBSERVE)
+    monkeypatch.setattr(sensitivity, "HOST_COVERAGE_N", 0)
+    calls = []
+    original = system.interacting_pairs
+    monkeypatch.setattr(type(system), "interacting_pairs",
+                        lambda self, *a, **k: calls.append(a) or original(*a, **k))
+    after = sensitivity.finite_difference(system, q_touch, params, "diameter", (0,), h=1e-6, observe=OBSERVE)
+    assert any(a[-1] == 0.0 for a in calls)  # the coverage test ran on the host
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key])
