@@ -25,7 +25,6 @@ from mdsens.cli.app import EXIT_ERROR, EXIT_USAGE, app, errors, fail, log
 RESOLUTION = 16
 
 
-
 def rebuild(record: Mapping[str, Any]):
     """The :class:`mdsens.system.System` a file was made from, and its parameters."""
     import jax.numpy as jnp
@@ -68,6 +67,12 @@ def verify(record: Mapping[str, Any], wrt: str | None = None, h: float = 1e-5, t
     from mdsens import barostat, names, observables, sensitivity
 
     system, params = rebuild(record)
+    if barostat.is_fixed_pressure(system) and system.n * system.dim > sensitivity.DENSE_POLISH_LIMIT:
+        # its differences polish positions and cell together, densely (a fixed box: CG above the limit)
+        from mdsens.systems import UsageError
+
+        raise UsageError(f"N·d = {system.n * system.dim} is too large for the dense Newton polish of a "
+                         f"fixed-pressure finite-difference check (limit {sensitivity.DENSE_POLISH_LIMIT})")
     q = system.to_solver(jnp.asarray(record["positions"]), params)
     entries = record.get("sensitivity", {})
     if not entries:
@@ -161,6 +166,7 @@ def check(
     ~80 s; fixed pressure: N·d up to 6000). Pick elements with --wrt on a large file: a
     per-particle diameter has N of them."""
     from mdsens import io
+    from mdsens.systems import UsageError
 
     with errors():
         if not (np.isfinite(h) and h > 0):
@@ -170,19 +176,13 @@ def check(
         if stencil not in STENCILS:
             fail(f"--stencil {stencil}: choose 4 (θ ± h, θ ± 2h) or 2 (θ ± h)", EXIT_USAGE)
         record = io.read(file)
-        n, d = np.shape(record["positions"])
-        from mdsens.sensitivity import DENSE_POLISH_LIMIT
-
-        # the fixed-pressure differences polish densely (positions and cell together); the
-        # fixed-box ones by CG above the dense limit, over pairs listed by a k-d tree
-        if n * d > DENSE_POLISH_LIMIT and "strain" in record["parameters"]:
-            fail(f"{file}: N·d = {n * d} is too large for the dense Newton polish of a fixed-pressure "
-                 f"finite-difference check (limit {DENSE_POLISH_LIMIT})", EXIT_USAGE)
         log(f"checking {file} against central differences (h = {h:g}, {stencil} points) ...", quiet or as_json)
         try:
             report = verify(record, wrt, h, tol, stencil=stencil)
         except KeyError as err:
             fail(str(err.args[0]), EXIT_USAGE)
+        except UsageError as err:
+            fail(f"{file}: {err}", EXIT_USAGE)
         if as_json:
             print(json.dumps(report))
         else:

@@ -204,20 +204,17 @@ def solver_for(
     method = resolve_solver(method, system)
     if method == "dense":
         return linsolve.dense()
-    if method == "sparse":
-        from mdsens import sparse
-
-        q = jax.lax.stop_gradient(q)
-        if rattler is None:
-            rattler = observables.rattlers(system, q, jax.lax.stop_gradient(params))
-        system = system.held_only(rattler)  # the Hessian of the held network (System.held_only)
-        return sparse.solver(system, q, params, rattler, gauge_for(system, rattler)(q, params))
-    precond = None
-    if preconditioner != "none":
+    if method == "sparse" or preconditioner != "none":  # built here, on the held network's Hessian
         q = jax.lax.stop_gradient(q)
         if rattler is None:
             rattler = observables.rattlers(system, q, jax.lax.stop_gradient(params))
         system = system.held_only(rattler)
+    if method == "sparse":
+        from mdsens import sparse
+
+        return sparse.solver(system, q, params, rattler, gauge_for(system, rattler)(q, params))
+    precond = None
+    if preconditioner != "none":
         project = gauge_for(system, rattler)(q, params)
         if preconditioner == "jacobi":
             precond = precondition.block_jacobi(system, q, params, project)

@@ -242,3 +242,22 @@ def test_check_takes_a_derivative_zero_by_symmetry_as_zero(tmp_path):
         f["sensitivity/sigma/position"][3, 0] += 1e-6
     result = invoke("check", path)
     assert result.exit_code == 1 and "DISAGREE" in result.stdout
+
+
+def test_check_refuses_a_fixed_pressure_file_too_large_for_its_dense_polish(tmp_path, monkeypatch):
+    """Fixed-box files of any size are checked (CG polish above N·d = 6000); a fixed-pressure
+    file above it is refused with one line, before any relaxation."""
+    import jax.numpy as jnp
+
+    from mdsens import systems
+    import mdsens.cli.check as check_cli
+
+    family = systems.get("bidisperse")
+    system = family.build_fn(seed=0, **family.resolve({"n": "3001", "pressure": "0.001"}))
+    params = {k: jnp.asarray(v) for k, v in system.params.items()}
+    monkeypatch.setattr(io, "read", lambda path: {"positions": system.positions, "parameters": params})
+    monkeypatch.setattr(check_cli, "rebuild", lambda record: (system, params))
+    result = invoke("check", str(tmp_path / "big.h5"))
+    assert result.exit_code == 2, result.output
+    assert "N·d = 6002 is too large" in result.stderr and "fixed-pressure" in result.stderr
+    assert str(tmp_path / "big.h5") in result.stderr
