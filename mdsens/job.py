@@ -330,6 +330,7 @@ def relax_system(
     job: Job, system: System, params: dict[str, jax.Array],
     progress: Callable[[int, float, float], None] | None = None,
     x0: jax.Array | None = None,
+    snapshot: Callable[[np.ndarray, float], None] | None = None,
 ) -> tuple[jax.Array, RelaxInfo, float, jax.Array | None, dict[str, Any]]:
     """Relax ``system`` as ``job`` says from real-space ``x0`` (default: the
     system's initial positions; :func:`mdsens.relax.relax`), and choose the
@@ -339,13 +340,13 @@ def relax_system(
     the neighbor table at x* (:func:`use_neighbor_list`; every pair closer than
     the cutoff is among them, the rest contribute exactly zero to E and every
     derivative there, so a Hessian product costs the contacts, not N²/2
-    pairs); None means all pairs.
+    pairs); None means all pairs. ``snapshot``: :func:`mdsens.relax.relax`'s.
     """
     x0 = jnp.asarray(system.positions if x0 is None else x0)
     saver = None if job.checkpoint is None else lambda state: save_checkpoint(job.checkpoint, job, state)
     resume = None if job.resume is None else load_checkpoint(job.resume, job)
     out = relax.relax(system, params, x0, job.minimizer, job.ftol, job.max_steps, job.chunk, progress, job.skin,
-                      job.polish, saver, job.checkpoint_every, resume, job.max_displacement)
+                      job.polish, saver, job.checkpoint_every, resume, job.max_displacement, snapshot)
     q = system.to_solver(jax.block_until_ready(out.x), params)
     meta = {"cell_list": out.stats.cell_list, "skin": job.skin, "capacity": out.stats.capacity,
             "reallocations": out.stats.reallocations, "rebuilds": out.stats.rebuilds}
@@ -552,9 +553,12 @@ def execute(job: Job, progress: Callable[[int, float, float], None] | None = Non
     ahead = _Ahead.start(job, system, params, programs, wrts)
     # the sparse solve's host side (SciPy, CHOLMOD) imported beside the relaxation
     warm = sparse.warm_up_beside() if job.solver == "sparse" and (wrts or job.grad) else None
+    # ... and the factorization's ordering and analysis, from the relaxation's last positions
+    factor_ahead = sparse.Ahead(system, params) if warm is not None and use_neighbor_list(job, system) else None
     start = time.perf_counter()
     try:
-        q, info, compile_s, pairs, nl_meta = relax_system(job, system, params, progress)
+        q, info, compile_s, pairs, nl_meta = relax_system(job, system, params, progress,
+                                                          snapshot=None if factor_ahead is None else factor_ahead.offer)
     except BaseException:
         # (Ctrl-C, SIGTERM, an error): the thread finishes the program it is
         # compiling before the exception goes on — a process that exits while
@@ -562,6 +566,9 @@ def execute(job: Job, progress: Callable[[int, float, float], None] | None = Non
         if ahead is not None:
             ahead.abandon()
             ahead.wait()
+        if factor_ahead is not None:
+            factor_ahead.wait()
+            sparse.clear_prepared()
         raise
     timings["compile_s"] += compile_s
     timings["relax_s"] = time.perf_counter() - start - compile_s
@@ -584,11 +591,17 @@ def execute(job: Job, progress: Callable[[int, float, float], None] | None = Non
 
         forwards: dict[str, sensitivity.Forward] = {}
         gradients: dict[str, tuple[dict[str, jax.Array], linsolve.SolveInfo]] = {}
-        if bool(info.converged) and (wrts or job.grad):
-            (forwards, gradients), c, r = run_compiled(system, pairs, *programs.derivatives(wrts, job.grad), q,
-                                                       params, rattler)
-            timings["compile_s"] += c
-            timings["derivative_s"] += r
+        if factor_ahead is not None:  # its last analysis, counted as derivative time
+            timings["derivative_s"] += factor_ahead.wait()
+        try:
+            if bool(info.converged) and (wrts or job.grad):
+                (forwards, gradients), c, r = run_compiled(system, pairs, *programs.derivatives(wrts, job.grad), q,
+                                                           params, rattler)
+                timings["compile_s"] += c
+                timings["derivative_s"] += r
+        finally:
+            if factor_ahead is not None:
+                sparse.clear_prepared()  # a prediction that missed: its factor's memory
     timings["total_s"] = time.perf_counter() - wall
 
     meta = run_meta(job, system, info, timings, neighbor_list=nl_meta)

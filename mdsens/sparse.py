@@ -45,8 +45,9 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 import zlib
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +65,7 @@ _CACHE: "collections.OrderedDict[int, tuple[str, tuple[np.ndarray, ...], _Factor
 _LOCK = threading.Lock()
 _FACTOR_LOCK = threading.Lock()
 #: what the host did, for tests and the benchmark: factorizations, solve calls
-STATS = {"factorizations": 0, "calls": 0, "hits": 0, "cholmod": 0, "superlu": 0}
+STATS = {"factorizations": 0, "calls": 0, "hits": 0, "cholmod": 0, "superlu": 0, "prepared": 0, "ahead": 0}
 #: the factorization: "auto" (CHOLMOD's supernodal Cholesky when cvxopt is installed and S
 #: is positive definite, SuperLU otherwise), "cholmod" (an error if it cannot) or "superlu"
 BACKEND = "auto"
@@ -284,12 +285,14 @@ class _Cholesky:
 
 
 def _cholesky(size: int, values: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-              order: np.ndarray | None = None) -> "_Cholesky | None":
+              order: np.ndarray | None = None, factor=None) -> "_Cholesky | None":
     """CHOLMOD's supernodal Cholesky of the symmetric matrix whose lower-triangle entries
     are ``values`` at ``(rows, cols)`` (duplicates summed), in the fill-reducing ordering
     ``order`` (a permutation of the rows) or, without one, CHOLMOD's own (AMD);
     ``None`` if cvxopt (which ships CHOLMOD) is not installed or the matrix is not
-    positive definite (then the caller falls back to SuperLU)."""
+    positive definite (then the caller falls back to SuperLU). ``factor``: a factor of
+    a matrix with exactly this pattern (:func:`prepare`), refactored in place: no
+    symbolic analysis, and its memory is already touched."""
     try:
         from cvxopt import cholmod, matrix, spmatrix
     except ImportError:
@@ -301,7 +304,9 @@ def _cholesky(size: int, values: np.ndarray, rows: np.ndarray, cols: np.ndarray,
         cholmod.options.clear()
         cholmod.options["supernodal"] = 2
         try:
-            if order is None:
+            if factor is not None:  # analysed ahead: the same pattern, refactored in place
+                pass
+            elif order is None:
                 factor = cholmod.symbolic(a, uplo="L")
             else:  # the given ordering alone (nmethods 0 would try AMD beside it)
                 cholmod.options["nmethods"] = 1
@@ -329,6 +334,7 @@ def _nested_dissection(nh: int, upper: np.ndarray, lower: np.ndarray) -> np.ndar
     ends = np.concatenate([upper, lower]).astype(np.int64)
     other = np.concatenate([lower, upper]).astype(np.int64)
     graph = sp.csr_matrix((np.ones(ends.size), (ends, other)), shape=(nh, nh))  # each edge once, both ways
+    graph.sort_indices()  # the same input (and ordering) whatever order the pairs came in
     try:
         perm, _ = pymetis.nested_dissection(adjacency=pymetis.CSRAdjacency(graph.indptr, graph.indices))
     except Exception:  # noqa: BLE001 — an ordering is an optimisation: minimum degree then
@@ -428,6 +434,12 @@ def _geometric_order(place: np.ndarray, sides: np.ndarray, upper: np.ndarray, lo
     return np.lexsort((-separator, key)).astype(np.int64)
 
 
+def _geometric(nh: int, d: int) -> bool:
+    """Whether the ordering of ``nh`` held particles in ``d`` dimensions is the geometric
+    one (where the positions are given)."""
+    return ORDERING == "geometric" or (ORDERING == "auto" and nh >= GEOMETRIC_MIN_N.get(d, np.inf))
+
+
 def _particle_order(nh: int, upper: np.ndarray, lower: np.ndarray, d: int, place: np.ndarray | None = None,
                     sides: np.ndarray | None = None) -> np.ndarray | None:
     """A fill-reducing ordering of the ``nh * d`` coordinates: of the particle graph
@@ -447,8 +459,7 @@ def _particle_order(nh: int, upper: np.ndarray, lower: np.ndarray, d: int, place
         return None
     if nh == 0:
         return None
-    geometric = ORDERING == "geometric" or (ORDERING == "auto" and nh >= GEOMETRIC_MIN_N.get(d, np.inf))
-    if place is not None and geometric:
+    if place is not None and _geometric(nh, d):
         p = _geometric_order(place, sides, upper, lower)
         return (p[:, None] * d + np.arange(d)).ravel()
     if ORDERING == "metis" or (ORDERING == "auto" and d >= NESTED_DISSECTION_DIM and nh >= NESTED_DISSECTION_MIN_N):
@@ -460,6 +471,255 @@ def _particle_order(nh: int, upper: np.ndarray, lower: np.ndarray, d: int, place
                        matrix(np.concatenate([np.asarray(lower, np.int64), particle])), (nh, nh))
     p = np.asarray(amd.order(pattern, uplo="L"), np.int64).ravel()
     return (p[:, None] * d + np.arange(d)).ravel()
+
+
+def _structure(nh: int, d: int, upper: np.ndarray, lower: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where A's lower-triangle entries sit, as :class:`_Factor` lists them: ``(rows,
+    cols)``, first each held particle's diagonal block (its lower triangle, particle
+    after particle), then each held–held pair's whole d × d block at (upper, lower)."""
+    dd = d * d
+    row_of, col_of = np.divmod(np.arange(dd), d)
+    low = row_of >= col_of
+    nd, nb = nh * int(low.sum()), int(np.size(upper)) * dd
+    rows = np.empty(nd + nb, np.int64)
+    cols = np.empty(nd + nb, np.int64)
+    first = np.arange(nh, dtype=np.int64) * d
+    rows[:nd] = (first[:, None] + row_of[low]).ravel()
+    cols[:nd] = (first[:, None] + col_of[low]).ravel()
+    np.add((np.asarray(upper, np.int64) * d)[:, None], row_of, out=rows[nd:].reshape(-1, dd))
+    np.add((np.asarray(lower, np.int64) * d)[:, None], col_of, out=cols[nd:].reshape(-1, dd))
+    return rows, cols
+
+
+# -- analysed ahead ---------------------------------------------------------------------------
+#
+# A run's one factorization is made on fresh memory after the relaxation: at 2D N = 16384
+# the ordering (~7–9 ms) and CHOLMOD's symbolic analysis (~7–8 ms) come first, and the
+# numeric factorization pays the page faults of its new factor (~48 ms in a run against ~24
+# on memory already touched). All three depend only on the pattern (which pairs of held
+# particles interact), and a relaxation's contact network stops changing well before its
+# end (2D N = 1024, seeds 0–3: the same contacts as at x* from max|F| ≈ 1e-6 on). So
+# :class:`Ahead` predicts the pattern from the relaxation's positions there, on the host, in
+# a thread beside the relaxation, and :func:`prepare` orders it, analyses it and factors
+# the identity on it; a factorization whose pattern is exactly that one refactors in the
+# prepared factor (the same ordering and analysis it would have computed itself, so the
+# same numbers bit for bit). A prediction that misses costs nothing but the thread's work.
+
+
+class _Prepared(NamedTuple):
+    held: np.ndarray  # (N,) bool
+    key: np.ndarray  # the held–held pairs, sorted (:func:`_pair_key`)
+    d: int
+    settings: tuple  # (BACKEND, ORDERING) when prepared
+    geometric: bool  # the ordering came from the positions
+    order: np.ndarray | None
+    factor: object  # CHOLMOD's factor (cvxopt), numeric on the identity of the pattern
+
+
+#: prepared analyses kept (the latest)
+PREPARED_LIMIT = 2
+_PREPARED: list[_Prepared] = []
+
+
+def _pair_key(nh: int, upper: np.ndarray, lower: np.ndarray) -> np.ndarray:
+    return np.sort(np.asarray(upper, np.int64) * max(nh, 1) + np.asarray(lower, np.int64))
+
+
+def prepare(held: np.ndarray, i: np.ndarray, j: np.ndarray, d: int, place: np.ndarray | None = None,
+            sides: np.ndarray | None = None) -> bool:
+    """Order and analyse, ahead of the derivative, the held–held block of the pairs
+    ``(i, j)`` (those whose Hessian block will not vanish; the particles' numbering,
+    ``held`` (N,) bool), and factor the identity on its pattern, so that the factor's
+    memory is allocated and touched. Kept (the latest :data:`PREPARED_LIMIT`) for a
+    factorization of exactly this pattern, which then refactors in it. ``place`` and
+    ``sides`` as the solve passes them (the geometric ordering). False where there is
+    nothing to prepare (no cvxopt, SuperLU forced, no held particle)."""
+    try:
+        from cvxopt import cholmod, matrix, spmatrix
+    except ImportError:
+        return False
+    held = np.array(held, bool)
+    n, nh = held.size, int(held.sum())
+    if BACKEND == "superlu" or nh == 0:
+        return False
+    index = np.full(n + 1, -1, np.int64)
+    index[np.flatnonzero(held)] = np.arange(nh)
+    ii, jj = index[np.asarray(i, np.int64)], index[np.asarray(j, np.int64)]
+    both = (ii >= 0) & (jj >= 0)
+    upper, lower = np.maximum(ii[both], jj[both]), np.minimum(ii[both], jj[both])
+    key = _pair_key(nh, upper, lower)
+    settings = (BACKEND, ORDERING)
+    with _LOCK:
+        if any(e.d == d and e.settings == settings and np.array_equal(e.held, held) and np.array_equal(e.key, key)
+               for e in _PREPARED):
+            return True
+    held_place = None if place is None else np.asarray(place)[held]
+    order = _particle_order(nh, upper, lower, d, held_place, sides)
+    rows, cols = _structure(nh, d, upper, lower)
+    size = nh * d
+    a = spmatrix(matrix((rows == cols).astype(np.float64)), matrix(rows), matrix(cols), (size, size))
+    with _CHOLMOD_LOCK:
+        saved = dict(cholmod.options)
+        cholmod.options.clear()
+        cholmod.options["supernodal"] = 2
+        try:
+            if order is None:
+                factor = cholmod.symbolic(a, uplo="L")
+            else:
+                cholmod.options["nmethods"] = 1
+                factor = cholmod.symbolic(a, p=matrix(np.ascontiguousarray(order, np.int64)), uplo="L")
+            cholmod.numeric(a, factor)
+        except ArithmeticError:
+            return False
+        finally:
+            cholmod.options.clear()
+            cholmod.options.update(saved)
+    entry = _Prepared(held, key, d, settings, held_place is not None and _geometric(nh, d), order, factor)
+    with _LOCK:
+        _PREPARED.append(entry)
+        del _PREPARED[:-PREPARED_LIMIT]
+        STATS["prepared"] += 1
+    return True
+
+
+def _take_prepared(held: np.ndarray, d: int, upper: np.ndarray, lower: np.ndarray,
+                   place: np.ndarray | None, sides: np.ndarray | None) -> tuple[np.ndarray | None, object] | None:
+    """``(order, factor)`` of a prepared analysis of exactly this pattern (removed from the
+    kept ones: the factorization refactors in it), or None. Where positions chose the
+    ordering (geometric), it is computed again from these positions and must be the
+    prepared one: the answer never depends on where the relaxation was when it was prepared."""
+    with _LOCK:
+        entries = list(_PREPARED)
+    nh, key = int(held.sum()), None
+    settings = (BACKEND, ORDERING)
+    for e in entries:
+        if e.d != d or e.settings != settings or e.key.size != np.size(upper) or not np.array_equal(e.held, held):
+            continue
+        key = _pair_key(nh, upper, lower) if key is None else key
+        if not np.array_equal(e.key, key):
+            continue
+        if e.geometric and not np.array_equal(_particle_order(nh, upper, lower, d, place, sides), e.order):
+            continue
+        with _LOCK:
+            if not any(x is e for x in _PREPARED):
+                continue  # taken meanwhile
+            _PREPARED.remove(e)
+            STATS["ahead"] += 1
+        return e.order, e.factor
+    return None
+
+
+def clear_prepared() -> None:
+    """Forget every prepared analysis."""
+    with _LOCK:
+        _PREPARED.clear()
+
+
+def predicted_pattern(system: System, q: np.ndarray, params: Params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the derivative's factorization at ``q`` (solver coordinates) will see,
+    predicted on the host: ``(held, i, j)``, the particles that are not rattlers and the
+    pairs whose Hessian block does not vanish — within ``radius_i + radius_j`` where the
+    system gives radii (soft spheres), else within the cutoff. The rattlers as
+    :func:`mdsens.observables.rattlers` finds them: fewer than d + 1 contacts with held
+    particles, repeated; a system with radii has its contacts where its pairs interact
+    (soft spheres: overlap), one without asks its contact rule. A prediction only:
+    :func:`prepare`'s analysis serves a factorization only if the pattern is exactly its."""
+    p = {k: np.asarray(v) for k, v in params.items()}
+    q = np.asarray(q, np.float64)
+    radius = None if system.radius is None else np.asarray(system.radius(p), np.float64)
+    reach = float(2.0 * radius.max()) if radius is not None and radius.size else float(system.cutoff(p))
+    box = np.broadcast_to(p["box"], (system.dim,)).astype(np.float64) if system.periodic else None
+    if np.isfinite(reach) and (box is None or reach < 0.5 * float(np.min(box))):
+        from scipy.spatial import cKDTree  # at any N (System.interacting_pairs: all pairs up to N = 1024)
+
+        x = np.mod(q, 1.0) * box if box is not None else q
+        if box is not None:
+            x = np.where(x >= box, 0.0, x)
+        found = cKDTree(x, boxsize=box).query_pairs(reach, output_type="ndarray").astype(np.int64)
+        i, j = found[:, 0], found[:, 1]
+    else:
+        i, j = (np.asarray(a, np.int64) for a in system.interacting_pairs(q, p))
+    dq = q[i] - q[j]
+    if system.periodic:
+        dq = (dq - np.round(dq)) * np.broadcast_to(p["box"], (system.dim,))
+    r = np.sqrt(np.einsum("md,md->m", dq, dq))
+    if radius is not None:
+        live = r < radius[i] + radius[j]
+    else:
+        live = r < float(system.cutoff(p))
+    i, j, r = i[live], j[live], r[live]
+    held = np.ones(system.n, bool)
+    if system.contact is not None:
+        c = np.ones(i.size, bool) if system.radius is not None else np.asarray(system.contact(r, i, j, p), bool)
+        ci, cj = i[c], j[c]
+        need = system.dim + 1
+        while True:
+            z = np.bincount(ci, weights=held[cj], minlength=system.n) + np.bincount(cj, weights=held[ci],
+                                                                                      minlength=system.n)
+            new = held & (z >= need)
+            if np.array_equal(new, held):
+                break
+            held = new
+    return held, i, j
+
+
+#: :class:`Ahead` prepares from positions below this max|F| (the relaxation hands them
+#: over from :data:`mdsens.relax.SNAPSHOT_NEAR`)
+AHEAD_BELOW = 1e-6
+
+
+class Ahead:
+    """The factorization of a run's derivative, prepared beside its relaxation:
+    ``offer`` (the relaxation's ``snapshot`` hook) takes positions and max|F|, and from
+    :data:`AHEAD_BELOW` on a thread predicts the pattern there
+    (:func:`predicted_pattern`) and analyses it (:func:`prepare`), always the latest
+    positions offered; ``wait()`` joins it (the seconds waited, which a run counts as
+    derivative time). cvxopt holds the GIL while CHOLMOD works, so the relaxation's
+    loop may wait for the current call at a chunk's end (N = 16384: ~25 ms)."""
+
+    def __init__(self, system: System, params: Params):
+        self.system = system
+        self.params = {k: np.asarray(v) for k, v in params.items()}
+        self._lock = threading.Lock()
+        self._pending: np.ndarray | None = None
+        self._thread: threading.Thread | None = None
+        self._running = False
+
+    def offer(self, x: np.ndarray, max_force: float) -> None:
+        """Real-space positions ``x`` (the model's numbering) at ``max_force``."""
+        if not max_force < AHEAD_BELOW:
+            return
+        with self._lock:
+            self._pending = np.array(x, np.float64, copy=True)
+            if self._running:
+                return  # the thread takes it when it is done with the one before
+            self._running = True
+            self._thread = threading.Thread(target=self._work, name="mdsens-sparse-ahead", daemon=True)
+            self._thread.start()
+
+    def _work(self) -> None:
+        system, params = self.system, self.params
+        sides = (np.broadcast_to(params["box"], (system.dim,)).astype(np.float64) if system.periodic
+                 else np.zeros(system.dim))
+        while True:
+            with self._lock:
+                x, self._pending = self._pending, None
+                if x is None:
+                    self._running = False
+                    return
+            try:
+                q = np.mod(x / sides, 1.0) if system.periodic else x
+                held, i, j = predicted_pattern(system, q, params)
+                prepare(held, i, j, system.dim, q, sides)
+            except Exception:  # noqa: BLE001 -- only a head start: the factorization analyses itself
+                pass
+
+    def wait(self) -> float:
+        start = time.perf_counter()
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+        return time.perf_counter() - start
 
 
 def _from_lower(vals: np.ndarray, rows: np.ndarray, cols: np.ndarray, size: int):
@@ -527,19 +787,12 @@ class _Factor:
         ib, jb = ii[both], jj[both]
         upper, lower_p = np.maximum(ib, jb), np.minimum(ib, jb)
         nd = nh * int(low.sum())
-        nb = int(ib.size) * dd
-        vals = np.empty(nd + nb, dtype)
-        rows = np.empty(nd + nb, np.int64)
-        cols = np.empty(nd + nb, np.int64)
-        first = np.arange(nh, dtype=np.int64) * d
+        rows, cols = _structure(nh, d, upper, lower_p)
+        vals = np.empty(rows.size, dtype)
         vals[:nd] = dvals[:, low].ravel()
-        rows[:nd] = (first[:, None] + row_of[low]).ravel()
-        cols[:nd] = (first[:, None] + col_of[low]).ravel()
         # The blocks are Hessians, symmetric, so the block at (upper, lower) is −K whichever
         # end of the pair is the upper one: no transpose (at N = 131072 it took 24 ms).
         np.negative(kf[both], out=vals[nd:].reshape(-1, dd))
-        np.add((upper * d)[:, None], row_of, out=rows[nd:].reshape(-1, dd))
-        np.add((lower_p * d)[:, None], col_of, out=cols[nd:].reshape(-1, dd))
         # T: an orthonormal basis of the gauge modes on the held coordinates
         # The gauge keeps a mode whose singular value is above sqrt(eps) of the largest; a
         # dropped one comes back as round-off, ~eps: cut between the two, at eps^(3/4).
@@ -562,10 +815,14 @@ class _Factor:
             on_pins = (pins // d) * int(low.sum()) + slot[(pins % d) * (d + 1)]
             kept = vals[on_pins].copy()
             vals[on_pins] += s
+            held_place = None if place is None else place[self.held]
+            # analysed beside the relaxation (:func:`prepare`), if its pattern was this one
+            ahead = _take_prepared(self.held, d, upper, lower_p, held_place, sides)
             try:
-                lu = _cholesky(size, vals, rows, cols, _particle_order(nh, upper, lower_p, d,
-                                                                       None if place is None else place[self.held],
-                                                                       sides))
+                if ahead is not None:
+                    lu = _cholesky(size, vals, rows, cols, *ahead)
+                else:
+                    lu = _cholesky(size, vals, rows, cols, _particle_order(nh, upper, lower_p, d, held_place, sides))
             finally:
                 vals[on_pins] = kept
             if lu is None and BACKEND == "cholmod":
