@@ -102,8 +102,11 @@ SPARSE_MAX_N_3D = 8192
 #: at 8192 CG is faster (0.59 against 0.87–0.95 s). Session 18 (the two-level
 #: preconditioner's coarse inverse by Cholesky, at most 216 cells in 3D): 2048 sparse
 #: 0.09 against CG 0.09 s, 4096 0.27 and 0.27 against 0.22 and 0.23 s (two runs each), so
-#: CG from 4096 on
-SPARSE_3D = (512, 2048)
+#: CG from 4096 on. Session 20, with the factorization ordered and analysed beside the
+#: relaxation (:class:`mdsens.sparse.Ahead`; METIS's ordering alone is ~0.14 s at 4096):
+#: 4096 sparse 0.204 and 0.205 s against CG 0.30 and 0.36 s (the previous code's sparse
+#: 0.27 s), 8192 sparse 1.52 against CG 0.62 s (one run each); so sparse up to 4096
+SPARSE_3D = (512, 4096)
 #: "auto" factors only where the pair graph is sparse: at most this many pairs per particle
 #: within the cutoff (:func:`neighbors_per_particle`; 2D, 3D). Soft spheres at φ = 0.9 have
 #: ~5 (2D) and ~11 (3D), where the figures above were measured; a Lennard-Jones crystal
