@@ -86,17 +86,26 @@ def _setup(spec: dict[str, Any]):
     return system, params
 
 
-def _relax_fn(spec, system, ftol):
+def _relax_fn(spec, system, ftol, ahead=False):
     """relax(x0, params) -> (x, info, compile_s, pairs): the same relaxation and
     derivative pairs as ``mdsens run`` (:func:`mdsens.job.relax_system`), started
-    from the real-space positions ``x0`` (x* for the finite differences)."""
+    from the real-space positions ``x0`` (x* for the finite differences).
+    ``ahead``: as a run with the sparse solve, the factorization's ordering and
+    analysis done beside the relaxation (:class:`mdsens.sparse.Ahead`; its thread
+    joined inside the relaxation's time, and what it prepared then dropped)."""
     from mdsens import job as _job
+    from mdsens import sparse
 
     settings = _job.Job(ftol=ftol, max_steps=spec["max_steps"], neighbor_list=spec.get("neighbor_list"),
                         polish=spec.get("polish"), max_displacement=spec.get("max_displacement"))
 
     def relax(x0, params):
-        q, info, compile_s, pairs, _ = _job.relax_system(settings, system, params, x0=x0)
+        beside = sparse.Ahead(system, params) if ahead else None
+        q, info, compile_s, pairs, _ = _job.relax_system(settings, system, params, x0=x0,
+                                                         snapshot=None if beside is None else beside.offer)
+        if beside is not None:
+            beside.wait()
+            sparse.clear_prepared()
         return system.to_real(q, params), info, compile_s, pairs
     return relax
 
@@ -150,7 +159,12 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     task = spec["task"]
     out: dict[str, Any] = {"task": task}
     if task == "relax":
-        relax = _relax_fn(spec, system, spec["ftol"])
+        from mdsens import sparse
+
+        solver = sensitivity.resolve_solver(spec.get("solver", "auto"), system)
+        ahead = (solver == "sparse" and sparse.ahead_pays(system)
+                 and _job.use_neighbor_list(_job.Job(neighbor_list=spec.get("neighbor_list")), system))
+        relax = _relax_fn(spec, system, spec["ftol"], ahead=ahead)
         # The first run compiles (timed apart) and pays one-off dispatch costs;
         # the reported time is the median of the runs after it.
         times = []
@@ -220,6 +234,21 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                     return f
                 both, c = _job.compiled(system, pairs, ("bench derivatives", options), make_both, *args)
                 out["shared_s"] = _timed(both, args, spec["repeats"], cold, c)[2]
+                if pairs is not None and sparse.ahead_pays(system):
+                    # as in a run, whose relaxation orders and analyses the factorization beside
+                    # it (the relax task's time includes that thread): prepared here untimed
+                    beside = sparse.Ahead(system, params)
+                    x_star = system.to_real_on_host(q, params)
+
+                    def prepared():
+                        sparse.clear_cache()
+                        sparse.clear_prepared()
+                        beside.analyse(x_star)
+
+                    used = sparse.STATS["ahead"]
+                    out["shared_ahead_s"] = _timed(both, args, spec["repeats"], prepared, c)[2]
+                    out["ahead_used"] = sparse.STATS["ahead"] - used == spec["repeats"]
+                    sparse.clear_prepared()
     elif task == "fd":
         q, rattler, pairs = _load_state(spec)
         relax = _relax_fn(spec, system, spec["fd_ftol"])
@@ -525,6 +554,8 @@ def run(
                 row["derivative_over_relax"] = (imp["forward_s"] + imp["reverse_s"]) / relax["relax_s"]
                 if "shared_s" in imp:  # the sparse solve: one factorization serves both, as in a run
                     row["derivative_shared_over_relax"] = imp["shared_s"] / relax["relax_s"]
+                if "shared_ahead_s" in imp:
+                    row["derivative_ahead_over_relax"] = imp["shared_ahead_s"] / relax["relax_s"]
                 if "fd_full_gradient_s_extrapolated" in fd:
                     row["fd_over_reverse"] = fd["fd_full_gradient_s_extrapolated"] / imp["reverse_s"]
                 un = row["unrolled"]
@@ -560,6 +591,10 @@ def table(report: dict[str, Any]) -> str:
         if row.get("derivative_shared_over_relax") is not None:
             lines.append(f"{'':>7} sparse solve: forward + reverse sharing one factorization (as a run does): "
                          f"{f(imp.get('shared_s'))} s, deriv/rel {f(row['derivative_shared_over_relax'])}")
+        if row.get("derivative_ahead_over_relax") is not None:
+            lines.append(f"{'':>7} ... with its ordering and analysis done beside the relaxation (as a run does; "
+                         f"{'used' if imp.get('ahead_used') else 'NOT used: the predicted pattern missed'}): "
+                         f"{f(imp.get('shared_ahead_s'))} s, deriv/rel {f(row['derivative_ahead_over_relax'])}")
         if any(fd.get("fd_contacts_changed", [])) and fd.get("fd_error") is not None:
             lines.append(f"{'':>7} FD err: a contact opens or closes within ± h for "
                          f"{sum(fd['fd_contacts_changed'])} of {len(fd['fd_contacts_changed'])} sampled diameters, "

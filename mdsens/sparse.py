@@ -516,8 +516,9 @@ class _Prepared(NamedTuple):
     factor: object  # CHOLMOD's factor (cvxopt), numeric on the identity of the pattern
 
 
-#: prepared analyses kept (the latest)
-PREPARED_LIMIT = 2
+#: prepared analyses kept (the latest: a new pattern's analysis replaces it, the old
+#: factor dropped first, so at most one factor's memory is held beside the relaxation)
+PREPARED_LIMIT = 1
 _PREPARED: list[_Prepared] = []
 
 
@@ -553,6 +554,8 @@ def prepare(held: np.ndarray, i: np.ndarray, j: np.ndarray, d: int, place: np.nd
         if any(e.d == d and e.settings == settings and np.array_equal(e.held, held) and np.array_equal(e.key, key)
                for e in _PREPARED):
             return True
+    with _LOCK:  # the older analyses go before this one's factor is allocated
+        del _PREPARED[:max(0, len(_PREPARED) - PREPARED_LIMIT + 1)]
     held_place = None if place is None else np.asarray(place)[held]
     order = _particle_order(nh, upper, lower, d, held_place, sides)
     rows, cols = _structure(nh, d, upper, lower)
@@ -601,9 +604,10 @@ def _take_prepared(held: np.ndarray, d: int, upper: np.ndarray, lower: np.ndarra
         if e.geometric and not np.array_equal(_particle_order(nh, upper, lower, d, place, sides), e.order):
             continue
         with _LOCK:
-            if not any(x is e for x in _PREPARED):
+            at = [k for k, x in enumerate(_PREPARED) if x is e]  # by identity (== compares arrays)
+            if not at:
                 continue  # taken meanwhile
-            _PREPARED.remove(e)
+            del _PREPARED[at[0]]
             STATS["ahead"] += 1
         return e.order, e.factor
     return None
@@ -666,6 +670,18 @@ def predicted_pattern(system: System, q: np.ndarray, params: Params) -> tuple[np
 #: :class:`Ahead` prepares from positions below this max|F| (the relaxation hands them
 #: over from :data:`mdsens.relax.SNAPSHOT_NEAR`)
 AHEAD_BELOW = 1e-6
+#: ... for at most this many particles. 2D N = 131072 (`mdsens run`, one run each against
+#: the previous code): derivatives 0.90 against 1.18 s, but its contacts were still
+#: changing below max|F| 1e-6, so six patterns were predicted and prepared (~1.1 s each,
+#: ~0.15–0.29 s a prediction) on a second core that XLA uses at that size: relaxation
+#: 74.7 against 72.3 s, peak RSS 2.31 against 1.40 GB (two prepared factors kept then).
+AHEAD_MAX_N = 65536
+
+
+def ahead_pays(system: System) -> bool:
+    """Whether a run of ``system`` with the sparse solve prepares its factorization
+    beside the relaxation (:class:`Ahead`): up to :data:`AHEAD_MAX_N` particles."""
+    return system.n <= AHEAD_MAX_N
 
 
 class Ahead:
@@ -697,10 +713,17 @@ class Ahead:
             self._thread = threading.Thread(target=self._work, name="mdsens-sparse-ahead", daemon=True)
             self._thread.start()
 
-    def _work(self) -> None:
+    def analyse(self, x: np.ndarray) -> bool:
+        """Predict and prepare at real-space positions ``x``, here and now (what the
+        thread does with each offer); :func:`prepare`'s answer."""
         system, params = self.system, self.params
         sides = (np.broadcast_to(params["box"], (system.dim,)).astype(np.float64) if system.periodic
                  else np.zeros(system.dim))
+        q = np.mod(x / sides, 1.0) if system.periodic else np.asarray(x, np.float64)
+        held, i, j = predicted_pattern(system, q, params)
+        return prepare(held, i, j, system.dim, q, sides)
+
+    def _work(self) -> None:
         while True:
             with self._lock:
                 x, self._pending = self._pending, None
@@ -708,9 +731,7 @@ class Ahead:
                     self._running = False
                     return
             try:
-                q = np.mod(x / sides, 1.0) if system.periodic else x
-                held, i, j = predicted_pattern(system, q, params)
-                prepare(held, i, j, system.dim, q, sides)
+                self.analyse(x)
             except Exception:  # noqa: BLE001 -- only a head start: the factorization analyses itself
                 pass
 
@@ -817,7 +838,10 @@ class _Factor:
             vals[on_pins] += s
             held_place = None if place is None else place[self.held]
             # analysed beside the relaxation (:func:`prepare`), if its pattern was this one
-            ahead = _take_prepared(self.held, d, upper, lower_p, held_place, sides)
+            try:
+                ahead = _take_prepared(self.held, d, upper, lower_p, held_place, sides) if _PREPARED else None
+            except Exception:  # noqa: BLE001 -- only a head start: never the reason a solve fails
+                ahead = None
             try:
                 if ahead is not None:
                     lu = _cholesky(size, vals, rows, cols, *ahead)

@@ -68,18 +68,23 @@ def _problem(seed=2, n=30, d=3, rattlers=(4, 17)):
 @pytest.mark.parametrize("ordering", ["auto", "geometric"])
 def test_a_prepared_analysis_serves_exactly_its_pattern_bit_for_bit(ordering, monkeypatch):
     monkeypatch.setattr(sparse, "ORDERING", ordering)
+    monkeypatch.setattr(sparse, "PREPARED_LIMIT", 2)  # the match found behind another analysis
     k, i, j, held, modes, place, sides = _problem()
     rows = np.random.default_rng(5).standard_normal((2,) + place.shape)
     plain = sparse._Factor(k, i, j, held, modes, place, sides).solve(rows)
 
-    # the pairs in another order, as a prediction lists them: the same pattern
+    # the pairs in another order, as a prediction lists them: the same pattern (kept after
+    # another one, as an earlier snapshot leaves it)
+    sparse.prepare(held, i[2:], j[2:], 3, place, sides)
     shuffle = np.random.default_rng(0).permutation(i.size)
     assert sparse.prepare(held, j[shuffle], i[shuffle], 3, place, sides)
+    assert len(sparse._PREPARED) == 2
     ahead = sparse.STATS["ahead"]
     got = sparse._Factor(k, i, j, held, modes, place, sides).solve(rows)
     assert sparse.STATS["ahead"] == ahead + 1
     np.testing.assert_array_equal(got, plain)
-    assert not sparse._PREPARED  # taken: its factor now belongs to that factorization
+    assert len(sparse._PREPARED) == 1  # taken: its factor now belongs to that factorization
+    sparse.clear_prepared()
 
     # a pattern with a pair less, another held mask: not used, the answer unchanged
     sparse.prepare(held, i[1:], j[1:], 3, place, sides)

@@ -485,7 +485,7 @@ def test_bench_with_the_sparse_solver(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MDSENS_NO_CACHE", "1")
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(app, ["bench", "--n", "16", "--unroll-steps", "10", "--fd-sample", "1", "--repeats", "2",
+    result = CliRunner().invoke(app, ["bench", "--n", "80", "--unroll-steps", "10", "--fd-sample", "1", "--repeats", "2",
                                       "--set", "phi=0.9", "--solver", "sparse", "-o", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
@@ -500,6 +500,10 @@ def test_bench_with_the_sparse_solver(tmp_path, monkeypatch):
     assert implicit_row["solver"] == "sparse"
     # reported beside deriv/relax: the forward and reverse calls after one factorization
     assert row["derivative_shared_over_relax"] > 0
+    # and as in a run, with the factorization analysed beside the relaxation (the pattern
+    # predicted at x* is the derivative's: every timed call refactored in the prepared one)
+    assert implicit_row["ahead_used"] is True
+    assert row["derivative_ahead_over_relax"] > 0
 
 
 def test_auto_resolves_to_sparse_only_where_it_pays(monkeypatch):
