@@ -583,26 +583,26 @@ def execute(job: Job, progress: Callable[[int, float, float], None] | None = Non
     pairs = None if pairs is None else pad_pairs(pairs, system.n, width)
     if warm is not None:
         warm.join()
+    if factor_ahead is not None:  # its last analysis (before any factorization at x*), counted as derivative time
+        timings["derivative_s"] += factor_ahead.wait()
     # The moduli's own solves (inside observables) follow --solver/--rtol/--preconditioner too.
-    with solving(job):
-        (rattler, outs), c, _ = run_compiled(system, pairs, *programs.values(), q, params)
-        timings["compile_s"] += c
-        values = {name: np.asarray(outs[name]) for name in observe}
-        values["max_force"] = np.asarray(info.max_force)
+    try:
+        with solving(job):
+            (rattler, outs), c, _ = run_compiled(system, pairs, *programs.values(), q, params)
+            timings["compile_s"] += c
+            values = {name: np.asarray(outs[name]) for name in observe}
+            values["max_force"] = np.asarray(info.max_force)
 
-        forwards: dict[str, sensitivity.Forward] = {}
-        gradients: dict[str, tuple[dict[str, jax.Array], linsolve.SolveInfo]] = {}
-        if factor_ahead is not None:  # its last analysis, counted as derivative time
-            timings["derivative_s"] += factor_ahead.wait()
-        try:
+            forwards: dict[str, sensitivity.Forward] = {}
+            gradients: dict[str, tuple[dict[str, jax.Array], linsolve.SolveInfo]] = {}
             if bool(info.converged) and (wrts or job.grad):
                 (forwards, gradients), c, r = run_compiled(system, pairs, *programs.derivatives(wrts, job.grad), q,
                                                            params, rattler)
                 timings["compile_s"] += c
                 timings["derivative_s"] += r
-        finally:
-            if factor_ahead is not None:
-                sparse.clear_prepared()  # a prediction that missed: its factor's memory
+    finally:
+        if factor_ahead is not None:
+            sparse.clear_prepared()  # a prediction that missed: its factor's memory
     timings["total_s"] = time.perf_counter() - wall
 
     meta = run_meta(job, system, info, timings, neighbor_list=nl_meta)
