@@ -171,6 +171,9 @@ def check(
     with errors():
         if not (np.isfinite(h) and h > 0):
             fail(f"--h {h}: the finite-difference step must be a positive number, e.g. 1e-5", EXIT_USAGE)
+        if not (np.isfinite(tol) and tol > 0):
+            # (0 would make the differences' resolution infinite, and every derivative agree)
+            fail(f"--tol {tol}: the accepted relative error must be a positive number, e.g. 1e-4", EXIT_USAGE)
         from mdsens.sensitivity import STENCILS
 
         if stencil not in STENCILS:

@@ -554,8 +554,11 @@ def execute(job: Job, progress: Callable[[int, float, float], None] | None = Non
     # the sparse solve's host side (SciPy, CHOLMOD) imported beside the relaxation
     warm = sparse.warm_up_beside() if job.solver == "sparse" and (wrts or job.grad) else None
     # ... and the factorization's ordering and analysis, from the relaxation's last positions
+    # (MDSENS_FACTOR_AHEAD=0 switches it off)
     factor_ahead = (sparse.Ahead(system, params) if warm is not None and use_neighbor_list(job, system)
-                    and sparse.ahead_pays(system) else None)
+                    and sparse.ahead_pays(system)
+                    and os.environ.get("MDSENS_FACTOR_AHEAD", "1").strip().lower() not in ("0", "false", "no")
+                    else None)
     start = time.perf_counter()
     try:
         q, info, compile_s, pairs, nl_meta = relax_system(job, system, params, progress,

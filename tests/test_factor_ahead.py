@@ -146,7 +146,7 @@ def test_a_run_s_derivative_is_the_same_with_the_analysis_ahead(monkeypatch):
     factorization (used: the contact network was already x*'s), and the derivatives are
     those of a run without it, bit for bit."""
     def run():
-        job = _job.Job(system="bidisperse", overrides={"n": "128"}, seed=0, solver="sparse", chunk=200,
+        job = _job.Job(system="bidisperse", overrides={"n": "128"}, seed=0, solver="sparse", chunk=50,
                        grad=["pressure"])
         return _job.execute(job)
 

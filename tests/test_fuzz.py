@@ -431,6 +431,14 @@ def test_the_valid_file_checks_out(files):
     assert invoke_checked(["check", str(files["valid"]), "-q"]) == 0
 
 
+@pytest.mark.parametrize("tol", ["0", "-1", "nan", "inf"])
+def test_check_refuses_a_tolerance_that_is_not_positive(files, tol):
+    """Found by the slow fuzzer's warning: `check --tol 0` divided by zero for the
+    differences' resolution, which made every derivative agree (exit 0)."""
+    result = runner.invoke(app, ["check", str(files["valid"]), "--tol", tol])
+    assert result.exit_code == 2 and "--tol" in result.stderr and "positive" in result.stderr, result.output
+
+
 @pytest.mark.parametrize("wrt", ["diameter[1]", "diameter[x]", "diameter[", "diameter[0,0]", "diameter[]"])
 def test_check_wrt_naming_no_stored_element_is_refused(files, wrt):
     """Found by the fuzzer: `check --wrt diameter[1]` on a file that stores only
