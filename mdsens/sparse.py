@@ -65,7 +65,7 @@ _CACHE: "collections.OrderedDict[int, tuple[str, tuple[np.ndarray, ...], _Factor
 _LOCK = threading.Lock()
 _FACTOR_LOCK = threading.Lock()
 #: what the host did, for tests and the benchmark: factorizations, solve calls
-STATS = {"factorizations": 0, "calls": 0, "hits": 0, "cholmod": 0, "superlu": 0, "prepared": 0, "ahead": 0}
+STATS = {"factorizations": 0, "calls": 0, "hits": 0, "cholmod": 0, "superlu": 0, "prepared": 0, "ahead": 0, "refilled": 0}
 #: the factorization: "auto" (CHOLMOD's supernodal Cholesky when cvxopt is installed and S
 #: is positive definite, SuperLU otherwise), "cholmod" (an error if it cannot) or "superlu"
 BACKEND = "auto"
@@ -285,20 +285,25 @@ class _Cholesky:
 
 
 def _cholesky(size: int, values: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-              order: np.ndarray | None = None, factor=None) -> "_Cholesky | None":
+              order: np.ndarray | None = None, factor=None, pattern=None) -> "_Cholesky | None":
     """CHOLMOD's supernodal Cholesky of the symmetric matrix whose lower-triangle entries
     are ``values`` at ``(rows, cols)`` (duplicates summed), in the fill-reducing ordering
     ``order`` (a permutation of the rows) or, without one, CHOLMOD's own (AMD);
     ``None`` if cvxopt (which ships CHOLMOD) is not installed or the matrix is not
     positive definite (then the caller falls back to SuperLU). ``factor``: a factor of
     a matrix with exactly this pattern (:func:`prepare`), refactored in place: no
-    symbolic analysis, and its memory is already touched."""
+    symbolic analysis, and its memory is already touched; ``pattern``: that matrix and
+    the triplet behind each of its values, filled instead of built."""
     try:
         from cvxopt import cholmod, matrix, spmatrix
     except ImportError:
         return None
-    a = spmatrix(matrix(np.ascontiguousarray(values, np.float64)), matrix(np.ascontiguousarray(rows, np.int64)),
-                 matrix(np.ascontiguousarray(cols, np.int64)), (size, size))
+    if pattern is not None:
+        a, ccs = pattern
+        a.V = matrix(np.asarray(values, np.float64)[ccs])
+    else:
+        a = spmatrix(matrix(np.ascontiguousarray(values, np.float64)), matrix(np.ascontiguousarray(rows, np.int64)),
+                     matrix(np.ascontiguousarray(cols, np.int64)), (size, size))
     with _CHOLMOD_LOCK:  # cvxopt's options are one module-level dict: set ours, put the caller's back
         saved = dict(cholmod.options)
         cholmod.options.clear()
@@ -514,6 +519,9 @@ class _Prepared(NamedTuple):
     geometric: bool  # the ordering came from the positions
     order: np.ndarray | None
     factor: object  # CHOLMOD's factor (cvxopt), numeric on the identity of the pattern
+    pairs: tuple[np.ndarray, np.ndarray]  # (upper, lower) in the order given
+    matrix: object  # the identity's cvxopt spmatrix: the pattern, refilled through .V
+    ccs: np.ndarray | None  # the triplet behind each of its column-compressed values (None: duplicates)
 
 
 #: prepared analyses kept (the latest: a new pattern's analysis replaces it, the old
@@ -560,6 +568,13 @@ def prepare(held: np.ndarray, i: np.ndarray, j: np.ndarray, d: int, place: np.nd
     order = _particle_order(nh, upper, lower, d, held_place, sides)
     rows, cols = _structure(nh, d, upper, lower)
     size = nh * d
+    # which triplet each of the matrix's column-compressed values is (no duplicates: the
+    # diagonal blocks and one block per pair), so that a factorization whose triplets come
+    # in this same order fills the matrix through .V instead of building it again
+    ccs = np.asarray(spmatrix(matrix(np.arange(rows.size, dtype=np.float64)), matrix(rows), matrix(cols),
+                              (size, size)).V, np.float64).ravel().astype(np.int64)
+    if ccs.size != rows.size:  # a pair listed twice: its entries are summed, so never filled this way
+        ccs = None
     a = spmatrix(matrix((rows == cols).astype(np.float64)), matrix(rows), matrix(cols), (size, size))
     with _CHOLMOD_LOCK:
         saved = dict(cholmod.options)
@@ -577,7 +592,8 @@ def prepare(held: np.ndarray, i: np.ndarray, j: np.ndarray, d: int, place: np.nd
         finally:
             cholmod.options.clear()
             cholmod.options.update(saved)
-    entry = _Prepared(held, key, d, settings, held_place is not None and _geometric(nh, d), order, factor)
+    entry = _Prepared(held, key, d, settings, held_place is not None and _geometric(nh, d), order, factor,
+                      (upper, lower), a, ccs)
     with _LOCK:
         _PREPARED.append(entry)
         del _PREPARED[:-PREPARED_LIMIT]
@@ -586,11 +602,13 @@ def prepare(held: np.ndarray, i: np.ndarray, j: np.ndarray, d: int, place: np.nd
 
 
 def _take_prepared(held: np.ndarray, d: int, upper: np.ndarray, lower: np.ndarray,
-                   place: np.ndarray | None, sides: np.ndarray | None) -> tuple[np.ndarray | None, object] | None:
-    """``(order, factor)`` of a prepared analysis of exactly this pattern (removed from the
-    kept ones: the factorization refactors in it), or None. Where positions chose the
-    ordering (geometric), it is computed again from these positions and must be the
-    prepared one: the answer never depends on where the relaxation was when it was prepared."""
+                   place: np.ndarray | None, sides: np.ndarray | None) -> tuple | None:
+    """``(order, factor, pattern)`` of a prepared analysis of exactly this pattern (removed
+    from the kept ones: the factorization refactors in it), or None; ``pattern`` is the
+    prepared matrix and the triplet behind each of its values, where the triplets come in
+    this same order (then the values are written into it), else None. Where positions chose the ordering
+    (geometric), it is computed again from these positions and must be the prepared one:
+    the answer never depends on where the relaxation was when it was prepared."""
     with _LOCK:
         entries = list(_PREPARED)
     nh, key = int(held.sum()), None
@@ -603,13 +621,15 @@ def _take_prepared(held: np.ndarray, d: int, upper: np.ndarray, lower: np.ndarra
             continue
         if e.geometric and not np.array_equal(_particle_order(nh, upper, lower, d, place, sides), e.order):
             continue
+        same = e.ccs is not None and np.array_equal(e.pairs[0], upper) and np.array_equal(e.pairs[1], lower)
         with _LOCK:
             at = [k for k, x in enumerate(_PREPARED) if x is e]  # by identity (== compares arrays)
             if not at:
                 continue  # taken meanwhile
             del _PREPARED[at[0]]
             STATS["ahead"] += 1
-        return e.order, e.factor
+            STATS["refilled"] += int(same)
+        return e.order, e.factor, (e.matrix, e.ccs) if same else None
     return None
 
 
@@ -626,8 +646,9 @@ def predicted_pattern(system: System, q: np.ndarray, params: Params) -> tuple[np
     system gives radii (soft spheres), else within the cutoff. The rattlers as
     :func:`mdsens.observables.rattlers` finds them: fewer than d + 1 contacts with held
     particles, repeated; a system with radii has its contacts where its pairs interact
-    (soft spheres: overlap), one without asks its contact rule. A prediction only:
-    :func:`prepare`'s analysis serves a factorization only if the pattern is exactly its."""
+    (soft spheres: overlap), one without asks its contact rule. The pairs ``i < j`` in
+    the derivative's order (by i, then j). A prediction only: :func:`prepare`'s analysis
+    serves a factorization only if the pattern is exactly its."""
     p = {k: np.asarray(v) for k, v in params.items()}
     q = np.asarray(q, np.float64)
     radius = None if system.radius is None else np.asarray(system.radius(p), np.float64)
@@ -652,6 +673,10 @@ def predicted_pattern(system: System, q: np.ndarray, params: Params) -> tuple[np
     else:
         live = r < float(system.cutoff(p))
     i, j, r = i[live], j[live], r[live]
+    # in the order the derivative lists them (a table's pairs, or all pairs: i < j, by i then j)
+    lo, hi = np.minimum(i, j), np.maximum(i, j)
+    order = np.lexsort((hi, lo))
+    i, j, r = lo[order], hi[order], r[order]
     held = np.ones(system.n, bool)
     if system.contact is not None:
         c = np.ones(i.size, bool) if system.radius is not None else np.asarray(system.contact(r, i, j, p), bool)

@@ -52,7 +52,13 @@ def _problem(seed=2, n=30, d=3, rattlers=(4, 17)):
     rng = np.random.default_rng(seed)
     i = np.concatenate([np.arange(n), rng.integers(0, n, n)])
     j = np.concatenate([(np.arange(n) + 1) % n, rng.integers(0, n, n)])
-    keep = i != j
+    # no pair twice (as in a run's pair list; a pair listed twice is summed, and then never
+    # filled through the prepared matrix: tested below)
+    lo, hi = np.minimum(i, j), np.maximum(i, j)
+    _, first = np.unique(lo * n + hi, return_index=True)
+    keep = np.zeros(i.size, bool)
+    keep[first] = True
+    keep &= i != j
     i, j = i[keep].astype(np.int32), j[keep].astype(np.int32)
     g = rng.standard_normal((i.size, d, d))
     k = g @ np.swapaxes(g, 1, 2) + 0.5 * np.eye(d)
@@ -73,18 +79,33 @@ def test_a_prepared_analysis_serves_exactly_its_pattern_bit_for_bit(ordering, mo
     rows = np.random.default_rng(5).standard_normal((2,) + place.shape)
     plain = sparse._Factor(k, i, j, held, modes, place, sides).solve(rows)
 
-    # the pairs in another order, as a prediction lists them: the same pattern (kept after
-    # another one, as an earlier snapshot leaves it)
+    # the pairs in another order: the same pattern (kept after another one, as an earlier
+    # snapshot leaves it), the matrix built anew
     sparse.prepare(held, i[2:], j[2:], 3, place, sides)
     shuffle = np.random.default_rng(0).permutation(i.size)
     assert sparse.prepare(held, j[shuffle], i[shuffle], 3, place, sides)
     assert len(sparse._PREPARED) == 2
-    ahead = sparse.STATS["ahead"]
+    ahead, refilled = sparse.STATS["ahead"], sparse.STATS["refilled"]
     got = sparse._Factor(k, i, j, held, modes, place, sides).solve(rows)
-    assert sparse.STATS["ahead"] == ahead + 1
+    assert sparse.STATS["ahead"] == ahead + 1 and sparse.STATS["refilled"] == refilled
     np.testing.assert_array_equal(got, plain)
     assert len(sparse._PREPARED) == 1  # taken: its factor now belongs to that factorization
     sparse.clear_prepared()
+    # in the factorization's own order (as predicted_pattern lists a run's pairs): the
+    # prepared matrix is filled with the values instead of built
+    assert sparse.prepare(held, i, j, 3, place, sides)
+    got = sparse._Factor(k, i, j, held, modes, place, sides).solve(rows)
+    assert sparse.STATS["ahead"] == ahead + 2 and sparse.STATS["refilled"] == refilled + 1
+    np.testing.assert_array_equal(got, plain)
+    # a pair listed twice (its blocks summed): analysed ahead, but the matrix built anew
+    twice_i, twice_j = np.concatenate([i, i[:1]]), np.concatenate([j, j[:1]])
+    k2 = np.concatenate([k, k[:1]])
+    twice = sparse._Factor(k2, twice_i, twice_j, held, modes, place, sides).solve(rows)
+    assert sparse.prepare(held, twice_i, twice_j, 3, place, sides)
+    got = sparse._Factor(k2, twice_i, twice_j, held, modes, place, sides).solve(rows)
+    assert sparse.STATS["ahead"] == ahead + 3 and sparse.STATS["refilled"] == refilled + 1
+    np.testing.assert_array_equal(got, twice)
+    ahead += 2  # from here on, nothing is taken
 
     # a pattern with a pair less, another held mask: not used, the answer unchanged
     sparse.prepare(held, i[1:], j[1:], 3, place, sides)
@@ -150,9 +171,10 @@ def test_a_run_s_derivative_is_the_same_with_the_analysis_ahead(monkeypatch):
                        grad=["pressure"])
         return _job.execute(job)
 
-    before = sparse.STATS["ahead"]
+    before, refilled = sparse.STATS["ahead"], sparse.STATS["refilled"]
     ahead = run()
     assert sparse.STATS["ahead"] == before + 1
+    assert sparse.STATS["refilled"] == refilled + 1  # the prediction lists the pairs in the run's order
     assert not sparse._PREPARED
     monkeypatch.setattr(sparse.Ahead, "offer", lambda self, x, f: None)
     sparse.clear_cache()
