@@ -162,7 +162,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         from mdsens import sparse
 
         solver = sensitivity.resolve_solver(spec.get("solver", "auto"), system)
-        ahead = (solver == "sparse" and sparse.ahead_pays(system)
+        # as a run that goes on to its derivatives does (not with --relax-only: no derivative follows)
+        ahead = (solver == "sparse" and sparse.ahead_pays(system) and not spec.get("relax_only")
                  and _job.use_neighbor_list(_job.Job(neighbor_list=spec.get("neighbor_list")), system))
         relax = _relax_fn(spec, system, spec["ftol"], ahead=ahead)
         # The first run compiles (timed apart) and pays one-off dispatch costs;
@@ -462,7 +463,7 @@ def run(
             base = {"system": system, "n": n, "seed": seed, "set": dict(overrides or {}), "ftol": ftol,
                     "max_steps": max_steps, "state": os.path.join(tmp, f"state{n}.npz"), "rtol": rtol,
                     "preconditioner": preconditioner, "repeats": repeats, "polish": polish, "solver": solver,
-                    "max_displacement": max_displacement}
+                    "max_displacement": max_displacement, "relax_only": relax_only}
             row: dict[str, Any] = {"n": n, "notes": []}
             log(f"N={n}: relax")
             relax = _spawn({**base, "task": "relax"}, timeout)
