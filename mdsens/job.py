@@ -468,6 +468,11 @@ class _Programs:
 
 
 #: the fewest particles for which :class:`_Ahead` compiles in a second thread
+def switched_off(variable: str) -> bool:
+    """Whether the environment sets ``variable`` to 0, false or no (a default-on switch)."""
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no")
+
+
 AHEAD_MIN_N = 256
 
 
@@ -496,7 +501,7 @@ class _Ahead:
 
     @classmethod
     def start(cls, job: Job, system: System, params: Params, programs: _Programs, wrts: list) -> "_Ahead | None":
-        if os.environ.get("MDSENS_COMPILE_AHEAD", "1").strip().lower() in ("0", "false", "no"):
+        if switched_off("MDSENS_COMPILE_AHEAD"):
             return None
         if (os.cpu_count() or 1) < 2 or system.n < AHEAD_MIN_N or job.resume is not None:
             return None
@@ -557,8 +562,7 @@ def execute(job: Job, progress: Callable[[int, float, float], None] | None = Non
     # (MDSENS_FACTOR_AHEAD=0 switches it off)
     factor_ahead = (sparse.Ahead(system, params) if warm is not None and use_neighbor_list(job, system)
                     and sparse.ahead_pays(system)
-                    and os.environ.get("MDSENS_FACTOR_AHEAD", "1").strip().lower() not in ("0", "false", "no")
-                    else None)
+                    and not switched_off("MDSENS_FACTOR_AHEAD") else None)
     start = time.perf_counter()
     try:
         q, info, compile_s, pairs, nl_meta = relax_system(job, system, params, progress,

@@ -309,13 +309,12 @@ def _cholesky(size: int, values: np.ndarray, rows: np.ndarray, cols: np.ndarray,
         cholmod.options.clear()
         cholmod.options["supernodal"] = 2
         try:
-            if factor is not None:  # analysed ahead: the same pattern, refactored in place
-                pass
-            elif order is None:
+            if factor is None and order is None:
                 factor = cholmod.symbolic(a, uplo="L")
-            else:  # the given ordering alone (nmethods 0 would try AMD beside it)
+            elif factor is None:  # the given ordering alone (nmethods 0 would try AMD beside it)
                 cholmod.options["nmethods"] = 1
                 factor = cholmod.symbolic(a, p=matrix(np.ascontiguousarray(order, np.int64)), uplo="L")
+            # (a factor given: analysed ahead for this pattern, refactored in place)
             cholmod.numeric(a, factor)
         except ArithmeticError:  # not positive definite
             return None
@@ -478,6 +477,15 @@ def _particle_order(nh: int, upper: np.ndarray, lower: np.ndarray, d: int, place
     return (p[:, None] * d + np.arange(d)).ravel()
 
 
+def _held_index(held: np.ndarray) -> tuple[int, np.ndarray]:
+    """``(nh, index)``: the held particles' count and each particle's place among them
+    (−1 for a rattler, and for the padding index N)."""
+    nh = int(held.sum())
+    index = np.full(held.size + 1, -1, np.int64)
+    index[np.flatnonzero(held)] = np.arange(nh)
+    return nh, index
+
+
 def _structure(nh: int, d: int, upper: np.ndarray, lower: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Where A's lower-triangle entries sit, as :class:`_Factor` lists them: ``(rows,
     cols)``, first each held particle's diagonal block (its lower triangle, particle
@@ -544,15 +552,13 @@ def prepare(held: np.ndarray, i: np.ndarray, j: np.ndarray, d: int, place: np.nd
     ``sides`` as the solve passes them (the geometric ordering). False where there is
     nothing to prepare (no cvxopt, SuperLU forced, no held particle)."""
     try:
-        from cvxopt import cholmod, matrix, spmatrix
+        from cvxopt import matrix, spmatrix
     except ImportError:
         return False
     held = np.array(held, bool)
-    n, nh = held.size, int(held.sum())
+    nh, index = _held_index(held)
     if BACKEND == "superlu" or nh == 0:
         return False
-    index = np.full(n + 1, -1, np.int64)
-    index[np.flatnonzero(held)] = np.arange(nh)
     ii, jj = index[np.asarray(i, np.int64)], index[np.asarray(j, np.int64)]
     both = (ii >= 0) & (jj >= 0)
     upper, lower = np.maximum(ii[both], jj[both]), np.minimum(ii[both], jj[both])
@@ -575,25 +581,11 @@ def prepare(held: np.ndarray, i: np.ndarray, j: np.ndarray, d: int, place: np.nd
                               (size, size)).V, np.float64).ravel().astype(np.int64)
     if ccs.size != rows.size:  # a pair listed twice: its entries are summed, so never filled this way
         ccs = None
-    a = spmatrix(matrix((rows == cols).astype(np.float64)), matrix(rows), matrix(cols), (size, size))
-    with _CHOLMOD_LOCK:
-        saved = dict(cholmod.options)
-        cholmod.options.clear()
-        cholmod.options["supernodal"] = 2
-        try:
-            if order is None:
-                factor = cholmod.symbolic(a, uplo="L")
-            else:
-                cholmod.options["nmethods"] = 1
-                factor = cholmod.symbolic(a, p=matrix(np.ascontiguousarray(order, np.int64)), uplo="L")
-            cholmod.numeric(a, factor)
-        except ArithmeticError:
-            return False
-        finally:
-            cholmod.options.clear()
-            cholmod.options.update(saved)
-    entry = _Prepared(held, key, d, settings, held_place is not None and _geometric(nh, d), order, factor,
-                      (upper, lower), a, ccs)
+    identity = _cholesky(size, (rows == cols).astype(np.float64), rows, cols, order)
+    if identity is None:
+        return False
+    entry = _Prepared(held, key, d, settings, held_place is not None and _geometric(nh, d), order, identity.factor,
+                      (upper, lower), identity.s, ccs)
     with _LOCK:
         _PREPARED.append(entry)
         del _PREPARED[:-PREPARED_LIMIT]
@@ -652,18 +644,8 @@ def predicted_pattern(system: System, q: np.ndarray, params: Params) -> tuple[np
     p = {k: np.asarray(v) for k, v in params.items()}
     q = np.asarray(q, np.float64)
     radius = None if system.radius is None else np.asarray(system.radius(p), np.float64)
-    reach = float(2.0 * radius.max()) if radius is not None and radius.size else float(system.cutoff(p))
-    box = np.broadcast_to(p["box"], (system.dim,)).astype(np.float64) if system.periodic else None
-    if np.isfinite(reach) and (box is None or reach < 0.5 * float(np.min(box))):
-        from scipy.spatial import cKDTree  # at any N (System.interacting_pairs: all pairs up to N = 1024)
-
-        x = np.mod(q, 1.0) * box if box is not None else q
-        if box is not None:
-            x = np.where(x >= box, 0.0, x)
-        found = cKDTree(x, boxsize=box).query_pairs(reach, output_type="ndarray").astype(np.int64)
-        i, j = found[:, 0], found[:, 1]
-    else:
-        i, j = (np.asarray(a, np.int64) for a in system.interacting_pairs(q, p))
+    # within the cutoff, by i then j (its k-d tree from N = 2: block 1)
+    i, j = (np.asarray(a, np.int64) for a in system.interacting_pairs(q, p, block=1))
     dq = q[i] - q[j]
     if system.periodic:
         dq = (dq - np.round(dq)) * np.broadcast_to(p["box"], (system.dim,))
@@ -672,11 +654,7 @@ def predicted_pattern(system: System, q: np.ndarray, params: Params) -> tuple[np
         live = r < radius[i] + radius[j]
     else:
         live = r < float(system.cutoff(p))
-    i, j, r = i[live], j[live], r[live]
-    # in the order the derivative lists them (a table's pairs, or all pairs: i < j, by i then j)
-    lo, hi = np.minimum(i, j), np.maximum(i, j)
-    order = np.lexsort((hi, lo))
-    i, j, r = lo[order], hi[order], r[order]
+    i, j, r = i[live], j[live], r[live]  # in the order the derivative lists them (i < j, by i then j)
     held = np.ones(system.n, bool)
     if system.contact is not None:
         c = np.ones(i.size, bool) if system.radius is not None else np.asarray(system.contact(r, i, j, p), bool)
@@ -802,10 +780,8 @@ class _Factor:
         n, d = held.shape[0], k.shape[-1]
         dtype = np.float64  # also for a float32 run: the host computes in float64, the answer is cast back
         self.held = held.astype(bool)
-        nh = int(self.held.sum())
+        nh, index = _held_index(self.held)
         self.n, self.d, self.nh, self.dtype = n, d, nh, dtype
-        index = np.full(n + 1, -1, np.int64)
-        index[np.flatnonzero(self.held)] = np.arange(nh)
         size = nh * d
         self.failed = False
         self._a = None  # A as a SciPy matrix: SuperLU's path builds it, CHOLMOD's never needs it
